@@ -1,0 +1,324 @@
+//! The self-describing model artifact: one directory that holds everything needed to run a
+//! model, so that a model fitted on a workstation runs unchanged in the cell.
+//!
+//! ```text
+//! <model>/model.json               format version, method, full config, calibration, training summary
+//! <model>/memory_bank.safetensors  PatchCore memory bank [M, D]
+//! <model>/backbone.safetensors     backbone weights (native EfficientNet-Lite0), or
+//! <model>/backbone.pt              a TorchScript feature extractor
+//! ```
+//! Writing goes to a temporary sibling directory that is renamed into place, so a crash
+//! mid-write never leaves a half-written model under the final name.
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tch::{Device, Tensor};
+
+use crate::config::{BackboneKind, PatchCoreConfig};
+use crate::error::{Error, Result};
+use crate::models::backbone::Backbone;
+use crate::models::patchcore::{self, FitSummary, PatchCore, PatchCoreOutput};
+
+/// Value of `format` in every model.json.
+pub const FORMAT: &str = "anomaly_inspector_model";
+/// Version this build writes and reads. Bump on incompatible changes.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Which anomaly detection method a model uses (parsed at the boundary, never a string inside).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// PatchCore (memory bank + nearest neighbour).
+    Patchcore,
+}
+
+impl Method {
+    /// The lower-case name used in files and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Patchcore => "patchcore",
+        }
+    }
+}
+
+/// Thresholds on raw model scores, found on held-out defect-free images. Scores are reported
+/// normalised so that the threshold sits at 0.5 (`0.5 * raw / threshold`, clamped to 0..1),
+/// which is what anomalib users expect.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Calibration {
+    /// Raw image score at which an image counts as anomalous.
+    pub image_threshold: f32,
+    /// Raw pixel score at which a pixel belongs to a defect region.
+    pub pixel_threshold: f32,
+    /// How the thresholds were chosen, for people reading model.json.
+    pub method: String,
+    /// Number of held-out images used.
+    pub n_images: usize,
+}
+
+impl Calibration {
+    /// Thresholds from held-out good images: for image scores and for per-image pixel maxima,
+    /// the larger of the maximum and mean + 3 standard deviations (the "3 sigma" rule of
+    /// statistical process control, since a handful of held-out images rarely shows the
+    /// extremes of normal variation), times `margin`.
+    pub fn from_good_scores(image_scores: &[f32], pixel_maxima: &[f32], margin: f32) -> Result<Self> {
+        let (i, p) = (three_sigma_or_max(image_scores), three_sigma_or_max(pixel_maxima));
+        if !(i > 0.0 && p > 0.0) {
+            return Err(Error::Config(
+                "calibration needs held-out good images with finite, positive scores".into(),
+            ));
+        }
+        Ok(Self {
+            image_threshold: i * margin,
+            pixel_threshold: p * margin,
+            method: format!("max(max, mean + 3 sd) over {} held-out good images x {margin}", image_scores.len()),
+            n_images: image_scores.len(),
+        })
+    }
+
+    /// Raw image score -> normalised score (0.5 = threshold).
+    pub fn normalize_image(&self, raw: f32) -> f32 {
+        normalize(raw, self.image_threshold)
+    }
+
+    /// Raw pixel score -> normalised score (0.5 = pixel threshold).
+    pub fn normalize_pixel(&self, raw: f32) -> f32 {
+        normalize(raw, self.pixel_threshold)
+    }
+}
+
+/// max(max, mean + 3 sd) of the finite values; NaN when there are none (or one is NaN).
+fn three_sigma_or_max(values: &[f32]) -> f32 {
+    if values.is_empty() || values.iter().any(|v| !v.is_finite()) {
+        return f32::NAN;
+    }
+    let n = values.len() as f64;
+    let mean = values.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let var = values.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+    let max = values.iter().copied().fold(f32::MIN, f32::max);
+    max.max((mean + 3.0 * var.sqrt()) as f32)
+}
+
+fn normalize(raw: f32, threshold: f32) -> f32 {
+    if raw.is_nan() {
+        return 1.0; // never let a NaN pass as "good"
+    }
+    (0.5 * raw / threshold).clamp(0.0, 1.0)
+}
+
+/// What the model was trained on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainingInfo {
+    /// The data set folder (as given by the user).
+    pub data: String,
+    /// Sizes and timings of the fit.
+    pub fit: FitSummary,
+    /// Seconds since the Unix epoch when the model was written.
+    pub created_unix: u64,
+    /// anomaly_inspector version that wrote it.
+    pub written_by: String,
+}
+
+/// Contents of model.json.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelManifest {
+    /// Always [`FORMAT`].
+    pub format: String,
+    /// [`FORMAT_VERSION`] of the writer.
+    pub version: u32,
+    /// Detection method.
+    pub method: Method,
+    /// A short name, shown in results (`model_id`).
+    pub name: String,
+    /// PatchCore configuration (backbone, layers, input size, normalisation...).
+    pub patchcore: PatchCoreConfig,
+    /// Thresholds.
+    pub calibration: Calibration,
+    /// Training data summary.
+    pub training: TrainingInfo,
+}
+
+/// A model ready to run, whatever its method.
+#[derive(Debug)]
+pub enum AnomalyModel {
+    /// PatchCore.
+    PatchCore(PatchCore),
+}
+
+impl AnomalyModel {
+    /// Scores a normalised batch `[N, 3, H, W]`: image scores `[N]` and maps `[N, 1, H, W]`.
+    pub fn forward(&self, x: &Tensor) -> Result<PatchCoreOutput> {
+        match self {
+            AnomalyModel::PatchCore(m) => m.forward(x),
+        }
+    }
+}
+
+/// A loaded model directory.
+#[derive(Debug)]
+pub struct LoadedModel {
+    /// The parsed model.json.
+    pub manifest: ModelManifest,
+    /// The network, on its device.
+    pub model: AnomalyModel,
+}
+
+fn backbone_file(kind: BackboneKind) -> &'static str {
+    match kind {
+        BackboneKind::EfficientnetLite0 => "backbone.safetensors",
+        BackboneKind::Torchscript => "backbone.pt",
+    }
+}
+
+/// Reads model.json of `dir` with checks that turn every problem into a clear message.
+pub fn read_manifest(dir: &Path) -> Result<ModelManifest> {
+    let path = dir.join("model.json");
+    if !dir.is_dir() {
+        return Err(Error::model(
+            dir,
+            "no such model directory; fit one with `anomaly_inspector fit --data <dir> --out <model>`",
+        ));
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::model(&path, format!("not valid JSON ({e}); the file is damaged")))?;
+    if value.get("format").and_then(|f| f.as_str()) != Some(FORMAT) {
+        return Err(Error::model(&path, format!("not an anomaly_inspector model (missing \"format\": \"{FORMAT}\")")));
+    }
+    let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
+    if version != FORMAT_VERSION as u64 {
+        return Err(Error::model(
+            &path,
+            format!("format version {version}, but this build reads version {FORMAT_VERSION}; re-fit the model with this version"),
+        ));
+    }
+    let manifest: ModelManifest =
+        serde_json::from_value(value).map_err(|e| Error::model(&path, format!("invalid model.json: {e}")))?;
+    manifest.patchcore.validate().map_err(|e| Error::model(&path, e.to_string()))?;
+    Ok(manifest)
+}
+
+/// Loads a model directory onto `device`.
+pub fn load(dir: &Path, device: Device) -> Result<LoadedModel> {
+    let manifest = read_manifest(dir)?;
+    let model = match manifest.method {
+        Method::Patchcore => {
+            let cfg = &manifest.patchcore;
+            let backbone = Backbone::new(&dir.join(backbone_file(cfg.backbone.kind)), &cfg.backbone, device)?;
+            let bank = patchcore::load_memory_bank(&dir.join("memory_bank.safetensors"), device)?;
+            AnomalyModel::PatchCore(PatchCore::new(backbone, bank, cfg)?)
+        }
+    };
+    Ok(LoadedModel { manifest, model })
+}
+
+/// Writes a fitted PatchCore model to `dir` atomically (temporary sibling, then rename; an
+/// existing model at `dir` is kept as `<dir>.previous`).
+pub fn save_patchcore(
+    dir: &Path,
+    model: &PatchCore,
+    backbone_source: &Path,
+    calibration: &Calibration,
+    training: TrainingInfo,
+    name: &str,
+) -> Result<()> {
+    let manifest = ModelManifest {
+        format: FORMAT.into(),
+        version: FORMAT_VERSION,
+        method: Method::Patchcore,
+        name: name.into(),
+        patchcore: model.config().clone(),
+        calibration: calibration.clone(),
+        training,
+    };
+    write_atomically(dir, |tmp| {
+        let bb = tmp.join(backbone_file(model.config().backbone.kind));
+        std::fs::copy(backbone_source, &bb).map_err(|e| Error::io(backbone_source, e))?;
+        patchcore::save_memory_bank(model.memory_bank(), &tmp.join("memory_bank.safetensors"))?;
+        let json = serde_json::to_string_pretty(&manifest).expect("manifest serialises");
+        let path = tmp.join("model.json");
+        std::fs::write(&path, json).map_err(|e| Error::io(&path, e))
+    })
+}
+
+fn write_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    let file_name = dir.file_name().ok_or_else(|| Error::model(dir, "model path has no name"))?;
+    let tmp: PathBuf = parent.join(format!(".{}.tmp-{}", file_name.to_string_lossy(), std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    if let Err(e) = fill(&tmp) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if dir.exists() {
+        let previous = parent.join(format!("{}.previous", file_name.to_string_lossy()));
+        let _ = std::fs::remove_dir_all(&previous);
+        std::fs::rename(dir, &previous).map_err(|e| Error::io(dir, e))?;
+    }
+    std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalisation_puts_the_threshold_at_one_half() {
+        // mean 1.5, sd 0.5: 3 sigma gives 3.0 > max 2.0
+        let c = Calibration::from_good_scores(&[1.0, 2.0], &[4.0, 4.0], 1.0).unwrap();
+        assert_eq!(c.image_threshold, 3.0);
+        // no spread: the max itself
+        assert_eq!(c.pixel_threshold, 4.0);
+        let c = Calibration { image_threshold: 2.0, ..c };
+        assert_eq!(c.normalize_image(2.0), 0.5);
+        assert_eq!(c.normalize_image(1.0), 0.25);
+        assert_eq!(c.normalize_image(100.0), 1.0);
+        assert_eq!(c.normalize_image(f32::NAN), 1.0);
+        assert_eq!(c.normalize_pixel(2.0), 0.25);
+    }
+
+    #[test]
+    fn calibration_refuses_empty_or_degenerate_scores() {
+        assert!(Calibration::from_good_scores(&[], &[], 1.0).is_err());
+        assert!(Calibration::from_good_scores(&[0.0], &[0.0], 1.0).is_err());
+        assert!(Calibration::from_good_scores(&[f32::NAN], &[1.0], 1.0).is_err());
+    }
+
+    #[test]
+    fn broken_model_directories_give_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = read_manifest(&dir.path().join("nope")).unwrap_err().to_string();
+        assert!(missing.contains("fit one with"), "{missing}");
+
+        let m = dir.path().join("m");
+        std::fs::create_dir(&m).unwrap();
+        std::fs::write(m.join("model.json"), "{ truncated").unwrap();
+        assert!(read_manifest(&m).unwrap_err().to_string().contains("damaged"));
+
+        std::fs::write(m.join("model.json"), r#"{"format": "anomaly_inspector_model", "version": 99}"#).unwrap();
+        let err = read_manifest(&m).unwrap_err().to_string();
+        assert!(err.contains("version 99"), "{err}");
+
+        std::fs::write(m.join("model.json"), r#"{"hello": 1}"#).unwrap();
+        assert!(read_manifest(&m).unwrap_err().to_string().contains("not an anomaly_inspector model"));
+    }
+
+    #[test]
+    fn atomic_write_keeps_the_previous_model_and_cleans_up_on_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("model");
+        write_atomically(&target, |t| Ok(std::fs::write(t.join("a"), "1").unwrap())).unwrap();
+        write_atomically(&target, |t| Ok(std::fs::write(t.join("a"), "2").unwrap())).unwrap();
+        assert_eq!(std::fs::read_to_string(target.join("a")).unwrap(), "2");
+        assert_eq!(std::fs::read_to_string(dir.path().join("model.previous/a")).unwrap(), "1");
+        let err = write_atomically(&target, |_| Err(Error::Config("boom".into())));
+        assert!(err.is_err());
+        assert_eq!(std::fs::read_to_string(target.join("a")).unwrap(), "2", "good model replaced by a failed write");
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".tmp-")).collect();
+        assert!(leftovers.is_empty());
+    }
+}

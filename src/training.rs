@@ -1,0 +1,151 @@
+//! Fitting a model from a folder of defect-free images: the loop behind `anomaly_inspector fit`
+//! (and, later, the node's teach-in). Images are decoded batch by batch, so memory holds
+//! features, not pictures.
+use std::path::{Path, PathBuf};
+
+use tch::Device;
+
+use crate::config::PatchCoreConfig;
+use crate::error::{Error, Result};
+use crate::imaging;
+use crate::model_file::{self, Calibration, TrainingInfo};
+use crate::models::backbone::Backbone;
+use crate::models::patchcore::{FitSummary, PatchCore};
+use crate::preprocess::Preprocessor;
+
+/// Steps of a fit, reported to a progress callback.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FitStage {
+    /// Extracting features of training images.
+    Features,
+    /// Scoring held-out good images for the thresholds.
+    Calibration,
+}
+
+/// Options of a fit beyond the model's own configuration.
+#[derive(Clone, Debug)]
+pub struct FitOptions {
+    /// Every `holdout_every`-th good image is held out for calibration instead of fitting
+    /// (deterministic; 0 disables hold-out, which needs at least 2 images otherwise).
+    pub holdout_every: usize,
+    /// Images per forward pass.
+    pub batch_size: usize,
+    /// Thresholds = max score on held-out good images x margin.
+    pub margin: f32,
+    /// Name written into the model (shown as `model_id`).
+    pub name: String,
+}
+
+impl Default for FitOptions {
+    fn default() -> Self {
+        Self { holdout_every: 5, batch_size: 8, margin: 1.0, name: String::new() }
+    }
+}
+
+/// What a fit produced.
+#[derive(Clone, Debug)]
+pub struct FitReport {
+    /// Sizes and timings.
+    pub summary: FitSummary,
+    /// The thresholds found.
+    pub calibration: Calibration,
+    /// Images held out for calibration.
+    pub n_holdout: usize,
+}
+
+/// Splits `images` into (fit, held-out) deterministically: every `every`-th image, starting with
+/// the `every`-th, is held out; at least one is held out when there are two or more images.
+pub fn split_holdout(images: &[PathBuf], every: usize) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    let every = if every == 0 { usize::MAX } else { every };
+    let mut fit = Vec::new();
+    let mut held = Vec::new();
+    for (i, p) in images.iter().enumerate() {
+        if (i + 1) % every == 0 { held.push(p.clone()) } else { fit.push(p.clone()) }
+    }
+    if held.is_empty() && fit.len() >= 2 {
+        held.push(fit.pop().expect("len >= 2"));
+    }
+    (fit, held)
+}
+
+/// Fits PatchCore on `images` (defect-free), calibrates it on a held-out part of them and
+/// writes the model directory `out`. `progress(stage, done, total)` is called per batch.
+pub fn fit_patchcore(
+    images: &[PathBuf],
+    data_label: &str,
+    config: &PatchCoreConfig,
+    backbone_weights: &Path,
+    device: Device,
+    out: &Path,
+    options: &FitOptions,
+    progress: &mut dyn FnMut(FitStage, usize, usize),
+) -> Result<FitReport> {
+    config.validate()?;
+    let (fit_set, holdout) = split_holdout(images, options.holdout_every);
+    if fit_set.is_empty() || holdout.is_empty() {
+        return Err(Error::Config(format!(
+            "need at least 2 good images (one to fit, one to calibrate), got {}",
+            images.len()
+        )));
+    }
+    let backbone = Backbone::new(backbone_weights, &config.backbone, device)?;
+    let pre = Preprocessor::new(&config.preprocess, device)?;
+    let batch_size = options.batch_size.max(1);
+    let batches = fit_set.chunks(batch_size).map(|chunk| {
+        let imgs = chunk.iter().map(|p| imaging::load(p)).collect::<Result<Vec<_>>>()?;
+        pre.batch(&imgs)
+    });
+    let total = fit_set.len();
+    let mut done = 0;
+    let (model, summary) = PatchCore::fit(backbone, batches, config, |n| {
+        done += n;
+        progress(FitStage::Features, done, total);
+    })?;
+
+    let mut image_scores = Vec::with_capacity(holdout.len());
+    let mut pixel_max = Vec::with_capacity(holdout.len());
+    for (i, chunk) in holdout.chunks(batch_size).enumerate() {
+        let imgs = chunk.iter().map(|p| imaging::load(p)).collect::<Result<Vec<_>>>()?;
+        let out = model.forward(&pre.batch(&imgs)?)?;
+        image_scores.extend(Vec::<f32>::try_from(&out.image_scores)?);
+        let n = out.anomaly_maps.size()[0];
+        let maxima = out.anomaly_maps.f_view([n, -1])?.f_amax([1i64].as_slice(), false)?.f_to_device(Device::Cpu)?;
+        pixel_max.extend(Vec::<f32>::try_from(&maxima)?);
+        progress(FitStage::Calibration, (i * batch_size + chunk.len()).min(holdout.len()), holdout.len());
+    }
+    let calibration = Calibration::from_good_scores(&image_scores, &pixel_max, options.margin)?;
+
+    let name = if options.name.is_empty() {
+        out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
+    } else {
+        options.name.clone()
+    };
+    let training = TrainingInfo {
+        data: data_label.to_string(),
+        fit: summary.clone(),
+        created_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        written_by: format!("anomaly_inspector {}", env!("CARGO_PKG_VERSION")),
+    };
+    model_file::save_patchcore(out, &model, backbone_weights, &calibration, training, &name)?;
+    Ok(FitReport { summary, calibration, n_holdout: holdout.len() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holdout_is_deterministic_and_never_empty() {
+        let imgs: Vec<PathBuf> = (0..25).map(|i| PathBuf::from(format!("{i}.png"))).collect();
+        let (fit, held) = split_holdout(&imgs, 10);
+        assert_eq!(held, vec![PathBuf::from("9.png"), PathBuf::from("19.png")]);
+        assert_eq!(fit.len(), 23);
+        let (fit, held) = split_holdout(&imgs[..3], 10);
+        assert_eq!((fit.len(), held.len()), (2, 1));
+        let (fit, held) = split_holdout(&imgs[..1], 10);
+        assert_eq!((fit.len(), held.len()), (1, 0));
+    }
+}

@@ -1,0 +1,68 @@
+//! Shared helpers of the whole-flow tests.
+#![allow(dead_code)]
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+/// The checkout.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The venv's Python, with a clear message when the set-up has not run.
+pub fn python() -> PathBuf {
+    let py = root().join(".venv/bin/python");
+    assert!(py.exists(), "{} missing: run scripts/setup.sh (or scripts/test.sh) first", py.display());
+    assert!(
+        std::env::var_os("ANOMALY_INSPECTOR_ROOT").is_some(),
+        "run the tests through scripts/test.sh (or `source scripts/env.sh` first): the rclpy peer needs its environment"
+    );
+    py
+}
+
+/// The Magnetic-Tile data set beside the checkout, if present.
+pub fn magnetic_tile() -> Option<PathBuf> {
+    let p = root().join("../shared/data/magnetic_tile");
+    if p.join("train/good").is_dir() {
+        Some(p)
+    } else {
+        eprintln!("skipping the real-data part: {} not found", p.display());
+        None
+    }
+}
+
+/// Sets the variables every ROS process of the tests must have: loopback discovery and a
+/// domain of its own (per test, so tests never see each other's nodes).
+pub fn ros_env(cmd: &mut Command, domain: u32, ros_home: &Path) {
+    cmd.env("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+        .env("ROS_DOMAIN_ID", domain.to_string())
+        .env("ROS_HOME", ros_home)
+        .env("ROS_LOG_DIR", ros_home.join("log"));
+}
+
+/// A child process that is stopped with SIGTERM (not SIGKILL: Fast DDS would leave
+/// shared-memory files behind) when dropped.
+pub struct Proc(pub Option<Child>);
+
+impl Proc {
+    /// Sends SIGTERM and waits up to 10 s; returns the exit status.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.0.take()?;
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        child.wait().ok()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,88 @@
+//! Whole flow: the node binary and a real rclpy peer in another process. The peer publishes
+//! good and defective images; results must come back with the input's stamp and frame_id,
+//! with heatmap and overlay images, and defective parts must score higher than good ones.
+#![cfg(feature = "ros")]
+mod common;
+
+use std::process::{Command, Stdio};
+
+use anomaly_inspector::config::PatchCoreConfig;
+use anomaly_inspector::dataset::MvtecDataset;
+use anomaly_inspector::synthetic::{generate_dataset, SyntheticConfig};
+use anomaly_inspector::training::{fit_patchcore, FitOptions};
+use common::{python, ros_env, root, Proc};
+
+#[test]
+fn node_scores_defects_higher_and_keeps_stamps() {
+    let py = python();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let cfg = SyntheticConfig { n_train: 20, n_test_good: 4, n_test_per_defect: 2, ..SyntheticConfig::default() };
+    generate_dataset(&data, &cfg).unwrap();
+    let ds = MvtecDataset::open(&data).unwrap();
+    let model = tmp.path().join("model");
+    fit_patchcore(
+        &ds.train_good,
+        "synthetic",
+        &PatchCoreConfig::default(),
+        &anomaly_inspector::config::default_backbone_weights(),
+        tch::Device::Cpu,
+        &model,
+        &FitOptions { name: "roundtrip".into(), ..FitOptions::default() },
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+
+    let ros_home = tmp.path().join("ros");
+    std::fs::create_dir_all(&ros_home).unwrap();
+    let domain = 91;
+    let node_log = std::fs::File::create(tmp.path().join("node.log")).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_anomaly_inspector_node"));
+    cmd.args(["--ros-args", "-p", &format!("model:={}", model.display()), "-p", "device:=cpu"])
+        .stdout(node_log.try_clone().unwrap())
+        .stderr(node_log);
+    ros_env(&mut cmd, domain, &ros_home);
+    let mut node = Proc(Some(cmd.spawn().expect("start anomaly_inspector_node")));
+
+    let images: Vec<String> = ds.test.iter().map(|s| s.path.to_string_lossy().into_owned()).collect();
+    let summary_path = tmp.path().join("summary.json");
+    let mut peer = Command::new(py);
+    peer.arg(root().join("scripts/image_peer.py"))
+        .arg("--images")
+        .args(&images)
+        .args(["--frame-id", "test_cam", "--summary"])
+        .arg(&summary_path)
+        .stdout(Stdio::inherit());
+    ros_env(&mut peer, domain, &ros_home);
+    let status = peer.status().expect("run the rclpy peer");
+    let exit = node.stop().expect("node was running");
+    let log = std::fs::read_to_string(tmp.path().join("node.log")).unwrap();
+    eprintln!("--- node log ---\n{log}");
+    assert!(status.success(), "peer failed (missing results?)");
+    assert!(exit.success(), "node did not exit cleanly on SIGTERM: {exit:?}");
+    assert!(log.contains("model 'roundtrip' (patchcore) loaded"), "no load message");
+    assert!(log.contains("on device cpu"), "device not logged");
+
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&summary_path).unwrap()).unwrap();
+    let frames = summary["frames"].as_array().unwrap();
+    assert_eq!(frames.len(), ds.test.len());
+    let (mut good, mut bad) = (Vec::new(), Vec::new());
+    for (f, sample) in frames.iter().zip(&ds.test) {
+        assert_eq!(f["received"], true);
+        assert_eq!(f["result_stamp_ns"], f["stamp_ns"], "result stamp differs from the input's");
+        assert_eq!(f["frame_id"], "test_cam");
+        assert_eq!(f["model_id"], "roundtrip");
+        assert_eq!(f["method"], "patchcore");
+        assert_eq!(f["heatmap"], true, "no heatmap for {}", f["image"]);
+        assert_eq!(f["overlay"], true, "no overlay for {}", f["image"]);
+        let score = f["score"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&score));
+        assert_eq!(f["is_anomalous"].as_bool().unwrap(), score >= f["threshold"].as_f64().unwrap());
+        if sample.is_anomalous() { bad.push(score) } else { good.push(score) }
+    }
+    assert_eq!(summary["n_scores"].as_u64().unwrap() as usize, frames.len(), "one Float32 score per frame");
+    let max_good = good.iter().cloned().fold(f64::MIN, f64::max);
+    let min_bad = bad.iter().cloned().fold(f64::MAX, f64::min);
+    eprintln!("good scores {good:?}\ndefect scores {bad:?}");
+    assert!(min_bad > max_good, "a defective part scored at or below a good one: {bad:?} vs {good:?}");
+}
