@@ -1,0 +1,107 @@
+//! Whole flow of the command line on real image files: `synth` -> `fit` -> `predict`, on the
+//! built-in data and (when present) on the real Magnetic-Tile data set. A corrupt and a missing
+//! file must be reported per file without stopping the run.
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn cli() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_anomaly_inspector"))
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("run anomaly_inspector");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "command failed: {cmd:?}\n{stderr}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn json_lines(stdout: &str) -> Vec<serde_json::Value> {
+    stdout.lines().map(|l| serde_json::from_str(l).expect("one JSON object per line")).collect()
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len() as f64
+}
+
+#[test]
+fn synth_fit_predict_on_built_in_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let model = tmp.path().join("model");
+    let out = tmp.path().join("pred");
+    run_ok(cli().args(["synth", "--n-train", "20", "--out"]).arg(&data));
+    let fit = cli().args(["fit", "--device", "cpu", "--data"]).arg(&data).arg("--out").arg(&model).output().unwrap();
+    let fit_log = String::from_utf8_lossy(&fit.stderr);
+    assert!(fit.status.success(), "{fit_log}");
+    assert!(fit_log.contains("memory bank"), "fit should summarise the bank: {fit_log}");
+    assert!(model.join("model.json").is_file() && model.join("memory_bank.safetensors").is_file());
+
+    // Bad inputs among good ones: reported per file, the run goes on.
+    let corrupt = tmp.path().join("corrupt.png");
+    let png = std::fs::read(data.join("test/good/000.png")).unwrap();
+    std::fs::write(&corrupt, &png[..png.len() / 3]).unwrap();
+    let missing = tmp.path().join("missing.png");
+    let stdout = run_ok(
+        cli().args(["predict", "--device", "cpu", "--model"]).arg(&model).arg("--out").arg(&out)
+            .arg(data.join("test/good")).arg(data.join("test/scratch")).arg(&corrupt).arg(&missing),
+    );
+    let lines = json_lines(&stdout);
+    let n_images = std::fs::read_dir(data.join("test/good")).unwrap().count()
+        + std::fs::read_dir(data.join("test/scratch")).unwrap().count();
+    assert_eq!(lines.len(), n_images + 2);
+    let errors: Vec<&serde_json::Value> = lines.iter().filter(|l| l.get("error").is_some()).collect();
+    assert_eq!(errors.len(), 2, "exactly the corrupt and the missing file fail: {errors:?}");
+    assert!(errors.iter().any(|e| e["error"].as_str().unwrap().contains("missing.png")));
+    let jsonl = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
+    assert_eq!(jsonl.lines().count(), lines.len(), "results.jsonl mirrors stdout");
+
+    let (mut good, mut bad) = (Vec::new(), Vec::new());
+    for l in lines.iter().filter(|l| l.get("error").is_none()) {
+        let score = l["score"].as_f64().unwrap();
+        assert!(Path::new(l["heatmap"].as_str().unwrap()).is_file());
+        let overlay = image::open(l["overlay"].as_str().unwrap()).unwrap();
+        assert_eq!((overlay.width(), overlay.height()), (256, 256), "overlay keeps the input size");
+        assert_eq!(l["is_anomalous"].as_bool().unwrap(), l["verdict"] == "ANOMALOUS");
+        if l["image"].as_str().unwrap().contains("/good/") { good.push(score) } else { bad.push(score) }
+    }
+    assert!(mean(&bad) > mean(&good) + 0.2, "scratches {bad:?} vs good {good:?}");
+    let flagged = lines.iter().filter(|l| l["image"].as_str().is_some_and(|p| p.contains("/scratch/")))
+        .filter(|l| !l["regions"].as_array().unwrap().is_empty()).count();
+    assert!(flagged >= bad.len() - 1, "scratches should come with defect regions");
+}
+
+#[test]
+fn fit_and_predict_on_magnetic_tile() {
+    let Some(mt) = common::magnetic_tile() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    // A small, fixed training subset keeps this test short; the full set is for `eval`.
+    let data = tmp.path().join("subset");
+    std::fs::create_dir_all(data.join("train/good")).unwrap();
+    let mut train: Vec<PathBuf> = std::fs::read_dir(mt.join("train/good")).unwrap().map(|e| e.unwrap().path()).collect();
+    train.sort();
+    for p in train.iter().take(40) {
+        std::os::unix::fs::symlink(p, data.join("train/good").join(p.file_name().unwrap())).unwrap();
+    }
+    let model = tmp.path().join("model");
+    run_ok(cli().args(["fit", "--device", "cpu", "--data"]).arg(&data).arg("--out").arg(&model));
+    let pick = |dir: &str, n: usize| -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(mt.join("test").join(dir)).unwrap().map(|e| e.unwrap().path()).collect();
+        v.sort();
+        v.into_iter().step_by(5).take(n).collect()
+    };
+    let goods = pick("good", 10);
+    let defects: Vec<PathBuf> = ["blowhole", "break", "crack", "uneven"].iter().flat_map(|d| pick(d, 3)).collect();
+    let stdout = run_ok(
+        cli().args(["predict", "--device", "cpu", "--model"]).arg(&model).arg("--out").arg(tmp.path().join("pred"))
+            .args(&goods).args(&defects),
+    );
+    let lines = json_lines(&stdout);
+    assert_eq!(lines.len(), goods.len() + defects.len());
+    let raw = |l: &serde_json::Value| l["raw_score"].as_f64().expect("no errors on real images");
+    let good: Vec<f64> = lines[..goods.len()].iter().map(raw).collect();
+    let bad: Vec<f64> = lines[goods.len()..].iter().map(raw).collect();
+    eprintln!("magnetic tile raw scores: good {good:?}\ndefective {bad:?}");
+    assert!(mean(&bad) > mean(&good), "defective tiles must score higher on average");
+}
