@@ -153,6 +153,168 @@ impl PatchCoreConfig {
     }
 }
 
+/// Where DRAEM's simulated anomalies take their appearance from. The paper blends in textures
+/// of the Describable Textures Dataset; nothing is downloaded here, so the default is the
+/// training images themselves, randomly augmented and shuffled (a defect then looks like a
+/// misplaced, recoloured piece of another part).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AnomalySource {
+    /// Other training images, randomly rotated, flipped and changed in tone and colour.
+    #[default]
+    TrainingImages,
+    /// Procedural textures drawn on the fly: coloured fractal Perlin noise, stripes, spots.
+    Procedural,
+    /// The images of a folder (a texture collection, say), randomly augmented.
+    Folder(PathBuf),
+}
+
+impl FromStr for AnomalySource {
+    type Err = Error;
+    /// `training_images` (or `training`), `procedural`, or the path of an existing folder.
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim() {
+            "training_images" | "training" | "train" | "" => Ok(Self::TrainingImages),
+            "procedural" => Ok(Self::Procedural),
+            path if std::path::Path::new(path).is_dir() => Ok(Self::Folder(PathBuf::from(path))),
+            other => Err(Error::Config(format!(
+                "anomaly source '{other}': use training_images, procedural or an existing folder of images"
+            ))),
+        }
+    }
+}
+
+/// DRAEM settings (Zavrtanik, Kristan, Skočaj, "DRAEM – A discriminatively trained
+/// reconstruction embedding for surface anomaly detection", ICCV 2021). Everything that shapes
+/// the networks or the training run is here and is stored in model.json.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DraemConfig {
+    /// Input size and normalisation. Simulated anomalies are made, and SSIM is computed, on
+    /// 0..1 pixel values; the networks see the normalised ones.
+    pub preprocess: PreprocessConfig,
+    /// Channels of the reconstructive sub-network's first block (paper: 128); deeper blocks
+    /// use 2, 4 and 8 times as many. The discriminative U-Net uses half of it (paper: 64).
+    pub base_width: i64,
+    /// Optimiser steps (one batch each). The paper's 700 epochs of an MVTec AD category are
+    /// about 20 000 steps of 8 images.
+    pub steps: usize,
+    /// Training images per step.
+    pub batch_size: usize,
+    /// Adam learning rate (paper: 1e-4).
+    pub lr: f64,
+    /// Fractions of `steps` after which the learning rate is multiplied by `lr_decay`
+    /// (paper: after 80 % and 90 % of training, by 0.2).
+    pub lr_milestones: Vec<f64>,
+    /// Factor applied at each milestone.
+    pub lr_decay: f64,
+    /// Seed of the initial weights, the sample order and every simulated anomaly.
+    pub seed: u64,
+    /// Where simulated anomalies take their texture from.
+    pub anomaly_source: AnomalySource,
+    /// Probability that a training image gets a simulated anomaly (paper: 0.5).
+    pub anomaly_probability: f64,
+    /// Largest opacity factor beta: the anomaly keeps between `1 - max_beta` and all of the
+    /// source texture, the rest is the image underneath (paper: 0.8).
+    pub max_beta: f64,
+    /// Range `[lo, hi]` of k: the Perlin noise has 2^k lattice cells per image side, drawn
+    /// separately for each axis (paper: 0..=5, that is 1 to 32 cells).
+    pub perlin_scale_log2: [u32; 2],
+    /// Perlin noise above this value is anomalous (paper: 0.5).
+    pub perlin_threshold: f64,
+    /// Side of the window the anomaly map is averaged over before its maximum is taken as the
+    /// image score (paper: 21 at 256 px); odd.
+    pub score_pool: i64,
+}
+
+impl Default for DraemConfig {
+    fn default() -> Self {
+        Self::paper()
+    }
+}
+
+impl DraemConfig {
+    /// The paper's setting: 256 px, base width 128 (about 97 M parameters), batch 8,
+    /// Adam 1e-4, about 700 epochs of an MVTec AD category. Needs a GPU (hours on one).
+    pub fn paper() -> Self {
+        Self {
+            preprocess: PreprocessConfig { image_size: [256, 256], normalization: Normalization::Imagenet },
+            base_width: 128,
+            steps: 20_000,
+            batch_size: 8,
+            lr: 1e-4,
+            lr_milestones: vec![0.8, 0.9],
+            lr_decay: 0.2,
+            seed: 0,
+            anomaly_source: AnomalySource::TrainingImages,
+            anomaly_probability: 0.5,
+            max_beta: 0.8,
+            perlin_scale_log2: [0, 5],
+            perlin_threshold: 0.5,
+            score_pool: 21,
+        }
+    }
+
+    /// A setting that trains on 2 CPU cores in a few minutes: 128 px, base width 16 (about
+    /// 1.5 M parameters), batch 4, 600 steps, a higher learning rate to make the short run
+    /// count, and the score window scaled with the image.
+    pub fn cpu_small() -> Self {
+        Self {
+            preprocess: PreprocessConfig { image_size: [128, 128], normalization: Normalization::Imagenet },
+            base_width: 16,
+            steps: 600,
+            batch_size: 4,
+            lr: 5e-4,
+            perlin_scale_log2: [0, 4],
+            score_pool: 11,
+            ..Self::paper()
+        }
+    }
+
+    /// Channels of the discriminative U-Net's first block: half the base width (paper 64 for 128).
+    pub fn discriminative_width(&self) -> i64 {
+        (self.base_width / 2).max(1)
+    }
+
+    /// Checks ranges; call at the boundary (CLI, model file, parameters).
+    pub fn validate(&self) -> Result<()> {
+        let [h, w] = self.preprocess.image_size;
+        // Five 2x poolings in the discriminative encoder: at 64 px its deepest map is 2x2.
+        if !(64..=2048).contains(&h) || !(64..=2048).contains(&w) {
+            return Err(Error::Config(format!("image_size {h}x{w}: each side must be 64..=2048 for DRAEM")));
+        }
+        if !(2..=512).contains(&self.base_width) {
+            return Err(Error::Config(format!("base_width {}: must be 2..=512 (paper: 128)", self.base_width)));
+        }
+        if self.steps == 0 || self.batch_size == 0 {
+            return Err(Error::Config("steps and batch_size must be >= 1".into()));
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return Err(Error::Config(format!("lr {}: must be > 0", self.lr)));
+        }
+        if self.lr_milestones.iter().any(|m| !(*m > 0.0 && *m <= 1.0)) || !(self.lr_decay > 0.0 && self.lr_decay <= 1.0) {
+            return Err(Error::Config("lr_milestones must be fractions in (0, 1] and lr_decay in (0, 1]".into()));
+        }
+        if !(0.0..=1.0).contains(&self.anomaly_probability) {
+            return Err(Error::Config(format!("anomaly_probability {}: must be within 0..=1", self.anomaly_probability)));
+        }
+        if !(0.0..1.0).contains(&self.max_beta) {
+            return Err(Error::Config(format!("max_beta {}: must be within 0..1", self.max_beta)));
+        }
+        let [lo, hi] = self.perlin_scale_log2;
+        if lo > hi || hi > 8 {
+            return Err(Error::Config(format!("perlin_scale_log2 [{lo}, {hi}]: need lo <= hi <= 8")));
+        }
+        if !(self.perlin_threshold > -1.0 && self.perlin_threshold < 1.0) {
+            return Err(Error::Config(format!("perlin_threshold {}: must be within (-1, 1)", self.perlin_threshold)));
+        }
+        if self.score_pool < 1 || self.score_pool % 2 == 0 {
+            return Err(Error::Config(format!("score_pool {}: must be odd and >= 1", self.score_pool)));
+        }
+        Ok(())
+    }
+}
+
 /// Post-processing: anomaly map to defect regions.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -170,4 +332,48 @@ impl Default for PostprocessConfig {
 /// Default location of the converted ImageNet EfficientNet-Lite0 weights (made by the set-up).
 pub fn default_backbone_weights() -> PathBuf {
     crate::project_root().join("models/efficientnet_lite0.safetensors")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn draem_presets_are_valid_and_serde_fills_defaults() {
+        for cfg in [DraemConfig::paper(), DraemConfig::cpu_small(), DraemConfig::default()] {
+            cfg.validate().unwrap();
+        }
+        assert_eq!(DraemConfig::paper().base_width, 128);
+        assert_eq!(DraemConfig::paper().discriminative_width(), 64);
+        assert_eq!(DraemConfig::paper().lr, 1e-4);
+        let partial: DraemConfig = serde_json::from_str(r#"{"base_width": 8, "anomaly_source": {"folder": "/textures"}}"#).unwrap();
+        assert_eq!(partial.base_width, 8);
+        assert_eq!(partial.steps, DraemConfig::default().steps);
+        assert_eq!(partial.anomaly_source, AnomalySource::Folder("/textures".into()));
+        let json = serde_json::to_string(&DraemConfig::cpu_small()).unwrap();
+        assert_eq!(serde_json::from_str::<DraemConfig>(&json).unwrap(), DraemConfig::cpu_small());
+        assert!(serde_json::from_str::<DraemConfig>(r#"{"base_widht": 8}"#).is_err(), "typos are refused");
+    }
+
+    #[test]
+    fn draem_validation_and_anomaly_source_parsing() {
+        let bad = |f: fn(&mut DraemConfig)| {
+            let mut c = DraemConfig::cpu_small();
+            f(&mut c);
+            c.validate().is_err()
+        };
+        assert!(bad(|c| c.preprocess.image_size = [32, 128]));
+        assert!(bad(|c| c.base_width = 1));
+        assert!(bad(|c| c.steps = 0));
+        assert!(bad(|c| c.lr = 0.0));
+        assert!(bad(|c| c.score_pool = 4));
+        assert!(bad(|c| c.max_beta = 1.0));
+        assert!(bad(|c| c.perlin_scale_log2 = [3, 2]));
+        assert!(bad(|c| c.lr_milestones = vec![1.5]));
+        assert_eq!("procedural".parse::<AnomalySource>().unwrap(), AnomalySource::Procedural);
+        assert_eq!("training_images".parse::<AnomalySource>().unwrap(), AnomalySource::TrainingImages);
+        let dir = std::env::temp_dir();
+        assert_eq!(dir.to_str().unwrap().parse::<AnomalySource>().unwrap(), AnomalySource::Folder(dir.clone()));
+        assert!("/no/such/folder".parse::<AnomalySource>().is_err());
+    }
 }

@@ -6,12 +6,14 @@
 //! -> `ros` (topics, parameters; behind the `ros` feature). The core knows nothing of ROS.
 #![warn(missing_docs)]
 
+pub mod camera;
 pub mod config;
 pub mod dataset;
 pub mod device;
 pub mod error;
 pub mod imaging;
 pub mod inspector;
+pub mod metrics;
 pub mod model_file;
 pub mod models;
 pub mod postprocess;

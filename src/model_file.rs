@@ -2,10 +2,15 @@
 //! model, so that a model fitted on a workstation runs unchanged in the cell.
 //!
 //! ```text
-//! <model>/model.json               format version, method, full config, calibration, training summary
-//! <model>/memory_bank.safetensors  PatchCore memory bank [M, D]
+//! <model>/model.json               format version, method, the method's config, calibration,
+//!                                  training summary
+//! PatchCore:
+//! <model>/memory_bank.safetensors  memory bank [M, D]
 //! <model>/backbone.safetensors     backbone weights (native EfficientNet-Lite0), or
 //! <model>/backbone.pt              a TorchScript feature extractor
+//! DRAEM:
+//! <model>/draem.safetensors        both networks (VarStore, BatchNorm statistics included)
+//! <model>/checkpoint/              the last training checkpoint, to continue training
 //! ```
 //! Writing goes to a temporary sibling directory that is renamed into place, so a crash
 //! mid-write never leaves a half-written model under the final name.
@@ -14,10 +19,12 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
-use crate::config::{BackboneKind, PatchCoreConfig};
+use crate::config::{BackboneKind, DraemConfig, PatchCoreConfig, PreprocessConfig};
 use crate::error::{Error, Result};
 use crate::models::backbone::Backbone;
-use crate::models::patchcore::{self, FitSummary, PatchCore, PatchCoreOutput};
+use crate::models::draem::{Draem, DraemFitSummary};
+use crate::models::patchcore::{self, FitSummary, PatchCore};
+use crate::models::ModelOutput;
 
 /// Value of `format` in every model.json.
 pub const FORMAT: &str = "anomaly_inspector_model";
@@ -30,6 +37,8 @@ pub const FORMAT_VERSION: u32 = 1;
 pub enum Method {
     /// PatchCore (memory bank + nearest neighbour).
     Patchcore,
+    /// DRAEM (reconstructive + discriminative networks trained on simulated anomalies).
+    Draem,
 }
 
 impl Method {
@@ -37,6 +46,7 @@ impl Method {
     pub fn as_str(self) -> &'static str {
         match self {
             Method::Patchcore => "patchcore",
+            Method::Draem => "draem",
         }
     }
 }
@@ -111,8 +121,12 @@ fn normalize(raw: f32, threshold: f32) -> f32 {
 pub struct TrainingInfo {
     /// The data set folder (as given by the user).
     pub data: String,
-    /// Sizes and timings of the fit.
-    pub fit: FitSummary,
+    /// Sizes and timings of a PatchCore fit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patchcore: Option<FitSummary>,
+    /// Steps, losses and timings of a DRAEM training.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draem: Option<DraemFitSummary>,
     /// Seconds since the Unix epoch when the model was written.
     pub created_unix: u64,
     /// anomaly_inspector version that wrote it.
@@ -131,12 +145,42 @@ pub struct ModelManifest {
     pub method: Method,
     /// A short name, shown in results (`model_id`).
     pub name: String,
-    /// PatchCore configuration (backbone, layers, input size, normalisation...).
-    pub patchcore: PatchCoreConfig,
+    /// PatchCore configuration (backbone, layers, input size, normalisation...); present
+    /// exactly when `method` is `patchcore`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patchcore: Option<PatchCoreConfig>,
+    /// DRAEM configuration (input size, widths, training settings...); present exactly when
+    /// `method` is `draem`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draem: Option<DraemConfig>,
     /// Thresholds.
     pub calibration: Calibration,
     /// Training data summary.
     pub training: TrainingInfo,
+}
+
+impl ModelManifest {
+    /// Checks that the method's configuration, and only that one, is present and valid.
+    pub fn validate(&self) -> Result<()> {
+        match (self.method, &self.patchcore, &self.draem) {
+            (Method::Patchcore, Some(cfg), None) => cfg.validate(),
+            (Method::Draem, None, Some(cfg)) => cfg.validate(),
+            (method, _, _) => Err(Error::Config(format!(
+                "method {} needs its own settings (\"{}\": {{...}}) and no other method's",
+                method.as_str(),
+                method.as_str()
+            ))),
+        }
+    }
+
+    /// How images are resized and normalised for this model, whatever its method.
+    pub fn preprocess(&self) -> Result<&PreprocessConfig> {
+        match (self.method, &self.patchcore, &self.draem) {
+            (Method::Patchcore, Some(cfg), _) => Ok(&cfg.preprocess),
+            (Method::Draem, _, Some(cfg)) => Ok(&cfg.preprocess),
+            (method, _, _) => Err(Error::Config(format!("model.json of method {} lacks its settings", method.as_str()))),
+        }
+    }
 }
 
 /// A model ready to run, whatever its method.
@@ -144,13 +188,16 @@ pub struct ModelManifest {
 pub enum AnomalyModel {
     /// PatchCore.
     PatchCore(PatchCore),
+    /// DRAEM.
+    Draem(Draem),
 }
 
 impl AnomalyModel {
     /// Scores a normalised batch `[N, 3, H, W]`: image scores `[N]` and maps `[N, 1, H, W]`.
-    pub fn forward(&self, x: &Tensor) -> Result<PatchCoreOutput> {
+    pub fn forward(&self, x: &Tensor) -> Result<ModelOutput> {
         match self {
             AnomalyModel::PatchCore(m) => m.forward(x),
+            AnomalyModel::Draem(m) => m.forward(x),
         }
     }
 }
@@ -195,20 +242,21 @@ pub fn read_manifest(dir: &Path) -> Result<ModelManifest> {
     }
     let manifest: ModelManifest =
         serde_json::from_value(value).map_err(|e| Error::model(&path, format!("invalid model.json: {e}")))?;
-    manifest.patchcore.validate().map_err(|e| Error::model(&path, e.to_string()))?;
+    manifest.validate().map_err(|e| Error::model(&path, e.to_string()))?;
     Ok(manifest)
 }
 
 /// Loads a model directory onto `device`.
 pub fn load(dir: &Path, device: Device) -> Result<LoadedModel> {
     let manifest = read_manifest(dir)?;
-    let model = match manifest.method {
-        Method::Patchcore => {
-            let cfg = &manifest.patchcore;
+    let model = match (manifest.method, &manifest.patchcore, &manifest.draem) {
+        (Method::Patchcore, Some(cfg), _) => {
             let backbone = Backbone::new(&dir.join(backbone_file(cfg.backbone.kind)), &cfg.backbone, device)?;
             let bank = patchcore::load_memory_bank(&dir.join("memory_bank.safetensors"), device)?;
             AnomalyModel::PatchCore(PatchCore::new(backbone, bank, cfg)?)
         }
+        (Method::Draem, _, Some(cfg)) => AnomalyModel::Draem(Draem::load(&dir.join(DRAEM_WEIGHTS), cfg, device)?),
+        _ => unreachable!("read_manifest validated the method's settings"),
     };
     Ok(LoadedModel { manifest, model })
 }
@@ -228,7 +276,8 @@ pub fn save_patchcore(
         version: FORMAT_VERSION,
         method: Method::Patchcore,
         name: name.into(),
-        patchcore: model.config().clone(),
+        patchcore: Some(model.config().clone()),
+        draem: None,
         calibration: calibration.clone(),
         training,
     };
@@ -240,6 +289,60 @@ pub fn save_patchcore(
         let path = tmp.join("model.json");
         std::fs::write(&path, json).map_err(|e| Error::io(&path, e))
     })
+}
+
+/// File name of DRAEM's weights inside a model directory.
+pub const DRAEM_WEIGHTS: &str = "draem.safetensors";
+/// Folder of the training checkpoint inside a DRAEM model directory.
+pub const CHECKPOINT_DIR: &str = "checkpoint";
+
+/// Writes a trained DRAEM model to `dir` atomically (like [`save_patchcore`]). When
+/// `checkpoint` names a folder, it is copied into the model as `checkpoint/`, so that training
+/// can later be continued from the saved model.
+pub fn save_draem(
+    dir: &Path,
+    model: &Draem,
+    calibration: &Calibration,
+    training: TrainingInfo,
+    name: &str,
+    checkpoint: Option<&Path>,
+) -> Result<()> {
+    let manifest = ModelManifest {
+        format: FORMAT.into(),
+        version: FORMAT_VERSION,
+        method: Method::Draem,
+        name: name.into(),
+        patchcore: None,
+        draem: Some(model.config().clone()),
+        calibration: calibration.clone(),
+        training,
+    };
+    write_atomically(dir, |tmp| {
+        model.save(&tmp.join(DRAEM_WEIGHTS))?;
+        if let Some(src) = checkpoint {
+            let dst = tmp.join(CHECKPOINT_DIR);
+            std::fs::create_dir_all(&dst).map_err(|e| Error::io(&dst, e))?;
+            for entry in std::fs::read_dir(src).map_err(|e| Error::io(src, e))? {
+                let entry = entry.map_err(|e| Error::io(src, e))?;
+                if entry.path().is_file() {
+                    std::fs::copy(entry.path(), dst.join(entry.file_name())).map_err(|e| Error::io(entry.path(), e))?;
+                }
+            }
+        }
+        let json = serde_json::to_string_pretty(&manifest).expect("manifest serialises");
+        let path = tmp.join("model.json");
+        std::fs::write(&path, json).map_err(|e| Error::io(&path, e))
+    })?;
+    // Training wrote its checkpoints into `dir` before there was a model there; what
+    // write_atomically kept of that as `<dir>.previous` is no model, only an old checkpoint.
+    if let (Some(parent), Some(file_name)) = (dir.parent(), dir.file_name()) {
+        let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
+        let previous = parent.join(format!("{}.previous", file_name.to_string_lossy()));
+        if previous.is_dir() && !previous.join("model.json").exists() {
+            let _ = std::fs::remove_dir_all(&previous);
+        }
+    }
+    Ok(())
 }
 
 fn write_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
@@ -304,6 +407,43 @@ mod tests {
 
         std::fs::write(m.join("model.json"), r#"{"hello": 1}"#).unwrap();
         assert!(read_manifest(&m).unwrap_err().to_string().contains("not an anomaly_inspector model"));
+    }
+
+    #[test]
+    fn manifest_carries_exactly_the_method_settings() {
+        let training = TrainingInfo {
+            data: "d".into(),
+            patchcore: None,
+            draem: None,
+            created_unix: 0,
+            written_by: "test".into(),
+        };
+        let calibration = Calibration { image_threshold: 1.0, pixel_threshold: 1.0, method: "m".into(), n_images: 1 };
+        let mut m = ModelManifest {
+            format: FORMAT.into(),
+            version: FORMAT_VERSION,
+            method: Method::Draem,
+            name: "n".into(),
+            patchcore: None,
+            draem: Some(DraemConfig::cpu_small()),
+            calibration,
+            training,
+        };
+        m.validate().unwrap();
+        assert_eq!(m.preprocess().unwrap().image_size, [128, 128]);
+        let json = serde_json::to_value(&m).unwrap();
+        assert!(json.get("patchcore").is_none(), "absent settings are not written");
+        assert_eq!(json["method"], "draem");
+        assert_eq!(serde_json::from_value::<ModelManifest>(json).unwrap(), m);
+
+        m.patchcore = Some(PatchCoreConfig::default());
+        assert!(m.validate().unwrap_err().to_string().contains("no other method"));
+        m.draem = None;
+        assert!(m.validate().is_err(), "draem without its settings");
+        assert!(m.preprocess().is_err());
+        m.method = Method::Patchcore;
+        m.validate().unwrap();
+        assert_eq!(m.preprocess().unwrap().image_size, [256, 256]);
     }
 
     #[test]

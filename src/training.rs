@@ -1,9 +1,10 @@
 //! Fitting a model from a folder of defect-free images: the loop behind `anomaly_inspector fit`
-//! (and, later, the node's teach-in). Images are decoded batch by batch, so memory holds
-//! features, not pictures.
+//! (and, later, the node's teach-in). PatchCore decodes images batch by batch, so memory holds
+//! features, not pictures; DRAEM ([`fit_draem`], in `training/draem.rs`) keeps the training
+//! images at network size as uint8 and trains for a number of steps.
 use std::path::{Path, PathBuf};
 
-use tch::Device;
+use tch::{Device, Tensor};
 
 use crate::config::PatchCoreConfig;
 use crate::error::{Error, Result};
@@ -11,12 +12,23 @@ use crate::imaging;
 use crate::model_file::{self, Calibration, TrainingInfo};
 use crate::models::backbone::Backbone;
 use crate::models::patchcore::{FitSummary, PatchCore};
+use crate::models::ModelOutput;
 use crate::preprocess::Preprocessor;
+
+pub mod adam;
+mod draem;
+pub mod losses;
+
+pub use draem::{fit_draem, learning_rate, read_checkpoint_state, CheckpointState, DraemFitReport, DraemTrainOptions, LossRecord};
 
 /// Steps of a fit, reported to a progress callback.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FitStage {
-    /// Extracting features of training images.
+    /// Decoding and resizing training images (DRAEM).
+    Loading,
+    /// Optimiser steps (DRAEM): `done` of `total` steps.
+    Training,
+    /// Extracting features of training images (PatchCore).
     Features,
     /// Scoring held-out good images for the thresholds.
     Calibration,
@@ -102,35 +114,60 @@ pub fn fit_patchcore(
         progress(FitStage::Features, done, total);
     })?;
 
+    let (image_scores, pixel_max) = calibrate(&holdout, &pre, batch_size, &|x| model.forward(x), progress)?;
+    let calibration = Calibration::from_good_scores(&image_scores, &pixel_max, options.margin)?;
+
+    let mut training = training_info(data_label);
+    training.patchcore = Some(summary.clone());
+    model_file::save_patchcore(out, &model, backbone_weights, &calibration, training, &model_name(out, options))?;
+    Ok(FitReport { summary, calibration, n_holdout: holdout.len() })
+}
+
+/// Scores the held-out good images with the inference path `forward`: (image scores, per-image
+/// maximum of the anomaly map), for [`Calibration::from_good_scores`].
+fn calibrate(
+    holdout: &[PathBuf],
+    pre: &Preprocessor,
+    batch_size: usize,
+    forward: &dyn Fn(&Tensor) -> Result<ModelOutput>,
+    progress: &mut dyn FnMut(FitStage, usize, usize),
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let batch_size = batch_size.max(1);
     let mut image_scores = Vec::with_capacity(holdout.len());
     let mut pixel_max = Vec::with_capacity(holdout.len());
     for (i, chunk) in holdout.chunks(batch_size).enumerate() {
         let imgs = chunk.iter().map(|p| imaging::load(p)).collect::<Result<Vec<_>>>()?;
-        let out = model.forward(&pre.batch(&imgs)?)?;
-        image_scores.extend(Vec::<f32>::try_from(&out.image_scores)?);
+        let out = forward(&pre.batch(&imgs)?)?;
+        image_scores.extend(Vec::<f32>::try_from(&out.image_scores.f_to_device(Device::Cpu)?)?);
         let n = out.anomaly_maps.size()[0];
-        let maxima = out.anomaly_maps.f_view([n, -1])?.f_amax([1i64].as_slice(), false)?.f_to_device(Device::Cpu)?;
+        let maxima = out.anomaly_maps.f_reshape([n, -1])?.f_amax([1i64].as_slice(), false)?.f_to_device(Device::Cpu)?;
         pixel_max.extend(Vec::<f32>::try_from(&maxima)?);
         progress(FitStage::Calibration, (i * batch_size + chunk.len()).min(holdout.len()), holdout.len());
     }
-    let calibration = Calibration::from_good_scores(&image_scores, &pixel_max, options.margin)?;
+    Ok((image_scores, pixel_max))
+}
 
-    let name = if options.name.is_empty() {
+/// The model's name: `options.name`, or the output directory's name.
+fn model_name(out: &Path, options: &FitOptions) -> String {
+    if options.name.is_empty() {
         out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
     } else {
         options.name.clone()
-    };
-    let training = TrainingInfo {
+    }
+}
+
+/// Training information without a method's summary (the caller fills in its own).
+fn training_info(data_label: &str) -> TrainingInfo {
+    TrainingInfo {
         data: data_label.to_string(),
-        fit: summary.clone(),
+        patchcore: None,
+        draem: None,
         created_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
         written_by: format!("anomaly_inspector {}", env!("CARGO_PKG_VERSION")),
-    };
-    model_file::save_patchcore(out, &model, backbone_weights, &calibration, training, &name)?;
-    Ok(FitReport { summary, calibration, n_holdout: holdout.len() })
+    }
 }
 
 #[cfg(test)]

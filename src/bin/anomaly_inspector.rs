@@ -7,10 +7,12 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use anomaly_inspector::config::{default_backbone_weights, BackboneKind, DeviceChoice, PatchCoreConfig, PostprocessConfig};
+use anomaly_inspector::config::{AnomalySource, DraemConfig};
 use anomaly_inspector::dataset::MvtecDataset;
 use anomaly_inspector::postprocess::{heatmap, overlay};
 use anomaly_inspector::synthetic::{generate_dataset, SyntheticConfig};
 use anomaly_inspector::training::{fit_patchcore, FitOptions, FitStage};
+use anomaly_inspector::training::{fit_draem, read_checkpoint_state, split_holdout, DraemTrainOptions};
 use anomaly_inspector::{device, imaging, Inspector};
 
 #[derive(Parser)]
@@ -28,6 +30,9 @@ enum Command {
     Predict(PredictArgs),
     /// Write the built-in synthetic data set (MVTec layout) used by the demo and the tests.
     Synth(SynthArgs),
+    /// Evaluate a model on the labelled test images of an MVTec-layout folder: image AUROC,
+    /// F1-max, pixel AUROC, AUPRO, per defect type, and speed; writes a JSON report.
+    Eval(EvalArgs),
 }
 
 #[derive(Args)]
@@ -39,7 +44,7 @@ struct FitArgs {
     #[arg(long)]
     out: PathBuf,
     /// Detection method.
-    #[arg(long, default_value = "patchcore", value_parser = ["patchcore"])]
+    #[arg(long, default_value = "patchcore", value_parser = ["patchcore", "draem"])]
     method: String,
     /// Feature extractor: efficientnet_lite0 (built in) or torchscript (give --backbone-weights).
     #[arg(long, default_value = "efficientnet_lite0")]
@@ -68,6 +73,36 @@ struct FitArgs {
     /// Name shown as model_id in results (default: the directory name).
     #[arg(long, default_value = "")]
     name: String,
+    /// DRAEM: starting settings, cpu-small (minutes on 2 CPU cores, 128 px) or paper (256 px,
+    /// base width 128, 20000 steps: a GPU's work).
+    #[arg(long, default_value = "cpu-small", value_parser = ["cpu-small", "paper"])]
+    preset: String,
+    /// DRAEM: optimiser steps in all (when resuming, counted from the very start).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// DRAEM: passes over the training images instead of --steps.
+    #[arg(long, conflicts_with = "steps")]
+    epochs: Option<f64>,
+    /// DRAEM: channels of the first reconstructive block (paper 128); the discriminative
+    /// U-Net uses half.
+    #[arg(long)]
+    base_width: Option<i64>,
+    /// DRAEM: training images per step.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// DRAEM: Adam learning rate.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// DRAEM: where simulated anomalies take their texture from: training_images (default),
+    /// procedural, or a folder of images.
+    #[arg(long)]
+    anomaly_source: Option<AnomalySource>,
+    /// DRAEM: write a checkpoint into <out>/checkpoint every N steps (0: only at the end).
+    #[arg(long, default_value_t = DraemTrainOptions::default().checkpoint_every)]
+    checkpoint_every: usize,
+    /// DRAEM: continue the training in <out>/checkpoint with its settings; --steps may extend it.
+    #[arg(long)]
+    resume: bool,
 }
 
 #[derive(Args)]
@@ -111,6 +146,7 @@ fn main() -> anyhow::Result<()> {
         Command::Fit(a) => fit(a),
         Command::Predict(a) => predict(a),
         Command::Synth(a) => synth(a),
+        Command::Eval(a) => eval(a),
     }
 }
 
@@ -126,6 +162,14 @@ fn bar(len: usize, what: &str) -> ProgressBar {
 }
 
 fn fit(a: FitArgs) -> anyhow::Result<()> {
+    if a.method == "draem" {
+        return fit_draem_command(a);
+    }
+    if a.steps.is_some() || a.epochs.is_some() || a.base_width.is_some() || a.batch_size.is_some() || a.lr.is_some()
+        || a.anomaly_source.is_some() || a.resume
+    {
+        bail!("--steps, --epochs, --base-width, --batch-size, --lr, --anomaly-source and --resume are DRAEM options: add --method draem");
+    }
     let mut cfg = PatchCoreConfig::default();
     cfg.backbone.kind = match a.backbone.as_str() {
         "efficientnet_lite0" => BackboneKind::EfficientnetLite0,
@@ -171,6 +215,8 @@ fn fit(a: FitArgs) -> anyhow::Result<()> {
             let label = match stage {
                 FitStage::Features => "features",
                 FitStage::Calibration => "calibration",
+                FitStage::Loading => "loading",
+                FitStage::Training => "training",
             };
             bars = Some((stage, bar(total, label)));
         }
@@ -208,6 +254,122 @@ fn fit(a: FitArgs) -> anyhow::Result<()> {
         report.n_holdout
     );
     eprintln!("model written to {}", a.out.display());
+    Ok(())
+}
+
+/// `fit --method draem`: settings from the preset (or, with --resume, from the checkpoint),
+/// overridden by the options given.
+fn fit_draem_command(a: FitArgs) -> anyhow::Result<()> {
+    if a.coreset_ratio.is_some() || a.layers.is_some() || a.backbone_weights.is_some() || a.backbone != "efficientnet_lite0" {
+        bail!("--backbone, --backbone-weights, --layers and --coreset-ratio are PatchCore options; DRAEM trains its own networks");
+    }
+    let data = MvtecDataset::open(&a.data)?;
+    let mut cfg = if a.resume {
+        read_checkpoint_state(&a.out).with_context(|| format!("resuming {}", a.out.display()))?.config
+    } else if a.preset == "paper" {
+        DraemConfig::paper()
+    } else {
+        DraemConfig::cpu_small()
+    };
+    if let Some(s) = a.image_size {
+        cfg.preprocess.image_size = [s, s];
+    }
+    if let Some(b) = a.base_width {
+        cfg.base_width = b;
+    }
+    if let Some(b) = a.batch_size {
+        cfg.batch_size = b;
+    }
+    if let Some(lr) = a.lr {
+        cfg.lr = lr;
+    }
+    if let Some(s) = a.seed {
+        cfg.seed = s;
+    }
+    if let Some(src) = a.anomaly_source {
+        cfg.anomaly_source = src;
+    }
+    if let Some(s) = a.steps {
+        cfg.steps = s;
+    } else if let Some(e) = a.epochs {
+        let n_fit = split_holdout(&data.train_good, a.holdout_every).0.len();
+        cfg.steps = (e * n_fit as f64 / cfg.batch_size.max(1) as f64).ceil().max(1.0) as usize;
+    }
+    cfg.validate()?;
+    let device = device::resolve(a.device)?;
+    let [h, w] = cfg.preprocess.image_size;
+    eprintln!(
+        "training draem on {} good images of {} ({h}x{w} px, base width {}, {} steps of {} images, lr {}, anomalies from {:?}; device {}){}",
+        data.train_good.len(),
+        a.data.display(),
+        cfg.base_width,
+        cfg.steps,
+        cfg.batch_size,
+        cfg.lr,
+        cfg.anomaly_source,
+        device::describe(device),
+        if a.resume { "; resuming" } else { "" }
+    );
+    let last_loss = std::cell::Cell::new(f64::NAN);
+    let mut bars: Option<(FitStage, ProgressBar)> = None;
+    let mut progress = |stage: FitStage, done: usize, total: usize| {
+        if bars.as_ref().map(|(s, _)| *s) != Some(stage) {
+            if let Some((_, b)) = bars.take() {
+                b.finish();
+            }
+            let b = ProgressBar::new(total as u64);
+            b.set_style(
+                ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {msg}")
+                    .expect("valid template")
+                    .progress_chars("=> "),
+            );
+            b.set_prefix(format!("{stage:?}").to_lowercase());
+            bars = Some((stage, b));
+        }
+        if let Some((_, b)) = &bars {
+            b.set_position(done as u64);
+            if stage == FitStage::Training {
+                b.set_message(format!("loss {:.4}", last_loss.get()));
+            }
+        }
+    };
+    let mut on_step = |r: &anomaly_inspector::training::LossRecord| last_loss.set(r.losses.total);
+    let options = FitOptions { holdout_every: a.holdout_every, name: a.name, ..FitOptions::default() };
+    let train = DraemTrainOptions { checkpoint_every: a.checkpoint_every, resume: a.resume };
+    let report = fit_draem(
+        &data.train_good,
+        &a.data.to_string_lossy(),
+        &cfg,
+        device,
+        &a.out,
+        &options,
+        &train,
+        &mut progress,
+        &mut on_step,
+    )
+    .with_context(|| format!("training DRAEM on {}", a.data.display()))?;
+    if let Some((_, b)) = bars.take() {
+        b.finish();
+    }
+    let s = &report.summary;
+    let l = &s.final_losses;
+    eprintln!(
+        "{} steps ({} this run, {:.1} s, {} parameters) on {} images; last losses: total {:.4} = l2 {:.4} + ssim {:.4} + focal {:.4}; \
+         thresholds image {:.4} pixel {:.4} from {} held-out images",
+        s.steps,
+        s.steps - s.resumed_from_step.unwrap_or(0),
+        s.train_seconds,
+        s.parameters,
+        s.n_images,
+        l.total,
+        l.l2,
+        l.ssim,
+        l.focal,
+        report.calibration.image_threshold,
+        report.calibration.pixel_threshold,
+        report.n_holdout
+    );
+    eprintln!("model written to {} (checkpoint in {}/checkpoint)", a.out.display(), a.out.display());
     Ok(())
 }
 
@@ -291,5 +453,276 @@ fn synth(a: SynthArgs) -> anyhow::Result<()> {
     let cfg = SyntheticConfig { seed: a.seed, n_train: a.n_train, ..SyntheticConfig::default() };
     let summary = generate_dataset(&a.out, &cfg).with_context(|| format!("writing {}", a.out.display()))?;
     eprintln!("synthetic data set written to {}: {summary:?}", a.out.display());
+    Ok(())
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// Model directory written by `fit`.
+    #[arg(long)]
+    model: PathBuf,
+    /// Data set root in the MVTec AD layout: test/<good|defect>/ images and
+    /// ground_truth/<defect>/<stem>_mask.png masks.
+    #[arg(long)]
+    data: PathBuf,
+    /// The JSON report to write.
+    #[arg(long)]
+    json: PathBuf,
+    /// auto, cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    device: DeviceChoice,
+    /// Evaluate only the first N images (by name) of each test/ folder, good included.
+    #[arg(long)]
+    limit_per_type: Option<usize>,
+    /// Pixel metrics are computed on maps and masks scaled down to at most this many pixels on
+    /// the long side (bilinear for maps, nearest for masks), which bounds memory.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(8..))]
+    pixel_max_side: u32,
+}
+
+/// Image scores of one evaluated image.
+struct EvalImage {
+    /// Index into the evaluation's groups (0 = good, then the defect types).
+    group: usize,
+    raw_score: f32,
+}
+
+/// The size pixel metrics use for a `width` x `height` image: at most `max_side` on the long
+/// side, aspect ratio kept.
+fn eval_size(width: u32, height: u32, max_side: u32) -> (u32, u32) {
+    let long = width.max(height);
+    if long <= max_side {
+        return (width, height);
+    }
+    let s = f64::from(max_side) / f64::from(long);
+    let side = |v: u32| ((f64::from(v) * s).round() as u32).clamp(1, max_side);
+    (side(width), side(height))
+}
+
+/// Image AUROC and F1-max of the images in `groups` (good = negative), `None` where undefined.
+fn image_metrics(images: &[EvalImage], groups: &[usize]) -> (Option<f64>, Option<(f64, f32)>) {
+    let (scores, labels): (Vec<f32>, Vec<bool>) = images
+        .iter()
+        .filter(|i| groups.contains(&i.group))
+        .map(|i| (i.raw_score, i.group != 0))
+        .unzip();
+    (
+        anomaly_inspector::metrics::auroc(&scores, &labels).ok(),
+        anomaly_inspector::metrics::f1_max(&scores, &labels).ok(),
+    )
+}
+
+fn eval(a: EvalArgs) -> anyhow::Result<()> {
+    use anomaly_inspector::dataset::load_mask;
+    use anomaly_inspector::metrics::{self, PixelScores, AUPRO_FPR_LIMIT};
+
+    let t_start = std::time::Instant::now();
+    if !a.model.exists() {
+        bail!("model directory {} does not exist: write one with `anomaly_inspector fit`", a.model.display());
+    }
+    let device = device::resolve(a.device)?;
+    let inspector = Inspector::new(&a.model, device, &PostprocessConfig::default())
+        .with_context(|| format!("loading model {}", a.model.display()))?;
+    let data = MvtecDataset::open(&a.data)?;
+
+    // Groups: "good" first, then the defect types (sorted); the first N images of each.
+    let mut group_names = vec!["good".to_string()];
+    group_names.extend(data.defect_types());
+    let group_of = |s: &anomaly_inspector::dataset::TestSample| {
+        s.defect.as_ref().map_or(0, |d| group_names.iter().position(|g| g == d).unwrap_or(0))
+    };
+    let mut taken = vec![0usize; group_names.len()];
+    let samples: Vec<_> = data
+        .test
+        .iter()
+        .filter(|s| {
+            let g = group_of(s);
+            taken[g] += 1;
+            a.limit_per_type.is_none_or(|n| taken[g] <= n)
+        })
+        .collect();
+    if samples.is_empty() {
+        bail!("{}: no test images (expected test/good/*.png and test/<defect>/*.png)", a.data.display());
+    }
+    eprintln!(
+        "evaluating {} \"{}\" on {} test images of {} (device {}; pixel metrics at <= {} px)",
+        inspector.method(),
+        inspector.model_id(),
+        samples.len(),
+        a.data.display(),
+        device::describe(device),
+        a.pixel_max_side
+    );
+
+    // One untimed inspection first: the first call pays one-off costs (allocations, thread
+    // pools, CUDA kernels) that say nothing about the speed in service.
+    if let Ok(img) = imaging::load(&samples[0].path) {
+        let _ = inspector.inspect(&img);
+    }
+
+    let mut images: Vec<EvalImage> = Vec::with_capacity(samples.len());
+    let mut pixels: Vec<PixelScores> = vec![PixelScores::new(); group_names.len()];
+    let mut errors: Vec<String> = Vec::new();
+    let mut inspect_seconds = 0.0f64;
+    // Pixels whose normalised score is clamped at 1.0, by class: [defect-free, defect].
+    let mut saturated = [0u64; 2];
+    let mut counted = [0u64; 2];
+    let pb = bar(samples.len(), "eval");
+    for s in &samples {
+        let group = group_of(s);
+        let result = (|| -> anyhow::Result<_> {
+            let image = imaging::load(&s.path)?;
+            let insp = inspector.inspect(&image)?;
+            Ok((image.dimensions(), insp))
+        })();
+        let ((w, h), insp) = match result {
+            Ok(v) => v,
+            Err(e) => {
+                let msg = format!("{}: {e:#}", s.path.display());
+                pb.suspend(|| eprintln!("error: {msg} (image skipped)"));
+                errors.push(msg);
+                pb.inc(1);
+                continue;
+            }
+        };
+        inspect_seconds += insp.elapsed.as_secs_f64();
+        images.push(EvalImage { group, raw_score: insp.raw_score });
+
+        let (pw, ph) = eval_size(w, h, a.pixel_max_side);
+        let mask: anyhow::Result<Vec<bool>> = match (&s.defect, &s.mask) {
+            (None, _) => Ok(vec![false; pw as usize * ph as usize]),
+            (Some(_), None) => Err(anyhow::anyhow!("no ground-truth mask found under ground_truth/")),
+            (Some(_), Some(path)) => load_mask(path, w, h).map_err(Into::into).map(|m| {
+                let m = if (pw, ph) == (w, h) {
+                    m
+                } else {
+                    image::imageops::resize(&m, pw, ph, image::imageops::FilterType::Nearest)
+                };
+                m.pixels().map(|p| p.0[0] > 0).collect()
+            }),
+        };
+        match mask {
+            Ok(mask) => {
+                let map = insp.map.resized(pw, ph);
+                for (&v, &m) in map.data().iter().zip(&mask) {
+                    counted[m as usize] += 1;
+                    saturated[m as usize] += u64::from(v >= 1.0);
+                }
+                if let Err(e) = pixels[group].add_image(map.data(), &mask, pw) {
+                    let msg = format!("{}: {e} (pixel metrics skipped for this image)", s.path.display());
+                    pb.suspend(|| eprintln!("error: {msg}"));
+                    errors.push(msg);
+                }
+            }
+            Err(e) => {
+                let msg = format!("{}: {e:#} (pixel metrics skipped for this image)", s.path.display());
+                pb.suspend(|| eprintln!("error: {msg}"));
+                errors.push(msg);
+            }
+        }
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    if images.is_empty() {
+        bail!("no test image could be inspected ({} errors; first: {})", errors.len(), errors[0]);
+    }
+
+    let sorted: Vec<_> = pixels.into_iter().map(PixelScores::into_sorted).collect();
+    let n_in = |g: usize| images.iter().filter(|i| i.group == g).count();
+    let all_groups: Vec<usize> = (0..group_names.len()).collect();
+    let (image_auroc, image_f1) = image_metrics(&images, &all_groups);
+    let pixel = metrics::pixel_metrics(&sorted.iter().collect::<Vec<_>>(), AUPRO_FPR_LIMIT).ok();
+
+    let mut per_defect = serde_json::Map::new();
+    let mut rows = Vec::new();
+    for (g, name) in group_names.iter().enumerate().skip(1) {
+        let (auroc, f1) = image_metrics(&images, &[0, g]);
+        let px = metrics::pixel_metrics(&[&sorted[0], &sorted[g]], AUPRO_FPR_LIMIT).ok();
+        per_defect.insert(
+            name.clone(),
+            serde_json::json!({
+                "n_images": n_in(g),
+                "image_auroc": auroc,
+                "image_f1_max": f1.map(|f| f.0),
+                "pixel_auroc": px.map(|p| p.auroc),
+                "aupro": px.map(|p| p.aupro),
+                "n_regions": px.map(|p| p.n_regions),
+            }),
+        );
+        rows.push((name.clone(), n_in(g), auroc, f1.map(|f| f.0), px));
+    }
+
+    let n = images.len();
+    let ms_per_image = inspect_seconds * 1e3 / n as f64;
+    let frac = |i: usize| if counted[i] == 0 { None } else { Some(saturated[i] as f64 / counted[i] as f64) };
+    let report = serde_json::json!({
+        "model": inspector.model_id(),
+        "model_dir": a.model,
+        "method": inspector.method(),
+        "data": a.data,
+        "device": device::describe(device),
+        "n_images": n,
+        "n_good": n_in(0),
+        "n_anomalous": n - n_in(0),
+        "n_failed": samples.len() - n,
+        "image_auroc": image_auroc,
+        "image_f1_max": image_f1.map(|f| f.0),
+        "image_f1_threshold_raw": image_f1.map(|f| f.1),
+        "pixel_auroc": pixel.map(|p| p.auroc),
+        "aupro": pixel.map(|p| p.aupro),
+        "aupro_fpr_limit": AUPRO_FPR_LIMIT,
+        "n_pixels": pixel.map(|p| p.n_pixels),
+        "n_regions": pixel.map(|p| p.n_regions),
+        "pixel_max_side": a.pixel_max_side,
+        "pixel_saturated_fraction": { "defect_free": frac(0), "defect": frac(1) },
+        "per_defect": per_defect,
+        "ms_per_image": ms_per_image,
+        "images_per_second": if inspect_seconds > 0.0 { n as f64 / inspect_seconds } else { 0.0 },
+        "wall_seconds": t_start.elapsed().as_secs_f64(),
+        "errors": errors,
+        "notes": "image metrics on the raw image score; pixel metrics on the normalised map \
+                  (0.5 = pixel threshold, clamped to 0..1, so pixels at >= 2x the threshold tie at 1.0), \
+                  scaled to pixel_max_side; AUPRO = area under PRO(FPR) for FPR in 0..aupro_fpr_limit, \
+                  divided by the limit; ms_per_image = mean Inspector::inspect time after one warm-up call",
+    });
+    if let Some(dir) = a.json.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(&a.json, serde_json::to_string_pretty(&report)? + "\n")
+        .with_context(|| format!("writing {}", a.json.display()))?;
+
+    let f = |v: Option<f64>| v.map_or_else(|| "     -".to_string(), |v| format!("{v:6.3}"));
+    eprintln!("{:<14} {:>6}  {:>11}  {:>6}  {:>11}  {:>9}", "", "images", "image AUROC", "F1-max", "pixel AUROC", "AUPRO@0.3");
+    eprintln!(
+        "{:<14} {:>6}  {:>11}  {:>6}  {:>11}  {:>9}",
+        "all",
+        n,
+        f(image_auroc),
+        f(image_f1.map(|f| f.0)),
+        f(pixel.map(|p| p.auroc)),
+        f(pixel.map(|p| p.aupro))
+    );
+    for (name, count, auroc, f1, px) in rows {
+        eprintln!(
+            "{:<14} {:>6}  {:>11}  {:>6}  {:>11}  {:>9}",
+            name,
+            count,
+            f(auroc),
+            f(f1),
+            f(px.map(|p| p.auroc)),
+            f(px.map(|p| p.aupro))
+        );
+    }
+    eprintln!(
+        "{} good test images (the negatives of every row); inspect {:.1} ms/image ({:.1} images/s); {} errors; report in {}",
+        n_in(0),
+        ms_per_image,
+        if inspect_seconds > 0.0 { n as f64 / inspect_seconds } else { 0.0 },
+        errors.len(),
+        a.json.display()
+    );
+    if image_auroc.is_none() {
+        eprintln!("warning: image AUROC undefined: the evaluated images need both good and defective ones");
+    }
     Ok(())
 }

@@ -11,6 +11,7 @@ use tch::{Device, Kind, Tensor};
 use crate::config::PatchCoreConfig;
 use crate::error::{Error, Result};
 use crate::models::backbone::Backbone;
+use crate::models::ModelOutput;
 
 /// Rows of the memory bank compared at once in nearest-neighbour search; bounds the
 /// `[queries, chunk]` distance matrix to a few tens of MB.
@@ -126,15 +127,6 @@ impl MemoryBank {
     }
 }
 
-/// PatchCore's raw output for a batch.
-#[derive(Debug)]
-pub struct PatchCoreOutput {
-    /// `[N]` image scores (reweighted maximum patch distance).
-    pub image_scores: Tensor,
-    /// `[N, 1, H, W]` anomaly maps at network-input size, upsampled and Gaussian-smoothed.
-    pub anomaly_maps: Tensor,
-}
-
 /// A fitted PatchCore model: backbone + memory bank. An unfitted one cannot exist: get one
 /// from [`PatchCore::fit`] or from a saved model ([`crate::model_file`]).
 #[derive(Debug)]
@@ -228,8 +220,9 @@ impl PatchCore {
         &self.backbone
     }
 
-    /// Scores a normalised batch `[N, 3, H, W]`.
-    pub fn forward(&self, x: &Tensor) -> Result<PatchCoreOutput> {
+    /// Scores a normalised batch `[N, 3, H, W]`: image scores `[N]` (reweighted maximum patch
+    /// distance) and anomaly maps `[N, 1, H, W]` (upsampled, Gaussian-smoothed patch distances).
+    pub fn forward(&self, x: &Tensor) -> Result<ModelOutput> {
         let _guard = tch::no_grad_guard();
         let size = x.size();
         if size.len() != 4 || size[1] != 3 {
@@ -268,7 +261,7 @@ impl PatchCore {
             Some(kernel) => blur(&maps, kernel)?,
             None => maps,
         };
-        Ok(PatchCoreOutput { image_scores, anomaly_maps: maps })
+        Ok(ModelOutput { image_scores, anomaly_maps: maps })
     }
 }
 

@@ -18,6 +18,23 @@ pub struct AnomalyMap {
 }
 
 impl AnomalyMap {
+    /// This map placed at (`x`, `y`) inside a `width` x `height` map of zeros, e.g. the map of
+    /// a region-of-interest crop inside the full frame. Errors when it does not fit.
+    pub fn placed_in(&self, width: u32, height: u32, x: u32, y: u32) -> Result<AnomalyMap> {
+        if u64::from(x) + u64::from(self.width) > u64::from(width) || u64::from(y) + u64::from(self.height) > u64::from(height) {
+            return Err(Error::BadImage(format!(
+                "a {}x{} map at ({x}, {y}) does not fit in {width}x{height}",
+                self.width, self.height
+            )));
+        }
+        let mut data = vec![0.0f32; width as usize * height as usize];
+        for (row, src) in self.data.chunks_exact(self.width as usize).enumerate() {
+            let start = (y as usize + row) * width as usize + x as usize;
+            data[start..start + self.width as usize].copy_from_slice(src);
+        }
+        AnomalyMap::new(width, height, data)
+    }
+
     /// A map of `width` x `height` scores; `data` must hold exactly that many, and the map must
     /// not be empty (an empty map has no maximum and no size to resize from).
     pub fn new(width: u32, height: u32, data: Vec<f32>) -> Result<Self> {
@@ -167,6 +184,18 @@ pub struct DefectRegion {
 }
 
 impl DefectRegion {
+    /// The region moved by (`dx`, `dy`) pixels, e.g. from a region-of-interest crop back into
+    /// the full frame.
+    pub fn offset(&self, dx: u32, dy: u32) -> DefectRegion {
+        DefectRegion {
+            x: self.x + dx,
+            y: self.y + dy,
+            centroid_x: self.centroid_x + f64::from(dx),
+            centroid_y: self.centroid_y + f64::from(dy),
+            ..self.clone()
+        }
+    }
+
     /// The region with box and centroid scaled by (`sx`, `sy`), e.g. from map to image pixels.
     /// The box grows outward to whole pixels; the area and scores stay as measured.
     pub fn scaled(&self, sx: f64, sy: f64) -> DefectRegion {
@@ -225,11 +254,15 @@ impl Default for Accumulator {
 /// pixels dropped, largest first (ties: higher peak, then top-left first). A NaN threshold
 /// or NaN scores never count as anomalous.
 pub fn find_regions(map: &AnomalyMap, threshold: f32, min_area: u32) -> Vec<DefectRegion> {
-    let mask = image::GrayImage::from_fn(map.width, map.height, |x, y| {
-        let v = map.data[y as usize * map.width as usize + x as usize];
+    // A one-pixel background border around the mask: imageproc 0.25's connected_components
+    // panics on a 1x1 foreground image (a 1x1 camera frame must not crash the node).
+    let mask = image::GrayImage::from_fn(map.width + 2, map.height + 2, |x, y| {
+        let inside = x >= 1 && y >= 1 && x <= map.width && y <= map.height;
+        let v = if inside { map.data[(y - 1) as usize * map.width as usize + (x - 1) as usize] } else { f32::NAN };
         image::Luma([if v >= threshold { 255 } else { 0 }])
     });
-    let labels = connected_components(&mask, Connectivity::Eight, image::Luma([0u8]));
+    let padded = connected_components(&mask, Connectivity::Eight, image::Luma([0u8]));
+    let labels = image::imageops::crop_imm(&padded, 1, 1, map.width, map.height).to_image();
     let n_labels = labels.pixels().map(|p| p.0[0]).max().unwrap_or(0) as usize;
     if n_labels == 0 {
         return Vec::new();
@@ -594,5 +627,31 @@ mod tests {
         assert_eq!(overlay_alpha(2.0, 0.2, 1.0, 0.5), MAX_ALPHA);
         assert_eq!(overlay_alpha(f32::NAN, 0.2, 1.0, 0.5), 0.0);
         assert_eq!((s.x, s.y, s.width, s.height), (2, 2, 4, 4));
+    }
+
+    #[test]
+    fn tiny_maps_do_not_panic() {
+        let one = AnomalyMap::new(1, 1, vec![1.0]).unwrap();
+        let r = find_regions(&one, 0.5, 1);
+        assert_eq!(r.len(), 1);
+        assert_eq!((r[0].x, r[0].y, r[0].width, r[0].height, r[0].area_px), (0, 0, 1, 1, 1));
+        let row = AnomalyMap::new(3, 1, vec![1.0, 0.0, 1.0]).unwrap();
+        assert_eq!(find_regions(&row, 0.5, 1).len(), 2);
+    }
+
+    #[test]
+    fn placed_map_and_offset_region_land_in_the_full_frame() {
+        let small = AnomalyMap::new(2, 2, vec![1.0, 2.0, 3.0, 4.0]).unwrap();
+        let big = small.placed_in(5, 4, 3, 1).unwrap();
+        assert_eq!(big.get(3, 1), Some(1.0));
+        assert_eq!(big.get(4, 2), Some(4.0));
+        assert_eq!(big.get(0, 0), Some(0.0));
+        assert_eq!(big.data().iter().sum::<f32>(), 10.0);
+        assert!(small.placed_in(5, 4, 4, 1).is_err());
+        let regions = find_regions(&big, 2.5, 1);
+        let r = regions[0].clone();
+        let moved = r.offset(10, 20);
+        assert_eq!((moved.x, moved.y, moved.width), (r.x + 10, r.y + 20, r.width));
+        assert_eq!(moved.centroid_x, r.centroid_x + 10.0);
     }
 }

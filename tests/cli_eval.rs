@@ -1,0 +1,166 @@
+//! The `eval` subcommand end to end: fit a model on synthetic data with the CLI, evaluate it,
+//! and check the JSON report; a missing model must fail with a message naming it.
+use std::path::Path;
+use std::process::{Command, Output};
+
+use anomaly_inspector::dataset::MvtecDataset;
+use anomaly_inspector::synthetic::{generate_dataset, SyntheticConfig};
+
+fn cli(args: &[&std::ffi::OsStr]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_anomaly_inspector"))
+        .args(args)
+        .output()
+        .expect("run anomaly_inspector")
+}
+
+fn check(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn unit(report: &serde_json::Value, key: &str) -> f64 {
+    let v = report[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{key} missing or not a number: {report:#}"));
+    assert!((0.0..=1.0).contains(&v), "{key} = {v} outside 0..=1");
+    v
+}
+
+#[test]
+fn eval_reports_metrics_on_synthetic_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let cfg = SyntheticConfig {
+        n_train: 20,
+        n_test_good: 3,
+        n_test_per_defect: 2,
+        ..Default::default()
+    };
+    generate_dataset(&data, &cfg).unwrap();
+    let ds = MvtecDataset::open(&data).unwrap();
+    let model = tmp.path().join("model");
+    let os = |p: &Path| p.as_os_str().to_owned();
+
+    let out = cli(&[
+        "fit".as_ref(),
+        "--data".as_ref(),
+        &os(&data),
+        "--out".as_ref(),
+        &os(&model),
+        "--device".as_ref(),
+        "cpu".as_ref(),
+    ]);
+    check(&out, "fit");
+
+    let json = tmp.path().join("report/eval.json");
+    let out = cli(&[
+        "eval".as_ref(),
+        "--model".as_ref(),
+        &os(&model),
+        "--data".as_ref(),
+        &os(&data),
+        "--json".as_ref(),
+        &os(&json),
+        "--device".as_ref(),
+        "cpu".as_ref(),
+    ]);
+    check(&out, "eval");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stderr}");
+    assert!(
+        stderr.contains("image AUROC") && stderr.contains("AUPRO"),
+        "no table on stderr:\n{stderr}"
+    );
+
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for key in ["image_auroc", "pixel_auroc", "aupro", "image_f1_max"] {
+        unit(&report, key);
+    }
+    assert_eq!(
+        report["n_images"].as_u64(),
+        Some(ds.test.len() as u64),
+        "{report:#}"
+    );
+    assert_eq!(report["n_good"].as_u64(), Some(ds.n_test_good() as u64));
+    assert_eq!(report["n_failed"].as_u64(), Some(0));
+    assert!(report["ms_per_image"].as_f64().is_some_and(|v| v > 0.0));
+    assert!(report["images_per_second"]
+        .as_f64()
+        .is_some_and(|v| v > 0.0));
+    assert!(
+        report["model"].is_string() && report["device"].is_string() && report["data"].is_string()
+    );
+    let image_auroc = unit(&report, "image_auroc");
+    assert!(
+        image_auroc > 0.9,
+        "image AUROC {image_auroc} on easy synthetic data"
+    );
+
+    let per_defect = report["per_defect"].as_object().expect("per_defect object");
+    assert_eq!(
+        per_defect.keys().cloned().collect::<Vec<_>>(),
+        ds.defect_types()
+    );
+    for (name, m) in per_defect {
+        assert_eq!(
+            m["n_images"].as_u64(),
+            Some(cfg.n_test_per_defect as u64),
+            "{name}"
+        );
+        for key in ["image_auroc", "pixel_auroc", "aupro"] {
+            unit(m, key);
+        }
+    }
+
+    // --limit-per-type takes the first N images of every test folder.
+    let out = cli(&[
+        "eval".as_ref(),
+        "--model".as_ref(),
+        &os(&model),
+        "--data".as_ref(),
+        &os(&data),
+        "--json".as_ref(),
+        &os(&json),
+        "--device".as_ref(),
+        "cpu".as_ref(),
+        "--limit-per-type".as_ref(),
+        "1".as_ref(),
+    ]);
+    check(&out, "eval --limit-per-type 1");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(
+        report["n_images"].as_u64(),
+        Some(1 + ds.defect_types().len() as u64)
+    );
+}
+
+#[test]
+fn eval_of_a_missing_model_names_the_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("no_such_model");
+    let out = cli(&[
+        "eval".as_ref(),
+        "--model".as_ref(),
+        missing.as_os_str(),
+        "--data".as_ref(),
+        tmp.path().as_os_str(),
+        "--json".as_ref(),
+        tmp.path().join("r.json").as_os_str(),
+        "--device".as_ref(),
+        "cpu".as_ref(),
+    ]);
+    assert!(!out.status.success(), "eval of a missing model succeeded");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&*missing.to_string_lossy()),
+        "message does not name the model path:\n{stderr}"
+    );
+    assert!(!tmp.path().join("r.json").exists());
+}
