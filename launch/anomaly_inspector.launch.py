@@ -16,6 +16,7 @@ def generate_launch_description():
     default_params = os.path.join(get_package_share_directory("anomaly_inspector"), "config", "anomaly_inspector.yaml")
     return LaunchDescription([
         DeclareLaunchArgument("image", default_value="/camera/image_raw", description="camera image topic"),
+        DeclareLaunchArgument("camera_info", default_value="/camera/camera_info", description="camera info topic"),
         DeclareLaunchArgument("params_file", default_value=default_params, description="parameter YAML"),
         DeclareLaunchArgument("namespace", default_value="", description="namespace of the node and its topics"),
         Node(
@@ -24,7 +25,10 @@ def generate_launch_description():
             name="anomaly_inspector",
             namespace=LaunchConfiguration("namespace"),
             parameters=[LaunchConfiguration("params_file")],
-            remappings=[("image", LaunchConfiguration("image"))],
+            remappings=[
+                ("image", LaunchConfiguration("image")),
+                ("camera_info", LaunchConfiguration("camera_info")),
+            ],
             output="screen",
         ),
     ])

@@ -27,8 +27,10 @@ from std_msgs.msg import Float32
 from anomaly_inspector_msgs.msg import AnomalyResult
 
 
-def to_msg(path, stamp_ns, encoding, frame_id):
+def to_msg(path, stamp_ns, encoding, frame_id, resize=None):
     img = PILImage.open(path)
+    if resize:
+        img = img.convert("RGB").resize(resize, PILImage.BILINEAR)
     if encoding == "mono8":
         arr = np.asarray(img.convert("L"), dtype=np.uint8)
         channels = 1
@@ -97,6 +99,8 @@ def main():
     ap.add_argument("--summary", type=Path, help="write a JSON summary here")
     ap.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each result")
     ap.add_argument("--connect-timeout", type=float, default=60.0)
+    ap.add_argument("--resize", help="WxH: send frames at this size (latency measurements)")
+    ap.add_argument("--repeat", type=int, default=1, help="send the image list this many times")
     args = ap.parse_args()
     for var in ("ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_DOMAIN_ID"):
         if not os.environ.get(var):
@@ -114,9 +118,12 @@ def main():
         args.save_dir.mkdir(parents=True, exist_ok=True)
     frames = []
     t_start = time.time_ns()
-    for i, path in enumerate(args.images):
+    resize = tuple(int(v) for v in args.resize.lower().split("x")) if args.resize else None
+    images = list(args.images) * max(1, args.repeat)
+    args.images = images
+    for i, path in enumerate(images):
         stamp = t_start + i * 1_000_000  # unique, increasing stamps
-        msg = to_msg(path, stamp, args.encoding, args.frame_id)
+        msg = to_msg(path, stamp, args.encoding, args.frame_id, resize)
         sent = time.monotonic()
         node.pub.publish(msg)
         ok = spin_until(node, lambda: stamp in node.results, args.timeout)
@@ -156,6 +163,11 @@ def main():
         frames.append(entry)
 
     spin_until(node, lambda: False, 0.2)
+    lat = sorted(f["latency_ms"] for f in frames if f["received"])
+    if lat:
+        pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]
+        print(f"round trip (image published -> AnomalyResult received) over {len(lat)} frames: "
+              f"median {pct(0.5):.1f} ms, p90 {pct(0.9):.1f} ms, max {lat[-1]:.1f} ms", flush=True)
     summary = {"frames": frames, "n_scores": len(node.scores)}
     if args.summary:
         args.summary.write_text(json.dumps(summary, indent=1))

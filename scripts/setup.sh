@@ -65,12 +65,13 @@ ROS_PKGS=(
   ros-kilted-ament-cmake ros-kilted-rosidl-default-generators ros-kilted-rosidl-core-generators
   ros-kilted-ament-package ros-kilted-ament-cmake-ros-core
   ros-kilted-ament-cmake-include-directories catkin-pkg
-  # demo and test peers
-  numpy pillow
+  # demo and test peers (rosbags: record/replay results as rosbag2 without ROS tooling)
+  numpy pillow rosbags==0.11.9
 )
-if [ ! -f "$VENV/.ros_done" ]; then
+ROS_STAMP=$(echo "${ROS_PKGS[*]}" | sha256sum | cut -c1-16)
+if [ "$(cat "$VENV/.ros_done" 2>/dev/null)" != "$ROS_STAMP" ]; then
   "${PIP[@]}" "${ROS_PKGS[@]}"
-  touch "$VENV/.ros_done"
+  echo "$ROS_STAMP" > "$VENV/.ros_done"
 else
   echo "already installed"
 fi
@@ -121,7 +122,7 @@ if [ "$(cat "$MSG_STAMP" 2>/dev/null)" != "$MSG_HASH" ]; then
     || { tail -40 target/ros_msgs_build.log; exit 1; }
   echo "$MSG_HASH" > "$MSG_STAMP"
   # r2r generates bindings only when its build script runs (quirk 6): force it.
-  cargo clean -q --release -p r2r 2>/dev/null || true
+  cargo clean -q --release -p r2r -p r2r_msg_gen 2>/dev/null || true
   echo "built"
 else
   echo "up to date"

@@ -6,43 +6,18 @@ mod common;
 
 use std::process::{Command, Stdio};
 
-use anomaly_inspector::config::PatchCoreConfig;
-use anomaly_inspector::dataset::MvtecDataset;
-use anomaly_inspector::synthetic::{generate_dataset, SyntheticConfig};
-use anomaly_inspector::training::{fit_patchcore, FitOptions};
-use common::{python, ros_env, root, Proc};
+use anomaly_inspector::synthetic::SyntheticConfig;
+use common::{python, ros_env, root, start_node, synthetic_model};
 
 #[test]
 fn node_scores_defects_higher_and_keeps_stamps() {
     let py = python();
     let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("data");
     let cfg = SyntheticConfig { n_train: 20, n_test_good: 4, n_test_per_defect: 2, ..SyntheticConfig::default() };
-    generate_dataset(&data, &cfg).unwrap();
-    let ds = MvtecDataset::open(&data).unwrap();
-    let model = tmp.path().join("model");
-    fit_patchcore(
-        &ds.train_good,
-        "synthetic",
-        &PatchCoreConfig::default(),
-        &anomaly_inspector::config::default_backbone_weights(),
-        tch::Device::Cpu,
-        &model,
-        &FitOptions { name: "roundtrip".into(), ..FitOptions::default() },
-        &mut |_, _, _| {},
-    )
-    .unwrap();
-
+    let (ds, model) = synthetic_model(tmp.path(), &cfg, "roundtrip");
     let ros_home = tmp.path().join("ros");
-    std::fs::create_dir_all(&ros_home).unwrap();
     let domain = 91;
-    let node_log = std::fs::File::create(tmp.path().join("node.log")).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_anomaly_inspector_node"));
-    cmd.args(["--ros-args", "-p", &format!("model:={}", model.display()), "-p", "device:=cpu"])
-        .stdout(node_log.try_clone().unwrap())
-        .stderr(node_log);
-    ros_env(&mut cmd, domain, &ros_home);
-    let mut node = Proc(Some(cmd.spawn().expect("start anomaly_inspector_node")));
+    let mut node = start_node(domain, &ros_home, &[format!("model:={}", model.display())], &tmp.path().join("node.log"));
 
     let images: Vec<String> = ds.test.iter().map(|s| s.path.to_string_lossy().into_owned()).collect();
     let summary_path = tmp.path().join("summary.json");

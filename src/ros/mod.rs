@@ -1,17 +1,25 @@
-//! The ROS 2 interface (behind the `ros` cargo feature): parameters, topics, message
+//! The ROS 2 interface (behind the `ros` cargo feature): parameters, topics, services, message
 //! conversion. It talks to the core through [`crate::Inspector`] and knows nothing of tensors.
 //!
-//! Topics (relative names, so `--ros-args -r __ns:=/cell1` and remapping work as usual):
+//! All names are relative, so `--ros-args -r __ns:=/cell1` and remapping work as usual:
 //!
-//! | topic | type | QoS |
+//! | name | type | QoS / notes |
 //! |---|---|---|
-//! | `image` (in) | sensor_msgs/Image | sensor data (best effort, depth 1) |
+//! | `image` (in) | sensor_msgs/Image | sensor data (overridable: `input_qos`) |
+//! | `image/compressed` (in) | sensor_msgs/CompressedImage | with `input_transport: compressed` |
+//! | `camera_info` (in) | sensor_msgs/CameraInfo | optional, for 3-D markers |
 //! | `anomaly/result` | anomaly_inspector_msgs/AnomalyResult | reliable, depth 10 |
-//! | `anomaly/score` | std_msgs/Float32 | reliable, depth 10 |
-//! | `anomaly/heatmap` | sensor_msgs/Image (rgb8, turbo) | reliable, depth 2 |
-//! | `anomaly/overlay` | sensor_msgs/Image (rgb8) | reliable, depth 2 |
+//! | `anomaly/score` | std_msgs/Float32 | reliable |
+//! | `anomaly/verdict` | std_msgs/Bool | reliable, transient local (latched) |
+//! | `anomaly/map` | sensor_msgs/Image 32FC1 | normalised scores |
+//! | `anomaly/heatmap`, `anomaly/overlay` | sensor_msgs/Image rgb8 | for people in RViz |
+//! | `anomaly/markers` | visualization_msgs/MarkerArray | boxes, centroids, labels |
+//! | `/diagnostics` | diagnostic_msgs/DiagnosticArray | 1 Hz |
+//! | `~/inspect`, `~/teach`, `~/load_model`, `~/set_threshold` | anomaly_inspector_msgs/srv | services |
 pub mod convert;
 pub mod node;
+pub mod outputs;
 pub mod params;
+pub mod worker;
 
 pub use node::run;

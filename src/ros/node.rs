@@ -1,212 +1,45 @@
-//! The anomaly_inspector node: subscribe, keep the newest frame, inspect it on a dedicated
-//! inference thread, publish results with the input's header.
+//! Wiring of the anomaly_inspector node: parameters, subscriptions, publishers, services,
+//! diagnostics, and the executor loop. The work itself happens in [`super::worker`].
 //!
-//! Threads: the ROS executor (`spin_once` loop, main thread), a small tokio runtime that moves
-//! incoming frames into a one-slot mailbox and handles parameter events, and one inference
-//! thread. The inference thread is long-lived on purpose: every OS thread that runs torch ops
-//! builds its own OpenMP pool, and tokio's blocking pool reaps idle threads, which would make
-//! the next frame pay for a new pool (PLATFORM.md, 67-157 ms).
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex};
+//! Threads: the ROS executor (`spin_once` loop, main thread), a small tokio runtime for
+//! subscriptions, services and parameter events, one inference thread, and a short-lived
+//! thread per teach-in fit.
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use futures::StreamExt;
 use r2r::anomaly_inspector_msgs::msg::AnomalyResult;
-use r2r::sensor_msgs::msg::Image;
-use r2r::std_msgs::msg::Float32;
+use r2r::anomaly_inspector_msgs::srv::{Inspect, LoadModel, SetThreshold, Teach};
+use r2r::diagnostic_msgs::msg::DiagnosticArray;
+use r2r::sensor_msgs::msg::{CameraInfo, CompressedImage, Image};
 use r2r::QosProfile;
+use tokio::sync::{broadcast, oneshot};
 
-use super::convert;
-use super::params::{NodeParams, Settings};
-use crate::inspector::Inspector;
-use crate::postprocess::{heatmap, overlay};
+use super::outputs;
+use super::params::{InputQos, InputTransport, NodeParams};
+use super::worker::{self, Command, Frame, Mailbox, Publishers, Shared, Status};
+use crate::camera::PinholeCamera;
 
 /// Node name used when none is given by `--ros-args -r __node:=...`.
 pub const NODE_NAME: &str = "anomaly_inspector";
 
-/// One-frame mailbox: a new frame replaces an unprocessed one (counted as dropped), so latency
-/// never grows when frames arrive faster than inference.
-#[derive(Default)]
-struct FrameSlot {
-    state: Mutex<SlotState>,
-    ready: Condvar,
-    dropped: AtomicU64,
-}
+/// Names the node subscribes to (relative; remap them in launch files).
+pub const INPUT_NAMES: [&str; 3] = ["image", "image/compressed", "camera_info"];
 
-#[derive(Default)]
-struct SlotState {
-    frame: Option<(Image, Instant)>,
-    closed: bool,
-}
-
-impl FrameSlot {
-    fn put(&self, msg: Image) {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if s.frame.replace((msg, Instant::now())).is_some() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-        }
-        self.ready.notify_one();
-    }
-
-    fn take(&self) -> Option<(Image, Instant)> {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            if s.closed {
-                return None;
-            }
-            if let Some(f) = s.frame.take() {
-                return Some(f);
-            }
-            s = self.ready.wait(s).unwrap_or_else(|e| e.into_inner());
-        }
-    }
-
-    fn close(&self) {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
-        self.ready.notify_all();
-    }
-}
-
-/// Logs the first error of each kind and counts the rest, so a camera sending a bad encoding at
-/// 30 Hz does not flood the log.
-struct ErrorLog {
-    logger: String,
-    seen: HashSet<String>,
-    count: u64,
-}
-
-impl ErrorLog {
-    fn report(&mut self, kind: &str, message: &str) {
-        self.count += 1;
-        if self.seen.insert(kind.to_string()) {
-            r2r::log_error!(&self.logger, "{message} (frame dropped; further '{kind}' errors are counted, not logged)");
-        }
-    }
-}
-
-fn error_kind(e: &crate::Error) -> &'static str {
-    match e {
-        crate::Error::BadImage(_) => "bad image",
-        crate::Error::Decode(_) => "decode",
-        crate::Error::Io { .. } => "io",
-        crate::Error::Model { .. } => "model",
-        crate::Error::Config(_) => "config",
-        crate::Error::Dataset { .. } => "dataset",
-        crate::Error::Torch(_) => "inference",
-    }
-}
-
-struct Publishers {
-    result: r2r::Publisher<AnomalyResult>,
-    score: r2r::Publisher<Float32>,
-    heatmap: r2r::Publisher<Image>,
-    overlay: r2r::Publisher<Image>,
-}
-
-fn load_inspector(settings: &Settings, logger: &str) -> Option<Inspector> {
-    let device = match crate::device::resolve(settings.device) {
-        Ok(d) => d,
-        Err(e) => {
-            r2r::log_error!(logger, "{e}; falling back to the CPU");
-            tch::Device::Cpu
-        }
-    };
-    match Inspector::new(&settings.model, device, &settings.postprocess) {
-        Ok(mut insp) => {
-            if let Err(e) = insp.set_threshold(settings.threshold) {
-                r2r::log_error!(logger, "{e}; keeping 0.5");
-            }
-            r2r::log_info!(
-                logger,
-                "model '{}' ({}) loaded from {} on device {}",
-                insp.model_id(),
-                insp.method(),
-                settings.model.display(),
-                crate::device::describe(insp.device())
-            );
-            Some(insp)
-        }
-        Err(e) => {
-            r2r::log_error!(
-                logger,
-                "cannot load model: {e}. Frames are dropped until a valid model is set \
-                 (ros2 param set <node> model <dir>)"
-            );
-            None
-        }
-    }
-}
-
-fn inference_loop(
-    slot: Arc<FrameSlot>,
-    settings_rx: mpsc::Receiver<Settings>,
-    mut settings: Settings,
-    pubs: Publishers,
-    logger: String,
-) {
-    let _guard = tch::no_grad_guard();
-    let mut inspector = load_inspector(&settings, &logger);
-    let mut errors = ErrorLog { logger: logger.clone(), seen: HashSet::new(), count: 0 };
-    let mut processed: u64 = 0;
-    while let Some((msg, received)) = slot.take() {
-        // Apply parameter changes between frames, never during one.
-        while let Ok(new) = settings_rx.try_recv() {
-            if new.model != settings.model || inspector.is_none() {
-                if let Some(fresh) = load_inspector(&new, &logger) {
-                    inspector = Some(fresh);
-                }
-            } else if let Some(insp) = inspector.as_mut() {
-                if let Err(e) = insp.set_threshold(new.threshold) {
-                    r2r::log_error!(&logger, "{e}");
-                }
-                insp.set_postprocess(&new.postprocess);
-            }
-            settings = new;
-        }
-        let Some(insp) = inspector.as_ref() else {
-            errors.report("no model", "no model loaded");
-            continue;
-        };
-        let rgb = match convert::image_to_rgb(&msg) {
-            Ok(rgb) => rgb,
-            Err(e) => {
-                errors.report(error_kind(&e), &format!("frame {}x{} '{}': {e}", msg.width, msg.height, msg.encoding));
-                continue;
-            }
-        };
-        let inspection = match insp.inspect(&rgb) {
-            Ok(i) => i,
-            Err(e) => {
-                errors.report(error_kind(&e), &format!("inference failed: {e}"));
-                continue;
-            }
-        };
-        let header = &msg.header;
-        let result = convert::result_msg(header, &inspection, insp.model_id(), insp.method(), received.elapsed());
-        if let Err(e) = pubs.result.publish(&result) {
-            errors.report("publish", &format!("cannot publish result: {e}"));
-        }
-        let _ = pubs.score.publish(&Float32 { data: inspection.score });
-        if settings.publish_images {
-            let hm = heatmap(&inspection.map, 0.0, 1.0);
-            let _ = pubs.heatmap.publish(&convert::rgb_to_image(header, hm));
-            let ov = overlay(&rgb, &inspection.map, 0.0, 1.0, 0.5, &inspection.regions);
-            let _ = pubs.overlay.publish(&convert::rgb_to_image(header, ov));
-        }
-        processed += 1;
-        if processed == 1 {
-            r2r::log_info!(&logger, "first frame inspected in {:.1} ms", inspection.elapsed.as_secs_f64() * 1e3);
-        }
-    }
-    r2r::log_info!(
-        &logger,
-        "inference thread stopped: {processed} frames inspected, {} dropped as stale, {} rejected",
-        slot.dropped.load(Ordering::Relaxed),
-        errors.count
-    );
-}
+/// Names the node publishes (relative, except /diagnostics).
+pub const OUTPUT_NAMES: [&str; 8] = [
+    "anomaly/result",
+    "anomaly/score",
+    "anomaly/verdict",
+    "anomaly/heatmap",
+    "anomaly/overlay",
+    "anomaly/map",
+    "anomaly/markers",
+    "/diagnostics",
+];
 
 /// Runs the node until SIGINT/SIGTERM. ROS arguments (`--ros-args -p ... -r ...`) come from
 /// the command line, as for any ROS 2 node.
@@ -217,6 +50,7 @@ pub fn run() -> anyhow::Result<()> {
     let ctx = r2r::Context::create().context("cannot initialise ROS 2 (rcl_init)")?;
     let mut node = r2r::Node::create(ctx, NODE_NAME, "").context("cannot create the ROS 2 node")?;
     let logger = node.logger().to_string();
+    let node_name = node.name().unwrap_or_else(|_| NODE_NAME.into());
     if let Ok(lib) = &cuda {
         r2r::log_info!(&logger, "CUDA backend registered ({lib})");
     }
@@ -226,31 +60,39 @@ pub fn run() -> anyhow::Result<()> {
         .make_derived_parameter_handler(params.clone())
         .context("cannot declare parameters")?;
     let initial = params.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if initial.settings().is_ok() {
+        remember_good(&initial);
+    }
     let settings = initial.settings().unwrap_or_else(|e| {
         r2r::log_error!(&logger, "invalid parameters: {e}; using the defaults for all of them");
         NodeParams::default().settings().expect("defaults are valid")
     });
 
-    let mut image_sub = node
-        .subscribe::<Image>("image", QosProfile::sensor_data())
-        .context("cannot subscribe to 'image'")?;
+    let input_qos = match settings.input_qos {
+        InputQos::SensorData => QosProfile::sensor_data().keep_last(1),
+        InputQos::Reliable => QosProfile::default().keep_last(1),
+    };
+    let results_qos = QosProfile::default().keep_last(10);
+    let images_qos = QosProfile::default().keep_last(2);
     let pubs = Publishers {
-        result: node.create_publisher("anomaly/result", QosProfile::default().keep_last(10))?,
-        score: node.create_publisher("anomaly/score", QosProfile::default().keep_last(10))?,
-        heatmap: node.create_publisher("anomaly/heatmap", QosProfile::default().keep_last(2))?,
-        overlay: node.create_publisher("anomaly/overlay", QosProfile::default().keep_last(2))?,
+        result: node.create_publisher("anomaly/result", results_qos.clone())?,
+        score: node.create_publisher("anomaly/score", results_qos.clone())?,
+        // Latched, so a behaviour tree that subscribes late still gets the latest verdict.
+        verdict: node.create_publisher("anomaly/verdict", QosProfile::default().keep_last(1).transient_local())?,
+        heatmap: node.create_publisher("anomaly/heatmap", images_qos.clone())?,
+        overlay: node.create_publisher("anomaly/overlay", images_qos.clone())?,
+        map: node.create_publisher("anomaly/map", images_qos)?,
+        markers: node.create_publisher("anomaly/markers", results_qos)?,
     };
+    let diagnostics_pub = node.create_publisher::<DiagnosticArray>("/diagnostics", QosProfile::default().keep_last(10))?;
 
-    let slot = Arc::new(FrameSlot::default());
-    let (settings_tx, settings_rx) = mpsc::channel::<Settings>();
-    let worker = {
-        let slot = slot.clone();
-        let logger = logger.clone();
-        std::thread::Builder::new()
-            .name("inference".into())
-            .spawn(move || inference_loop(slot, settings_rx, settings, pubs, logger))
-            .context("cannot start the inference thread")?
-    };
+    let (results_tx, _) = broadcast::channel(8);
+    let shared = Arc::new(Shared {
+        mailbox: Mailbox::default(),
+        status: Mutex::new(Status::default()),
+        camera: Mutex::new(None),
+        results: results_tx,
+    });
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -258,30 +100,113 @@ pub fn run() -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     rt.spawn(param_handler);
+
+    // Frames -> mailbox.
+    let input_topic = match settings.input_transport {
+        InputTransport::Raw => {
+            let mut sub = node.subscribe::<Image>("image", input_qos).context("cannot subscribe to 'image'")?;
+            let shared = shared.clone();
+            rt.spawn(async move {
+                while let Some(msg) = sub.next().await {
+                    shared.mailbox.put_frame(Frame::Raw(msg));
+                }
+            });
+            "image"
+        }
+        InputTransport::Compressed => {
+            let mut sub = node
+                .subscribe::<CompressedImage>("image/compressed", input_qos)
+                .context("cannot subscribe to 'image/compressed'")?;
+            let shared = shared.clone();
+            rt.spawn(async move {
+                while let Some(msg) = sub.next().await {
+                    shared.mailbox.put_frame(Frame::Compressed(msg));
+                }
+            });
+            "image/compressed"
+        }
+    };
     {
-        let slot = slot.clone();
-        rt.spawn(async move {
-            while let Some(msg) = image_sub.next().await {
-                slot.put(msg);
-            }
-        });
-    }
-    {
+        let mut sub = node.subscribe::<CameraInfo>("camera_info", QosProfile::default().keep_last(1))?;
+        let shared = shared.clone();
         let logger = logger.clone();
-        let params = params.clone();
         rt.spawn(async move {
-            while let Some((name, value)) = param_events.next().await {
-                let current = params.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                match current.settings() {
-                    Ok(s) => {
-                        r2r::log_info!(&logger, "parameter {name} set to {value:?}");
-                        let _ = settings_tx.send(s);
+            let mut warned = false;
+            while let Some(info) = sub.next().await {
+                match PinholeCamera::from_k(&info.k) {
+                    Ok(cam) => *shared.camera.lock().unwrap_or_else(|e| e.into_inner()) = Some(cam),
+                    Err(e) if !warned => {
+                        warned = true;
+                        r2r::log_warn!(&logger, "camera_info ignored: {e}");
                     }
-                    Err(e) => r2r::log_error!(&logger, "parameter {name} = {value:?} refused: {e}; previous value stays in force"),
+                    Err(_) => {}
                 }
             }
         });
     }
+
+    // Parameter changes -> inference thread. A value that does not parse is refused: the
+    // parameter goes back to its previous value, which stays in force.
+    {
+        let logger = logger.clone();
+        let params = params.clone();
+        let shared = shared.clone();
+        rt.spawn(async move {
+            while let Some((name, value)) = param_events.next().await {
+                let mut p = params.lock().unwrap_or_else(|e| e.into_inner());
+                match p.settings() {
+                    Ok(s) => {
+                        remember_good(&p);
+                        r2r::log_info!(&logger, "parameter {name} set to {value:?}");
+                        shared.mailbox.put_command(Command::Settings(s));
+                    }
+                    Err(e) => {
+                        let restored = revert(&mut p, &name).unwrap_or_else(|| "unchanged".into());
+                        r2r::log_error!(&logger, "parameter {name} = {value:?} refused: {e}; it stays {restored}");
+                    }
+                }
+            }
+        });
+    }
+
+    spawn_services(&mut node, &rt, &shared, &params, &logger)?;
+
+    // Diagnostics at 1 Hz.
+    {
+        let shared = shared.clone();
+        let clock = node.get_ros_clock();
+        rt.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let status = shared.status.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let stamp = clock
+                    .lock()
+                    .ok()
+                    .and_then(|mut c| c.get_now().ok())
+                    .map(|d| r2r::Clock::to_builtin_time(&d))
+                    .unwrap_or_default();
+                let msg = outputs::diagnostics(
+                    stamp,
+                    &node_name,
+                    &status,
+                    shared.mailbox.received.load(Ordering::Relaxed),
+                    shared.mailbox.dropped.load(Ordering::Relaxed),
+                );
+                let _ = diagnostics_pub.publish(&msg);
+            }
+        });
+    }
+
+    let worker = {
+        let shared = shared.clone();
+        let logger = logger.clone();
+        std::thread::Builder::new()
+            .name("inference".into())
+            .spawn(move || worker::run(shared, settings, pubs, logger))
+            .context("cannot start the inference thread")?
+    };
+
     let shutdown = Arc::new(AtomicBool::new(false));
     {
         let shutdown = shutdown.clone();
@@ -295,13 +220,188 @@ pub fn run() -> anyhow::Result<()> {
         });
     }
 
-    r2r::log_info!(&logger, "waiting for images on '{}'", "image");
+    r2r::log_info!(&logger, "waiting for frames on '{input_topic}'");
     while !shutdown.load(Ordering::SeqCst) {
-        node.spin_once(Duration::from_millis(20));
+        node.spin_once(Duration::from_millis(10));
     }
     r2r::log_info!(&logger, "shutting down");
-    slot.close();
+    shared.mailbox.close();
     let _ = worker.join();
     drop(rt);
+    Ok(())
+}
+
+/// Puts parameter `name` back to the last value that parsed; returns it for the log.
+fn revert(params: &mut NodeParams, name: &str) -> Option<String> {
+    use r2r::RosParams;
+    let mut good = LAST_GOOD.lock().unwrap_or_else(|e| e.into_inner());
+    let good = good.get_or_insert_with(NodeParams::default);
+    let old = good.get_parameter(name).ok()?;
+    params.set_parameter(name, &old).ok()?;
+    Some(format!("{old:?}"))
+}
+
+/// The last parameter set that parsed (for [`revert`]).
+static LAST_GOOD: Mutex<Option<NodeParams>> = Mutex::new(None);
+
+fn remember_good(params: &NodeParams) {
+    *LAST_GOOD.lock().unwrap_or_else(|e| e.into_inner()) = Some(params.clone());
+}
+
+const DEFAULT_INSPECT_TIMEOUT_S: f32 = 5.0;
+const DEFAULT_TEACH_FRAMES: u32 = 30;
+const DEFAULT_TEACH_TIMEOUT_S: f32 = 120.0;
+
+fn timeout_or(value: f32, default: f32) -> Duration {
+    Duration::from_secs_f32(if value > 0.0 && value.is_finite() { value.min(3600.0) } else { default })
+}
+
+/// Why no result came: the most useful thing the node knows.
+fn no_result_reason(shared: &Shared, waited: Duration) -> String {
+    let st = shared.status.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let received = shared.mailbox.received.load(Ordering::Relaxed);
+    match (&st.model_id, received, &st.last_error) {
+        (None, _, _) => "no model loaded (set parameter 'model' or call ~/load_model or ~/teach)".into(),
+        (_, 0, _) => format!("no frame arrived within {:.1} s: is the camera publishing on the remapped 'image' topic?", waited.as_secs_f32()),
+        (_, _, Some(e)) => format!("no fresh frame inspected within {:.1} s; last error: {e}", waited.as_secs_f32()),
+        _ => format!("no fresh frame inspected within {:.1} s", waited.as_secs_f32()),
+    }
+}
+
+fn spawn_services(
+    node: &mut r2r::Node,
+    rt: &tokio::runtime::Runtime,
+    shared: &Arc<Shared>,
+    params: &Arc<Mutex<NodeParams>>,
+    logger: &str,
+) -> anyhow::Result<()> {
+    let qos = QosProfile::services_default();
+
+    let mut inspect = node.create_service::<Inspect::Service>("~/inspect", qos.clone())?;
+    let sh = shared.clone();
+    rt.spawn(async move {
+        while let Some(req) = inspect.next().await {
+            let sh = sh.clone();
+            // Each call waits on its own task, so several trees can ask at once.
+            tokio::spawn(async move {
+                let asked = Instant::now();
+                let wait = timeout_or(req.message.timeout_s, DEFAULT_INSPECT_TIMEOUT_S);
+                let mut rx = sh.results.subscribe();
+                let fresh = tokio::time::timeout(wait, async {
+                    loop {
+                        match rx.recv().await {
+                            Ok(p) if p.received >= asked => return Some(p.result),
+                            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                            Err(broadcast::error::RecvError::Closed) => return None,
+                        }
+                    }
+                })
+                .await
+                .ok()
+                .flatten();
+                let response = match fresh {
+                    Some(result) => Inspect::Response { success: true, message: String::new(), result },
+                    None => Inspect::Response {
+                        success: false,
+                        message: no_result_reason(&sh, wait),
+                        result: AnomalyResult::default(),
+                    },
+                };
+                let _ = req.respond(response);
+            });
+        }
+    });
+
+    let mut teach = node.create_service::<Teach::Service>("~/teach", qos.clone())?;
+    let sh = shared.clone();
+    let log = logger.to_string();
+    rt.spawn(async move {
+        while let Some(req) = teach.next().await {
+            let frames = if req.message.num_frames == 0 { DEFAULT_TEACH_FRAMES } else { req.message.num_frames };
+            let bad_name = |n: &str| n.contains('/') || n.contains("..") || n.starts_with('.');
+            let name = if req.message.model_name.trim().is_empty() {
+                format!("taught_{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0))
+            } else {
+                req.message.model_name.trim().to_string()
+            };
+            if frames < 2 || bad_name(&name) {
+                let message = if frames < 2 {
+                    format!("num_frames {frames}: need at least 2 good frames (one to fit, one to calibrate)")
+                } else {
+                    format!("model_name '{name}': use a plain directory name (no '/', no leading '.')")
+                };
+                r2r::log_error!(&log, "teach refused: {message}");
+                let _ = req.respond(Teach::Response { success: false, message, ..Default::default() });
+                continue;
+            }
+            let (tx, rx) = oneshot::channel();
+            let deadline = Instant::now() + timeout_or(req.message.timeout_s, DEFAULT_TEACH_TIMEOUT_S);
+            sh.mailbox.put_command(Command::Teach { frames: frames as usize, name, deadline, reply: tx });
+            tokio::spawn(async move {
+                let response = match rx.await {
+                    Ok(o) => Teach::Response {
+                        success: o.result.is_ok(),
+                        message: match &o.result {
+                            Ok(id) => format!("model '{id}' fitted on {} frames and in use", o.frames_used),
+                            Err(e) => e.clone(),
+                        },
+                        model_path: o.model_path.to_string_lossy().into_owned(),
+                        frames_used: o.frames_used,
+                        fit_seconds: o.fit_seconds,
+                    },
+                    Err(_) => Teach::Response { success: false, message: "node shutting down".into(), ..Default::default() },
+                };
+                let _ = req.respond(response);
+            });
+        }
+    });
+
+    let mut load = node.create_service::<LoadModel::Service>("~/load_model", qos.clone())?;
+    let sh = shared.clone();
+    let prm = params.clone();
+    rt.spawn(async move {
+        while let Some(req) = load.next().await {
+            let path = PathBuf::from(req.message.model.trim());
+            let (tx, rx) = oneshot::channel();
+            sh.mailbox.put_command(Command::LoadModel(path.clone(), tx));
+            let prm = prm.clone();
+            tokio::spawn(async move {
+                let response = match rx.await {
+                    Ok(Ok(id)) => {
+                        prm.lock().unwrap_or_else(|e| e.into_inner()).model = path.to_string_lossy().into_owned();
+                        LoadModel::Response { success: true, message: format!("model '{id}' in use"), model_id: id }
+                    }
+                    Ok(Err(e)) => LoadModel::Response { success: false, message: e, model_id: String::new() },
+                    Err(_) => LoadModel::Response { success: false, message: "node shutting down".into(), model_id: String::new() },
+                };
+                let _ = req.respond(response);
+            });
+        }
+    });
+
+    let mut threshold = node.create_service::<SetThreshold::Service>("~/set_threshold", qos)?;
+    let sh = shared.clone();
+    let prm = params.clone();
+    let log = logger.to_string();
+    rt.spawn(async move {
+        while let Some(req) = threshold.next().await {
+            let t = req.message.threshold;
+            let response = {
+                let mut p = prm.lock().unwrap_or_else(|e| e.into_inner());
+                let candidate = NodeParams { threshold: t as f64, ..p.clone() };
+                match candidate.settings() {
+                    Ok(s) => {
+                        *p = candidate;
+                        remember_good(&p);
+                        sh.mailbox.put_command(Command::Settings(s));
+                        r2r::log_info!(&log, "threshold set to {t}");
+                        SetThreshold::Response { success: true, message: format!("threshold {t} in force from the next frame") }
+                    }
+                    Err(e) => SetThreshold::Response { success: false, message: e.to_string() },
+                }
+            };
+            let _ = req.respond(response);
+        }
+    });
     Ok(())
 }

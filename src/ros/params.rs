@@ -1,50 +1,183 @@
-//! Node parameters, declared up front with descriptions (`ros2 param describe` shows them).
-use r2r::RosParams;
+//! Node parameters, declared up front with descriptions (`ros2 param describe` shows them),
+//! parsed once into [`Settings`] (enums and checked ranges) at the boundary.
+use std::path::PathBuf;
 
+use r2r::indexmap::IndexMap;
+use r2r::{Parameter, ParameterValue, RosParams};
+
+use crate::camera::Plane;
 use crate::config::{DeviceChoice, PostprocessConfig};
 use crate::error::{Error, Result};
 
 /// Raw ROS parameters as the user sets them (`--ros-args -p`, a params file, or at run time).
 #[derive(Clone, Debug, RosParams)]
 pub struct NodeParams {
-    /// Model directory (written by `anomaly_inspector fit`). Relative paths are resolved against
-    /// the working directory. Changing it at run time reloads the model.
+    /// Model directory (written by `anomaly_inspector fit` or the teach service). Changing it at
+    /// run time loads the new model between two frames; on failure the old one stays.
     pub model: String,
+    /// Directory where the teach service writes new models (empty = the current model's parent).
+    pub model_root: String,
     /// Inference device: auto, cpu or cuda. Read at start-up.
     pub device: String,
     /// Normalised image-score threshold for is_anomalous (0.5 = the model's calibrated threshold).
     pub threshold: f64,
     /// Defect regions smaller than this many pixels are not reported.
     pub min_region_area: i64,
-    /// Publish the colour heatmap and overlay images (turn off to save bandwidth).
+    /// Input transport: raw (sensor_msgs/Image on `image`) or compressed
+    /// (sensor_msgs/CompressedImage on `image/compressed`). Read at start-up.
+    pub input_transport: String,
+    /// Input QoS: sensor_data (best effort, REP-2003) or reliable. Read at start-up.
+    pub input_qos: String,
+    /// Region of interest [x, y, width, height] in input pixels; only this part of each frame is
+    /// inspected (results stay in full-frame pixels). Empty or all zeros = the whole frame.
+    pub roi: IntList,
+    /// Publish the colour heatmap, overlay and 32FC1 anomaly map (turn off to save bandwidth).
     pub publish_images: bool,
+    /// Publish defect regions as visualization_msgs/MarkerArray on anomaly/markers.
+    pub publish_markers: bool,
+    /// Distance (m) from the camera to the inspected surface, for 3-D markers; with camera_info
+    /// received, regions are projected onto the plane z = working_distance. 0 = no projection.
+    pub working_distance: f64,
+    /// Surface plane [a, b, c, d] (a x + b y + c z = d, camera optical frame); overrides
+    /// working_distance when set.
+    pub surface_plane: FloatList,
+    /// Marker scale (m per pixel) when no 3-D projection is available: regions are drawn on the
+    /// image plane of the frame_id.
+    pub marker_pixel_size: f64,
 }
 
 impl Default for NodeParams {
     fn default() -> Self {
         Self {
             model: crate::project_root().join("models/demo_patchcore").to_string_lossy().into_owned(),
+            model_root: String::new(),
             device: "auto".into(),
             threshold: 0.5,
             min_region_area: PostprocessConfig::default().min_region_area as i64,
+            input_transport: "raw".into(),
+            input_qos: "sensor_data".into(),
+            roi: IntList::default(),
             publish_images: true,
+            publish_markers: true,
+            working_distance: 0.0,
+            surface_plane: FloatList::default(),
+            marker_pixel_size: 0.001,
         }
     }
+}
+
+// r2r 0.9.7's RosParams derive has no array parameters ("TODO: Implement array parameters"
+// in its source), so the two list types implement the trait by hand.
+macro_rules! list_param {
+    ($name:ident, $elem:ty, $variant:ident, $doc:literal) => {
+        #[doc = $doc]
+        #[derive(Clone, Debug, Default, PartialEq)]
+        pub struct $name(pub Vec<$elem>);
+
+        impl RosParams for $name {
+            fn register_parameters(
+                &mut self,
+                prefix: &str,
+                param: Option<Parameter>,
+                params: &mut IndexMap<String, Parameter>,
+            ) -> r2r::Result<()> {
+                if let Some(cli) = params.shift_remove(prefix) {
+                    self.set_parameter("", &cli.value)?;
+                }
+                let mut param = param.unwrap_or_else(|| Parameter::new(ParameterValue::NotSet));
+                param.value = ParameterValue::$variant(self.0.clone());
+                params.insert(prefix.to_owned(), param);
+                Ok(())
+            }
+
+            fn get_parameter(&mut self, name: &str) -> r2r::Result<ParameterValue> {
+                match name {
+                    "" => Ok(ParameterValue::$variant(self.0.clone())),
+                    _ => Err(r2r::Error::InvalidParameterName { name: name.to_owned() }),
+                }
+            }
+
+            fn set_parameter(&mut self, name: &str, value: &ParameterValue) -> r2r::Result<()> {
+                self.check_parameter(name, value)?;
+                if let ParameterValue::$variant(v) = value {
+                    self.0 = v.clone();
+                }
+                Ok(())
+            }
+
+            fn check_parameter(&self, name: &str, value: &ParameterValue) -> r2r::Result<()> {
+                if !name.is_empty() {
+                    return Err(r2r::Error::InvalidParameterName { name: name.to_owned() });
+                }
+                match value {
+                    ParameterValue::$variant(_) => Ok(()),
+                    _ => Err(r2r::Error::InvalidParameterType { name: String::new(), ty: stringify!($variant) }),
+                }
+            }
+        }
+    };
+}
+list_param!(IntList, i64, IntegerArray, "An integer-array parameter.");
+list_param!(FloatList, f64, DoubleArray, "A double-array parameter.");
+
+/// How frames arrive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InputTransport {
+    /// sensor_msgs/Image on `image`.
+    Raw,
+    /// sensor_msgs/CompressedImage (jpeg, png) on `image/compressed`.
+    Compressed,
+}
+
+/// Input QoS choice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InputQos {
+    /// Best effort, shallow queue (REP-2003 sensor data).
+    SensorData,
+    /// Reliable, shallow queue.
+    Reliable,
+}
+
+/// A rectangle of the input frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Roi {
+    /// Left column.
+    pub x: u32,
+    /// Top row.
+    pub y: u32,
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
 }
 
 /// Parameters parsed and checked: what the node actually uses.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Settings {
     /// Model directory.
-    pub model: std::path::PathBuf,
+    pub model: PathBuf,
+    /// Where taught models go.
+    pub model_root: PathBuf,
     /// Inference device.
     pub device: DeviceChoice,
     /// Normalised threshold.
     pub threshold: f32,
     /// Post-processing.
     pub postprocess: PostprocessConfig,
-    /// Whether heatmap/overlay images are published.
+    /// Input transport.
+    pub input_transport: InputTransport,
+    /// Input QoS.
+    pub input_qos: InputQos,
+    /// Region of interest (None = whole frame).
+    pub roi: Option<Roi>,
+    /// Whether heatmap/overlay/map images are published.
     pub publish_images: bool,
+    /// Whether markers are published.
+    pub publish_markers: bool,
+    /// Surface plane for 3-D markers, if configured.
+    pub surface_plane: Option<Plane>,
+    /// Metres per pixel for image-plane markers.
+    pub marker_pixel_size: f64,
 }
 
 impl NodeParams {
@@ -60,12 +193,53 @@ impl NodeParams {
         if self.model.trim().is_empty() {
             return Err(Error::Config("model is empty: set it to a model directory".into()));
         }
+        let input_transport = match self.input_transport.as_str() {
+            "raw" => InputTransport::Raw,
+            "compressed" => InputTransport::Compressed,
+            other => return Err(Error::Config(format!("input_transport '{other}': use raw or compressed"))),
+        };
+        let input_qos = match self.input_qos.as_str() {
+            "sensor_data" => InputQos::SensorData,
+            "reliable" => InputQos::Reliable,
+            other => return Err(Error::Config(format!("input_qos '{other}': use sensor_data or reliable"))),
+        };
+        let roi = match self.roi.0.as_slice() {
+            [] => None,
+            r if r.iter().all(|&v| v == 0) => None,
+            &[x, y, w, h] if x >= 0 && y >= 0 && w > 0 && h > 0 && [x, y, w, h].iter().all(|&v| v <= u32::MAX as i64) => {
+                Some(Roi { x: x as u32, y: y as u32, width: w as u32, height: h as u32 })
+            }
+            other => return Err(Error::Config(format!("roi {other:?}: use [x, y, width, height] with width, height > 0"))),
+        };
+        let surface_plane = match (self.surface_plane.0.as_slice(), self.working_distance) {
+            (&[a, b, c, d], _) => Some(Plane::new([a, b, c, d])?),
+            ([], w) if w == 0.0 => None,
+            ([], w) if w > 0.0 && w.is_finite() => Some(Plane::at_distance(w)?),
+            ([], w) => return Err(Error::Config(format!("working_distance {w}: must be > 0 (or 0 for none)"))),
+            (other, _) => return Err(Error::Config(format!("surface_plane {other:?}: use [a, b, c, d]"))),
+        };
+        if !(self.marker_pixel_size > 0.0 && self.marker_pixel_size.is_finite()) {
+            return Err(Error::Config(format!("marker_pixel_size {}: must be > 0", self.marker_pixel_size)));
+        }
+        let model: PathBuf = self.model.clone().into();
+        let model_root = if self.model_root.trim().is_empty() {
+            model.parent().map(|p| p.to_path_buf()).unwrap_or_else(|| PathBuf::from("."))
+        } else {
+            self.model_root.clone().into()
+        };
         Ok(Settings {
-            model: self.model.clone().into(),
+            model,
+            model_root,
             device,
             threshold: self.threshold as f32,
             postprocess: PostprocessConfig { min_region_area: self.min_region_area as u32 },
+            input_transport,
+            input_qos,
+            roi,
             publish_images: self.publish_images,
+            publish_markers: self.publish_markers,
+            surface_plane,
+            marker_pixel_size: self.marker_pixel_size,
         })
     }
 }
@@ -80,9 +254,30 @@ mod tests {
         let s = p.settings().unwrap();
         assert_eq!(s.device, DeviceChoice::Auto);
         assert_eq!(s.threshold, 0.5);
+        assert_eq!(s.roi, None);
+        assert_eq!(s.surface_plane, None);
+        assert_eq!(s.input_transport, InputTransport::Raw);
+        assert_eq!(s.model_root, crate::project_root().join("models"));
         assert!(NodeParams { threshold: 1.5, ..p.clone() }.settings().is_err());
         assert!(NodeParams { device: "tpu".into(), ..p.clone() }.settings().is_err());
         assert!(NodeParams { min_region_area: -1, ..p.clone() }.settings().is_err());
-        assert!(NodeParams { model: " ".into(), ..p }.settings().is_err());
+        assert!(NodeParams { model: " ".into(), ..p.clone() }.settings().is_err());
+        assert!(NodeParams { input_transport: "theora".into(), ..p.clone() }.settings().is_err());
+        assert!(NodeParams { roi: IntList(vec![0, 0, 10]), ..p.clone() }.settings().is_err());
+        assert!(NodeParams { roi: IntList(vec![0, 0, 0, 10]), ..p.clone() }.settings().is_err());
+        assert!(NodeParams { working_distance: -0.3, ..p.clone() }.settings().is_err());
+        assert!(NodeParams { marker_pixel_size: 0.0, ..p.clone() }.settings().is_err());
+    }
+
+    #[test]
+    fn roi_and_plane_are_parsed() {
+        let p = NodeParams { roi: IntList(vec![10, 20, 300, 200]), working_distance: 0.5, ..NodeParams::default() };
+        let s = p.settings().unwrap();
+        assert_eq!(s.roi, Some(Roi { x: 10, y: 20, width: 300, height: 200 }));
+        assert_eq!(s.surface_plane, Some(Plane::at_distance(0.5).unwrap()));
+        let p = NodeParams { surface_plane: FloatList(vec![0.0, 0.0, 2.0, 1.0]), ..p };
+        assert_eq!(p.settings().unwrap().surface_plane, Some(Plane::at_distance(0.5).unwrap()));
+        let p = NodeParams { roi: IntList(vec![0, 0, 0, 0]), ..NodeParams::default() };
+        assert_eq!(p.settings().unwrap().roi, None);
     }
 }

@@ -66,3 +66,44 @@ impl Drop for Proc {
         self.stop();
     }
 }
+
+/// Writes a synthetic data set under `dir/data` and fits a PatchCore model named `name` on its
+/// good images (CPU), in `dir/models/<name>`. Returns the data set and the model directory.
+pub fn synthetic_model(
+    dir: &Path,
+    cfg: &anomaly_inspector::synthetic::SyntheticConfig,
+    name: &str,
+) -> (anomaly_inspector::dataset::MvtecDataset, PathBuf) {
+    let data = dir.join("data");
+    anomaly_inspector::synthetic::generate_dataset(&data, cfg).unwrap();
+    let ds = anomaly_inspector::dataset::MvtecDataset::open(&data).unwrap();
+    let model = dir.join("models").join(name);
+    anomaly_inspector::training::fit_patchcore(
+        &ds.train_good,
+        "synthetic",
+        &anomaly_inspector::config::PatchCoreConfig::default(),
+        &anomaly_inspector::config::default_backbone_weights(),
+        tch::Device::Cpu,
+        &model,
+        &anomaly_inspector::training::FitOptions { name: name.into(), ..Default::default() },
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    (ds, model)
+}
+
+/// Starts the node binary on loopback in `domain` with `-p device:=cpu` and `params`
+/// (each `name:=value`), its output going to `log`.
+#[cfg(feature = "ros")]
+pub fn start_node(domain: u32, ros_home: &Path, params: &[String], log: &Path) -> Proc {
+    std::fs::create_dir_all(ros_home).unwrap();
+    let out = std::fs::File::create(log).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_anomaly_inspector_node"));
+    cmd.args(["--ros-args", "-p", "device:=cpu"]);
+    for p in params {
+        cmd.args(["-p", p]);
+    }
+    cmd.stdout(out.try_clone().unwrap()).stderr(out);
+    ros_env(&mut cmd, domain, ros_home);
+    Proc(Some(cmd.spawn().expect("start anomaly_inspector_node")))
+}

@@ -1,0 +1,572 @@
+//! The inference thread and its mailbox.
+//!
+//! The mailbox holds at most one frame (the newest; a replaced frame is counted as dropped, so
+//! latency never grows when frames arrive faster than inference) and a queue of commands
+//! (parameter changes, model loads, teach-in), which go first. The thread is long-lived on
+//! purpose: every OS thread that runs torch ops builds its own OpenMP pool, and a pool that
+//! hops between threads makes frames pay for new pools (PLATFORM.md, 67-157 ms).
+use std::collections::{HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use image::RgbImage;
+use r2r::anomaly_inspector_msgs::msg::AnomalyResult;
+use r2r::sensor_msgs::msg::{CompressedImage, Image};
+use r2r::std_msgs::msg::{Bool, Float32, Header};
+use r2r::visualization_msgs::msg::MarkerArray;
+use tokio::sync::{broadcast, oneshot};
+
+use super::convert;
+use super::outputs;
+use super::params::{Roi, Settings};
+use crate::camera::PinholeCamera;
+use crate::inspector::{Inspection, Inspector};
+use crate::postprocess::{heatmap, overlay};
+
+/// A camera frame as it arrived.
+pub enum Frame {
+    /// sensor_msgs/Image.
+    Raw(Image),
+    /// sensor_msgs/CompressedImage.
+    Compressed(CompressedImage),
+}
+
+impl Frame {
+    fn header(&self) -> &Header {
+        match self {
+            Frame::Raw(m) => &m.header,
+            Frame::Compressed(m) => &m.header,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Frame::Raw(m) => format!("{}x{} '{}'", m.width, m.height, m.encoding),
+            Frame::Compressed(m) => format!("compressed '{}' ({} bytes)", m.format, m.data.len()),
+        }
+    }
+
+    fn to_rgb(&self) -> crate::Result<RgbImage> {
+        match self {
+            Frame::Raw(m) => convert::image_to_rgb(m),
+            Frame::Compressed(m) => crate::imaging::decode(&m.data),
+        }
+    }
+}
+
+/// The outcome of a teach-in, for the service reply.
+#[derive(Debug)]
+pub struct TeachOutcome {
+    /// Where the model went (empty on failure).
+    pub model_path: PathBuf,
+    /// Frames used.
+    pub frames_used: u32,
+    /// Seconds spent fitting.
+    pub fit_seconds: f32,
+    /// Model id of the new model, or why it failed.
+    pub result: Result<String, String>,
+}
+
+/// Work for the inference thread besides frames.
+pub enum Command {
+    /// New parameter values.
+    Settings(Settings),
+    /// Load a model directory and switch to it; replies with its id or why not.
+    LoadModel(PathBuf, oneshot::Sender<Result<String, String>>),
+    /// Collect frames and fit a new model.
+    Teach {
+        /// Frames to collect.
+        frames: usize,
+        /// Model directory name under model_root.
+        name: String,
+        /// Give up collecting after this.
+        deadline: Instant,
+        /// Where the outcome goes.
+        reply: oneshot::Sender<TeachOutcome>,
+    },
+    /// A model fitted by a teach-in, ready to switch to.
+    Install(Box<Inspector>, PathBuf, u32, f32, oneshot::Sender<TeachOutcome>),
+}
+
+enum Work {
+    Frame(Frame, Instant),
+    Command(Command),
+    Tick,
+}
+
+/// One-frame mailbox plus command queue.
+#[derive(Default)]
+pub struct Mailbox {
+    state: Mutex<MailboxState>,
+    ready: Condvar,
+    /// Frames replaced before inference could take them.
+    pub dropped: AtomicU64,
+    /// Frames received.
+    pub received: AtomicU64,
+}
+
+#[derive(Default)]
+struct MailboxState {
+    frame: Option<(Frame, Instant)>,
+    commands: VecDeque<Command>,
+    closed: bool,
+}
+
+impl Mailbox {
+    /// Puts a frame; a frame still waiting is replaced and counted as dropped.
+    pub fn put_frame(&self, frame: Frame) {
+        self.received.fetch_add(1, Ordering::Relaxed);
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.frame.replace((frame, Instant::now())).is_some() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        self.ready.notify_one();
+    }
+
+    /// Queues a command (handled before the next frame).
+    pub fn put_command(&self, command: Command) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.commands.push_back(command);
+        self.ready.notify_one();
+    }
+
+    /// Stops the inference thread.
+    pub fn close(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+        self.ready.notify_all();
+    }
+
+    fn take(&self, tick: Duration) -> Option<Work> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.closed {
+            return None;
+        }
+        if let Some(c) = s.commands.pop_front() {
+            return Some(Work::Command(c));
+        }
+        if let Some((f, t)) = s.frame.take() {
+            return Some(Work::Frame(f, t));
+        }
+        let (mut s, _) = self.ready.wait_timeout(s, tick).unwrap_or_else(|e| e.into_inner());
+        if s.closed {
+            return None;
+        }
+        if let Some(c) = s.commands.pop_front() {
+            return Some(Work::Command(c));
+        }
+        Some(match s.frame.take() {
+            Some((f, t)) => Work::Frame(f, t),
+            None => Work::Tick,
+        })
+    }
+}
+
+/// What the node reports on /diagnostics and in service errors.
+#[derive(Clone, Debug, Default)]
+pub struct Status {
+    /// Model id, when one is loaded.
+    pub model_id: Option<String>,
+    /// Method of the loaded model.
+    pub method: String,
+    /// Device description.
+    pub device: String,
+    /// Frames inspected.
+    pub inspected: u64,
+    /// Frames refused (bad data, no model...).
+    pub rejected: u64,
+    /// The last error, if any.
+    pub last_error: Option<String>,
+    /// Latencies (frame received -> result published) of recent frames, ms.
+    pub recent_latency_ms: VecDeque<f64>,
+    /// Times of recent inspections, for the rate.
+    pub recent_times: VecDeque<Instant>,
+}
+
+impl Status {
+    fn record(&mut self, latency_ms: f64) {
+        self.inspected += 1;
+        let now = Instant::now();
+        self.recent_latency_ms.push_back(latency_ms);
+        self.recent_times.push_back(now);
+        while self.recent_latency_ms.len() > 100 {
+            self.recent_latency_ms.pop_front();
+        }
+        while self.recent_times.front().is_some_and(|t| now.duration_since(*t) > Duration::from_secs(5)) {
+            self.recent_times.pop_front();
+        }
+    }
+
+    /// Inspections per second over the last 5 s.
+    pub fn rate_hz(&self) -> f64 {
+        match (self.recent_times.front(), self.recent_times.back()) {
+            (Some(a), Some(b)) if self.recent_times.len() > 1 && b > a => {
+                (self.recent_times.len() - 1) as f64 / b.duration_since(*a).as_secs_f64()
+            }
+            _ => 0.0,
+        }
+    }
+}
+
+/// A result with the time its frame arrived (for the inspect service's "fresh frame" rule).
+#[derive(Clone)]
+pub struct Published {
+    /// When the frame arrived at the node.
+    pub received: Instant,
+    /// The result as published.
+    pub result: AnomalyResult,
+}
+
+/// Everything the inference thread publishes to.
+pub struct Publishers {
+    /// anomaly/result
+    pub result: r2r::Publisher<AnomalyResult>,
+    /// anomaly/score
+    pub score: r2r::Publisher<Float32>,
+    /// anomaly/verdict (latched)
+    pub verdict: r2r::Publisher<Bool>,
+    /// anomaly/heatmap
+    pub heatmap: r2r::Publisher<Image>,
+    /// anomaly/overlay
+    pub overlay: r2r::Publisher<Image>,
+    /// anomaly/map (32FC1)
+    pub map: r2r::Publisher<Image>,
+    /// anomaly/markers
+    pub markers: r2r::Publisher<MarkerArray>,
+}
+
+/// Shared state between the inference thread and the async side.
+pub struct Shared {
+    /// The mailbox.
+    pub mailbox: Mailbox,
+    /// Status for diagnostics and services.
+    pub status: Mutex<Status>,
+    /// Latest camera intrinsics from camera_info.
+    pub camera: Mutex<Option<PinholeCamera>>,
+    /// Every published result, for the inspect service.
+    pub results: broadcast::Sender<Published>,
+}
+
+/// Logs the first error of each kind and counts the rest, so a camera sending a bad encoding at
+/// 30 Hz does not flood the log.
+struct ErrorLog {
+    logger: String,
+    seen: HashSet<&'static str>,
+}
+
+impl ErrorLog {
+    fn report(&mut self, shared: &Shared, kind: &'static str, message: String) {
+        if self.seen.insert(kind) {
+            r2r::log_error!(&self.logger, "{message} (frame dropped; further '{kind}' errors are counted, not logged)");
+        }
+        let mut st = shared.status.lock().unwrap_or_else(|e| e.into_inner());
+        st.rejected += 1;
+        st.last_error = Some(message);
+    }
+}
+
+fn error_kind(e: &crate::Error) -> &'static str {
+    match e {
+        crate::Error::BadImage(_) => "bad image",
+        crate::Error::Decode(_) => "decode",
+        crate::Error::Io { .. } => "io",
+        crate::Error::Model { .. } => "model",
+        crate::Error::Config(_) => "config",
+        crate::Error::Dataset { .. } => "dataset",
+        crate::Error::Torch(_) => "inference",
+    }
+}
+
+/// Loads a model on the configured device, logging what happened.
+pub fn load_inspector(path: &std::path::Path, settings: &Settings, logger: &str) -> Result<Inspector, String> {
+    let device = crate::device::resolve(settings.device).unwrap_or_else(|e| {
+        r2r::log_error!(logger, "{e}; falling back to the CPU");
+        tch::Device::Cpu
+    });
+    let mut insp = Inspector::new(path, device, &settings.postprocess).map_err(|e| e.to_string())?;
+    insp.set_threshold(settings.threshold).map_err(|e| e.to_string())?;
+    r2r::log_info!(
+        logger,
+        "model '{}' ({}) loaded from {} on device {}",
+        insp.model_id(),
+        insp.method(),
+        path.display(),
+        crate::device::describe(insp.device())
+    );
+    Ok(insp)
+}
+
+fn crop(rgb: &RgbImage, roi: Option<Roi>) -> crate::Result<(RgbImage, u32, u32)> {
+    let Some(r) = roi else { return Ok((rgb.clone(), 0, 0)) };
+    let (w, h) = rgb.dimensions();
+    if u64::from(r.x) + u64::from(r.width) > u64::from(w) || u64::from(r.y) + u64::from(r.height) > u64::from(h) {
+        return Err(crate::Error::BadImage(format!(
+            "roi [{}, {}, {}, {}] exceeds the {w}x{h} frame",
+            r.x, r.y, r.width, r.height
+        )));
+    }
+    Ok((image::imageops::crop_imm(rgb, r.x, r.y, r.width, r.height).to_image(), r.x, r.y))
+}
+
+/// Inspects `rgb` (or its ROI) and returns the inspection in full-frame pixels.
+fn inspect_frame(insp: &Inspector, rgb: &RgbImage, roi: Option<Roi>) -> crate::Result<(Inspection, RgbImage)> {
+    let (part, dx, dy) = crop(rgb, roi)?;
+    let mut inspection = insp.inspect(&part)?;
+    if roi.is_some() {
+        inspection.map = inspection.map.placed_in(rgb.width(), rgb.height(), dx, dy)?;
+        inspection.regions = inspection.regions.iter().map(|r| r.offset(dx, dy)).collect();
+    }
+    Ok((inspection, part))
+}
+
+struct TeachJob {
+    frames: usize,
+    name: String,
+    deadline: Instant,
+    collected: Vec<RgbImage>,
+    reply: oneshot::Sender<TeachOutcome>,
+}
+
+/// The inference thread's loop; returns when the mailbox is closed.
+pub fn run(shared: Arc<Shared>, mut settings: Settings, pubs: Publishers, logger: String) {
+    let _guard = tch::no_grad_guard();
+    let mut inspector = match load_inspector(&settings.model, &settings, &logger) {
+        Ok(i) => Some(i),
+        Err(e) => {
+            r2r::log_error!(
+                &logger,
+                "cannot load model: {e}. Frames are dropped until a valid model is set \
+                 (parameter 'model', or the ~/load_model or ~/teach service)"
+            );
+            None
+        }
+    };
+    update_status_model(&shared, inspector.as_ref());
+    let mut errors = ErrorLog { logger: logger.clone(), seen: HashSet::new() };
+    let mut teach: Option<TeachJob> = None;
+    let mut marker_ids = 0usize;
+
+    while let Some(work) = shared.mailbox.take(Duration::from_millis(200)) {
+        // A teach-in that ran out of time fails; nothing else changes.
+        if teach.as_ref().is_some_and(|j| Instant::now() > j.deadline) {
+            let job = teach.take().expect("checked");
+            let msg = format!("collected {} of {} frames before the timeout: is the camera publishing?", job.collected.len(), job.frames);
+            r2r::log_error!(&logger, "teach-in failed: {msg}");
+            let _ = job.reply.send(TeachOutcome { model_path: PathBuf::new(), frames_used: 0, fit_seconds: 0.0, result: Err(msg) });
+        }
+        let (frame, received) = match work {
+            Work::Tick => continue,
+            Work::Command(cmd) => {
+                handle_command(cmd, &shared, &mut settings, &mut inspector, &mut teach, &logger);
+                continue;
+            }
+            Work::Frame(f, t) => (f, t),
+        };
+        let Some(insp) = inspector.as_ref() else {
+            errors.report(&shared, "no model", "no model loaded".into());
+            continue;
+        };
+        let rgb = match frame.to_rgb() {
+            Ok(rgb) => rgb,
+            Err(e) => {
+                errors.report(&shared, error_kind(&e), format!("frame {}: {e}", frame.describe()));
+                continue;
+            }
+        };
+        let (inspection, part) = match inspect_frame(insp, &rgb, settings.roi) {
+            Ok(i) => i,
+            Err(e) => {
+                errors.report(&shared, error_kind(&e), format!("inspection failed: {e}"));
+                continue;
+            }
+        };
+        if let Some(job) = teach.as_mut() {
+            job.collected.push(part);
+            if job.collected.len() >= job.frames {
+                start_fit(teach.take().expect("present"), &shared, &settings, insp, &logger);
+            }
+        }
+        let header = frame.header();
+        let result = convert::result_msg(header, &inspection, insp.model_id(), insp.method(), received.elapsed());
+        if let Err(e) = pubs.result.publish(&result) {
+            r2r::log_warn!(&logger, "cannot publish result: {e}");
+        }
+        let _ = pubs.score.publish(&Float32 { data: inspection.score });
+        let _ = pubs.verdict.publish(&Bool { data: inspection.is_anomalous });
+        if settings.publish_markers {
+            let camera = *shared.camera.lock().unwrap_or_else(|e| e.into_inner());
+            let markers = outputs::region_markers(header, &inspection.regions, camera.as_ref(), &settings, marker_ids);
+            marker_ids = inspection.regions.len();
+            let _ = pubs.markers.publish(&markers);
+        }
+        if settings.publish_images {
+            let _ = pubs.map.publish(&outputs::map_image(header, &inspection.map));
+            let _ = pubs.heatmap.publish(&convert::rgb_to_image(header, heatmap(&inspection.map, 0.0, 1.0)));
+            let ov = overlay(&rgb, &inspection.map, 0.0, 1.0, 0.5, &inspection.regions);
+            let _ = pubs.overlay.publish(&convert::rgb_to_image(header, ov));
+        }
+        let latency_ms = received.elapsed().as_secs_f64() * 1e3;
+        let first = {
+            let mut st = shared.status.lock().unwrap_or_else(|e| e.into_inner());
+            st.record(latency_ms);
+            st.inspected == 1
+        };
+        let _ = shared.results.send(Published { received, result });
+        if first {
+            r2r::log_info!(&logger, "first frame inspected in {:.1} ms", inspection.elapsed.as_secs_f64() * 1e3);
+        }
+    }
+    let st = shared.status.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    r2r::log_info!(
+        &logger,
+        "inference thread stopped: {} frames inspected, {} dropped as stale, {} rejected",
+        st.inspected,
+        shared.mailbox.dropped.load(Ordering::Relaxed),
+        st.rejected
+    );
+}
+
+fn update_status_model(shared: &Shared, inspector: Option<&Inspector>) {
+    let mut st = shared.status.lock().unwrap_or_else(|e| e.into_inner());
+    st.model_id = inspector.map(|i| i.model_id().to_string());
+    st.method = inspector.map(|i| i.method().to_string()).unwrap_or_default();
+    st.device = inspector.map(|i| crate::device::describe(i.device())).unwrap_or_default();
+}
+
+fn handle_command(
+    cmd: Command,
+    shared: &Shared,
+    settings: &mut Settings,
+    inspector: &mut Option<Inspector>,
+    teach: &mut Option<TeachJob>,
+    logger: &str,
+) {
+    match cmd {
+        Command::Settings(new) => {
+            if new.model != settings.model {
+                match load_inspector(&new.model, &new, logger) {
+                    Ok(i) => *inspector = Some(i),
+                    Err(e) => r2r::log_error!(logger, "cannot load model {}: {e}; the current model stays", new.model.display()),
+                }
+            }
+            if let Some(insp) = inspector.as_mut() {
+                if let Err(e) = insp.set_threshold(new.threshold) {
+                    r2r::log_error!(logger, "{e}");
+                }
+                insp.set_postprocess(&new.postprocess);
+            }
+            *settings = new;
+        }
+        Command::LoadModel(path, reply) => {
+            let outcome = load_inspector(&path, settings, logger).map(|i| {
+                let id = i.model_id().to_string();
+                *inspector = Some(i);
+                settings.model = path.clone();
+                id
+            });
+            if let Err(e) = &outcome {
+                r2r::log_error!(logger, "cannot load model {}: {e}; the current model stays", path.display());
+            }
+            let _ = reply.send(outcome);
+        }
+        Command::Teach { frames, name, deadline, reply } => {
+            if teach.is_some() {
+                let _ = reply.send(TeachOutcome {
+                    model_path: PathBuf::new(),
+                    frames_used: 0,
+                    fit_seconds: 0.0,
+                    result: Err("a teach-in is already running".into()),
+                });
+            } else if inspector.is_none() {
+                // Frames are only collected after inspection; without any model, collect anyway
+                // is impossible here, so say what to do.
+                let _ = reply.send(TeachOutcome {
+                    model_path: PathBuf::new(),
+                    frames_used: 0,
+                    fit_seconds: 0.0,
+                    result: Err("no model is loaded to take the configuration from; load one first (~/load_model)".into()),
+                });
+            } else {
+                r2r::log_info!(logger, "teach-in: collecting {frames} good frames for model '{name}'");
+                *teach = Some(TeachJob { frames, name, deadline, collected: Vec::with_capacity(frames), reply });
+            }
+        }
+        Command::Install(insp, path, frames_used, fit_seconds, reply) => {
+            let id = insp.model_id().to_string();
+            r2r::log_info!(logger, "teach-in: switching to the new model '{id}' ({})", path.display());
+            let mut insp = *insp;
+            let _ = insp.set_threshold(settings.threshold);
+            insp.set_postprocess(&settings.postprocess);
+            *inspector = Some(insp);
+            settings.model = path.clone();
+            let _ = reply.send(TeachOutcome { model_path: path, frames_used, fit_seconds, result: Ok(id) });
+        }
+    }
+    update_status_model(shared, inspector.as_ref());
+}
+
+/// Fits the taught model on a thread of its own, so inspection goes on meanwhile; the frames are
+/// kept beside the model (`<model>.frames/train/good/`) so the teach-in can be audited and redone.
+fn start_fit(job: TeachJob, shared: &Arc<Shared>, settings: &Settings, current: &Inspector, logger: &str) {
+    // A teach-in fits PatchCore: with the current model's settings when it is one.
+    let (config, weights) = match current.manifest().patchcore.clone() {
+        Some(c) => {
+            let w = current_backbone_file(&settings.model, &c);
+            (c, w)
+        }
+        None => (crate::config::PatchCoreConfig::default(), crate::config::default_backbone_weights()),
+    };
+    let out = settings.model_root.join(&job.name);
+    let frames_dir = settings.model_root.join(format!("{}.frames", job.name));
+    let device = current.device();
+    let settings = settings.clone();
+    let shared = shared.clone();
+    let log = logger.to_string();
+    r2r::log_info!(logger, "teach-in: {} frames collected, fitting {}", job.collected.len(), out.display());
+    let spawned = std::thread::Builder::new().name("teach-fit".into()).spawn(move || {
+        let _guard = tch::no_grad_guard();
+        let t0 = Instant::now();
+        let n = job.collected.len() as u32;
+        let fitted = (|| -> crate::Result<Inspector> {
+            let good = frames_dir.join("train/good");
+            std::fs::create_dir_all(&good).map_err(|e| crate::Error::io(&good, e))?;
+            let mut paths = Vec::new();
+            for (i, img) in job.collected.iter().enumerate() {
+                let p = good.join(format!("{i:04}.png"));
+                crate::imaging::save_png(&p, img)?;
+                paths.push(p);
+            }
+            crate::training::fit_patchcore(
+                &paths,
+                &frames_dir.to_string_lossy(),
+                &config,
+                &weights,
+                device,
+                &out,
+                &crate::training::FitOptions { name: job.name.clone(), ..Default::default() },
+                &mut |_, _, _| {},
+            )?;
+            Inspector::new(&out, device, &settings.postprocess)
+        })();
+        let secs = t0.elapsed().as_secs_f32();
+        match fitted {
+            Ok(insp) => shared.mailbox.put_command(Command::Install(Box::new(insp), out, n, secs, job.reply)),
+            Err(e) => {
+                r2r::log_error!(&log, "teach-in failed: {e}");
+                let _ = job.reply.send(TeachOutcome { model_path: PathBuf::new(), frames_used: n, fit_seconds: secs, result: Err(e.to_string()) });
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        r2r::log_error!(logger, "teach-in: cannot start the fitting thread: {e}");
+    }
+}
+
+/// The backbone weights inside the current model directory (a model carries its backbone).
+fn current_backbone_file(model_dir: &std::path::Path, config: &crate::config::PatchCoreConfig) -> PathBuf {
+    match config.backbone.kind {
+        crate::config::BackboneKind::EfficientnetLite0 => model_dir.join("backbone.safetensors"),
+        crate::config::BackboneKind::Torchscript => model_dir.join("backbone.pt"),
+    }
+}
