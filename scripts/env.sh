@@ -26,10 +26,6 @@ case ":${LD_LIBRARY_PATH:-}:" in
   *":$_AI_VENV/lib:"*) ;;
   *) export LD_LIBRARY_PATH="$_ai_ld${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" ;;
 esac
-# OpenMP threads that busy-wait between torch ops steal the CPU from everything else on a
-# shared machine (measured here: 8x slower DRAEM steps under load). Passive waiting costs
-# little on an idle machine; override it for a dedicated inspection PC if you like.
-export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 # Keep DDS on loopback, always. Pick your own domain with ROS_DOMAIN_ID before sourcing.
 export ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
 export ROS_DOMAIN_ID="${ROS_DOMAIN_ID:-47}"

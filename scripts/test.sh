@@ -7,6 +7,11 @@ cd "$ROOT"
 bash scripts/setup.sh
 export ROS_DOMAIN_ID="${ROS_DOMAIN_ID:-73}"
 source scripts/env.sh
+# The tests run the node, an rclpy peer and the test process on 2 cores at once: OpenMP threads
+# that busy-wait between torch ops would starve the others (measured: DRAEM steps 8x slower under
+# load). On an idle machine active waiting is faster (node at 640x480: 74 vs 124 ms median), so
+# only the tests ask for passive waiting.
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 # Integration tests start ROS nodes; run them one at a time so their DDS traffic stays apart.
 cargo test --release -- --test-threads=1
 # The core and the CLI also build without ROS (checked, not linked: a full second build with

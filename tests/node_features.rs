@@ -178,7 +178,13 @@ fn inputs_outputs_services_parameters_and_bag() {
 
 #[test]
 fn compressed_input_jpeg_and_png() {
-    let (obs, log) = run_scenario(93, &["input_transport:=compressed".into()], &["--compressed".into(), "--scenario".into(), "compressed".into()]);
+    // Also the output QoS override: results published best effort, as asked.
+    let (obs, log) = run_scenario(
+        93,
+        &["input_transport:=compressed".into(), "output_qos:=best_effort".into()],
+        &["--compressed".into(), "--best-effort".into(), "--scenario".into(), "compressed".into()],
+    );
+    assert_eq!(obs["result_reliability"], serde_json::json!(["BEST_EFFORT"]), "output_qos not applied");
     assert!(log.contains("waiting for frames on 'image/compressed'"));
     for fmt in ["jpeg", "png"] {
         assert!(score(&obs[format!("{fmt}_defect")]) > score(&obs[format!("{fmt}_good")]), "{fmt}: {obs}");

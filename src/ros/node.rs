@@ -72,13 +72,17 @@ pub fn run() -> anyhow::Result<()> {
         InputQos::SensorData => QosProfile::sensor_data().keep_last(1),
         InputQos::Reliable => QosProfile::default().keep_last(1),
     };
-    let results_qos = QosProfile::default().keep_last(10);
-    let images_qos = QosProfile::default().keep_last(2);
+    let out_qos = |depth: usize| {
+        let q = QosProfile::default().keep_last(depth);
+        if settings.output_reliable { q } else { q.best_effort() }
+    };
+    let results_qos = out_qos(10);
+    let images_qos = out_qos(2);
     let pubs = Publishers {
         result: node.create_publisher("anomaly/result", results_qos.clone())?,
         score: node.create_publisher("anomaly/score", results_qos.clone())?,
         // Latched, so a behaviour tree that subscribes late still gets the latest verdict.
-        verdict: node.create_publisher("anomaly/verdict", QosProfile::default().keep_last(1).transient_local())?,
+        verdict: node.create_publisher("anomaly/verdict", out_qos(1).transient_local())?,
         heatmap: node.create_publisher("anomaly/heatmap", images_qos.clone())?,
         overlay: node.create_publisher("anomaly/overlay", images_qos.clone())?,
         map: node.create_publisher("anomaly/map", images_qos)?,

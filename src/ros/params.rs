@@ -28,6 +28,9 @@ pub struct NodeParams {
     pub input_transport: String,
     /// Input QoS: sensor_data (best effort, REP-2003) or reliable. Read at start-up.
     pub input_qos: String,
+    /// Output QoS of results, images and markers: reliable (REP-2003 default for results) or
+    /// best_effort (e.g. over a lossy wireless link). Read at start-up.
+    pub output_qos: String,
     /// Region of interest [x, y, width, height] in input pixels; only this part of each frame is
     /// inspected (results stay in full-frame pixels). Empty or all zeros = the whole frame.
     pub roi: IntList,
@@ -56,6 +59,7 @@ impl Default for NodeParams {
             min_region_area: PostprocessConfig::default().min_region_area as i64,
             input_transport: "raw".into(),
             input_qos: "sensor_data".into(),
+            output_qos: "reliable".into(),
             roi: IntList::default(),
             publish_images: true,
             publish_markers: true,
@@ -168,6 +172,8 @@ pub struct Settings {
     pub input_transport: InputTransport,
     /// Input QoS.
     pub input_qos: InputQos,
+    /// Whether outputs are published reliably (else best effort).
+    pub output_reliable: bool,
     /// Region of interest (None = whole frame).
     pub roi: Option<Roi>,
     /// Whether heatmap/overlay/map images are published.
@@ -203,6 +209,11 @@ impl NodeParams {
             "reliable" => InputQos::Reliable,
             other => return Err(Error::Config(format!("input_qos '{other}': use sensor_data or reliable"))),
         };
+        let output_reliable = match self.output_qos.as_str() {
+            "reliable" => true,
+            "best_effort" => false,
+            other => return Err(Error::Config(format!("output_qos '{other}': use reliable or best_effort"))),
+        };
         let roi = match self.roi.0.as_slice() {
             [] => None,
             r if r.iter().all(|&v| v == 0) => None,
@@ -235,6 +246,7 @@ impl NodeParams {
             postprocess: PostprocessConfig { min_region_area: self.min_region_area as u32 },
             input_transport,
             input_qos,
+            output_reliable,
             roi,
             publish_images: self.publish_images,
             publish_markers: self.publish_markers,
@@ -263,6 +275,9 @@ mod tests {
         assert!(NodeParams { min_region_area: -1, ..p.clone() }.settings().is_err());
         assert!(NodeParams { model: " ".into(), ..p.clone() }.settings().is_err());
         assert!(NodeParams { input_transport: "theora".into(), ..p.clone() }.settings().is_err());
+        assert!(s.output_reliable);
+        assert!(!NodeParams { output_qos: "best_effort".into(), ..p.clone() }.settings().unwrap().output_reliable);
+        assert!(NodeParams { output_qos: "sometimes".into(), ..p.clone() }.settings().is_err());
         assert!(NodeParams { roi: IntList(vec![0, 0, 10]), ..p.clone() }.settings().is_err());
         assert!(NodeParams { roi: IntList(vec![0, 0, 0, 10]), ..p.clone() }.settings().is_err());
         assert!(NodeParams { working_distance: -0.3, ..p.clone() }.settings().is_err());
