@@ -44,14 +44,12 @@ fn identity_pose() -> Pose {
 
 /// Markers for the regions of one frame: first a DELETEALL (so regions of earlier frames never
 /// linger), then per region a box outline, a sphere at the centroid (the point a robot would
-/// go to) and a text label with the peak score. `previous` is unused by RViz with DELETEALL but
-/// kept for callers that count markers.
+/// go to) and a text label with the peak score.
 pub fn region_markers(
     header: &Header,
     regions: &[DefectRegion],
     camera: Option<&PinholeCamera>,
     settings: &Settings,
-    _previous: usize,
 ) -> MarkerArray {
     let mut markers = vec![Marker { header: header.clone(), ns: MARKER_NS.into(), action: DELETEALL, ..Default::default() }];
     let projected = camera.is_some() && settings.surface_plane.is_some();

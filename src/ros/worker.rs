@@ -345,7 +345,6 @@ pub fn run(shared: Arc<Shared>, mut settings: Settings, pubs: Publishers, logger
     update_status_model(&shared, inspector.as_ref());
     let mut errors = ErrorLog { logger: logger.clone(), seen: HashSet::new() };
     let mut teach: Option<TeachJob> = None;
-    let mut marker_ids = 0usize;
 
     while let Some(work) = shared.mailbox.take(Duration::from_millis(200)) {
         // A teach-in that ran out of time fails; nothing else changes.
@@ -396,8 +395,7 @@ pub fn run(shared: Arc<Shared>, mut settings: Settings, pubs: Publishers, logger
         let _ = pubs.verdict.publish(&Bool { data: inspection.is_anomalous });
         if settings.publish_markers {
             let camera = *shared.camera.lock().unwrap_or_else(|e| e.into_inner());
-            let markers = outputs::region_markers(header, &inspection.regions, camera.as_ref(), &settings, marker_ids);
-            marker_ids = inspection.regions.len();
+            let markers = outputs::region_markers(header, &inspection.regions, camera.as_ref(), &settings);
             let _ = pubs.markers.publish(&markers);
         }
         if settings.publish_images {
