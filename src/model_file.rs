@@ -211,7 +211,8 @@ pub struct LoadedModel {
     pub model: AnomalyModel,
 }
 
-fn backbone_file(kind: BackboneKind) -> &'static str {
+/// File name of the backbone inside a PatchCore model directory.
+pub fn backbone_file(kind: BackboneKind) -> &'static str {
     match kind {
         BackboneKind::EfficientnetLite0 => "backbone.safetensors",
         BackboneKind::Torchscript => "backbone.pt",

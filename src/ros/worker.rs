@@ -510,7 +510,8 @@ fn start_fit(job: TeachJob, shared: &Arc<Shared>, settings: &Settings, current: 
     // A teach-in fits PatchCore: with the current model's settings when it is one.
     let (config, weights) = match current.manifest().patchcore.clone() {
         Some(c) => {
-            let w = current_backbone_file(&settings.model, &c);
+            // A model carries its backbone.
+            let w = settings.model.join(crate::model_file::backbone_file(c.backbone.kind));
             (c, w)
         }
         None => (crate::config::PatchCoreConfig::default(), crate::config::default_backbone_weights()),
@@ -558,13 +559,5 @@ fn start_fit(job: TeachJob, shared: &Arc<Shared>, settings: &Settings, current: 
     });
     if let Err(e) = spawned {
         r2r::log_error!(logger, "teach-in: cannot start the fitting thread: {e}");
-    }
-}
-
-/// The backbone weights inside the current model directory (a model carries its backbone).
-fn current_backbone_file(model_dir: &std::path::Path, config: &crate::config::PatchCoreConfig) -> PathBuf {
-    match config.backbone.kind {
-        crate::config::BackboneKind::EfficientnetLite0 => model_dir.join("backbone.safetensors"),
-        crate::config::BackboneKind::Torchscript => model_dir.join("backbone.pt"),
     }
 }
