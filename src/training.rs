@@ -80,6 +80,18 @@ pub fn split_holdout(images: &[PathBuf], every: usize) -> (Vec<PathBuf>, Vec<Pat
     (fit, held)
 }
 
+/// [`split_holdout`], refusing a split that leaves nothing to fit or nothing to calibrate on.
+pub fn split_holdout_checked(images: &[PathBuf], every: usize) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
+    let (fit, held) = split_holdout(images, every);
+    if fit.is_empty() || held.is_empty() {
+        return Err(Error::Config(format!(
+            "need at least 2 good images (one to fit, one to calibrate), got {}",
+            images.len()
+        )));
+    }
+    Ok((fit, held))
+}
+
 /// Fits PatchCore on `images` (defect-free), calibrates it on a held-out part of them and
 /// writes the model directory `out`. `progress(stage, done, total)` is called per batch.
 pub fn fit_patchcore(
@@ -93,13 +105,7 @@ pub fn fit_patchcore(
     progress: &mut dyn FnMut(FitStage, usize, usize),
 ) -> Result<FitReport> {
     config.validate()?;
-    let (fit_set, holdout) = split_holdout(images, options.holdout_every);
-    if fit_set.is_empty() || holdout.is_empty() {
-        return Err(Error::Config(format!(
-            "need at least 2 good images (one to fit, one to calibrate), got {}",
-            images.len()
-        )));
-    }
+    let (fit_set, holdout) = split_holdout_checked(images, options.holdout_every)?;
     let backbone = Backbone::new(backbone_weights, &config.backbone, device)?;
     let pre = Preprocessor::new(&config.preprocess, device)?;
     let batch_size = options.batch_size.max(1);

@@ -19,7 +19,7 @@ use tch::{nn, Device, Kind, Reduction, Tensor};
 
 use super::adam::Adam;
 use super::losses::{focal_loss, ssim};
-use super::{calibrate, model_name, split_holdout, training_info, FitOptions, FitStage};
+use super::{calibrate, model_name, split_holdout_checked, training_info, FitOptions, FitStage};
 use crate::config::{AnomalySource, DraemConfig};
 use crate::error::{Error, Result};
 use crate::imaging;
@@ -305,13 +305,7 @@ pub fn fit_draem(
     on_step: &mut dyn FnMut(&LossRecord),
 ) -> Result<DraemFitReport> {
     config.validate()?;
-    let (fit_set, holdout) = split_holdout(images, options.holdout_every);
-    if fit_set.is_empty() || holdout.is_empty() {
-        return Err(Error::Config(format!(
-            "need at least 2 good images (one to train, one to calibrate), got {}",
-            images.len()
-        )));
-    }
+    let (fit_set, holdout) = split_holdout_checked(images, options.holdout_every)?;
     let mut vars = nn::VarStore::new(device);
     let net = DraemNet::new(&vars.root(), config)?;
     let mut adam = Adam::new(&vars)?;
