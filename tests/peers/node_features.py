@@ -250,7 +250,8 @@ def main():
     m = raw_msg(defect, "rgb8", node.next_stamp())
     r = send_and_wait(node, m)
     k = key(m.header)
-    spin_until(node, lambda: k in node.maps and k in node.heatmaps and k in node.overlays, 5)
+    has_markers = lambda: any(a.markers and key(a.markers[0].header) == k for a in node.markers)
+    spin_until(node, lambda: k in node.maps and k in node.heatmaps and k in node.overlays and has_markers(), 10)
     spin_until(node, lambda: False, 0.3)
     out = {"result": result_dict(r), "scores_seen": len(node.scores)}
     if k in node.maps:
