@@ -151,6 +151,7 @@ def main():
             "score": r.score, "raw_score": r.raw_score, "threshold": r.threshold,
             "is_anomalous": bool(r.is_anomalous), "model_id": r.model_id, "method": r.method,
             "regions": regions, "latency_ms": latency_ms,
+            "inference_ms": r.inference_time.sec * 1e3 + r.inference_time.nanosec / 1e6,
             "heatmap": stamp in node.heatmaps, "overlay": stamp in node.overlays,
         }
         if args.save_dir:

@@ -101,7 +101,8 @@ pub struct PatchCoreConfig {
     pub coreset_ratio: f64,
     /// Upper bound on memory-bank rows, whatever the ratio gives (bounds memory and kNN cost).
     pub max_bank_size: usize,
-    /// Dimension of the random projection the coreset selection runs in.
+    /// Dimension of the random projection the coreset selection runs in. 64 halves the cost of
+    /// 128 and chose as well as the exact selection on Magnetic-Tile (README, "Fit speed").
     pub coreset_projection_dim: i64,
     /// Neighbours used for the paper's image-score reweighting.
     pub num_neighbors: i64,
@@ -119,7 +120,7 @@ impl Default for PatchCoreConfig {
             neighbourhood: 3,
             coreset_ratio: 0.1,
             max_bank_size: 40_000,
-            coreset_projection_dim: 128,
+            coreset_projection_dim: 64,
             num_neighbors: 9,
             blur_sigma: 4.0,
             seed: 0,

@@ -10,6 +10,15 @@ pub enum Error {
     /// A compressed image or image file could not be decoded.
     #[error("cannot decode image: {0}")]
     Decode(String),
+    /// A camera frame cannot be used. `fault` says which rule it broke (the node logs each
+    /// kind once and counts it in diagnostics), `message` the details.
+    #[error("bad frame ({fault}): {message}")]
+    Frame {
+        /// Which rule the frame broke.
+        fault: FrameFault,
+        /// The details: the lying field, its value, what was expected.
+        message: String,
+    },
     /// A file could not be read or written.
     #[error("{}: {source}", path.display())]
     Io {
@@ -42,7 +51,64 @@ pub enum Error {
     Torch(#[from] tch::TchError),
 }
 
+/// Why a camera frame (sensor_msgs/Image or CompressedImage) was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FrameFault {
+    /// The pixel encoding is not one the node converts.
+    UnsupportedEncoding,
+    /// Width or height is zero.
+    ZeroSize,
+    /// The frame exceeds the size limits (refused before anything is allocated).
+    TooLarge,
+    /// `step` is shorter than one row of pixels.
+    StepTooSmall,
+    /// `data` is shorter than `height` rows of `step` bytes.
+    DataTooShort,
+    /// A float frame holds NaN or infinite samples.
+    NonFinite,
+    /// A float frame holds samples far outside the 0..1 intensity range (wrong scale or
+    /// wrong `is_bigendian`).
+    OutOfRange,
+    /// A CompressedImage `format` that is neither JPEG nor PNG.
+    UnknownFormat,
+    /// Compressed data cut short.
+    Truncated,
+    /// Compressed data that does not decode.
+    Corrupt,
+    /// The region of interest does not fit in the frame.
+    RoiOutsideFrame,
+}
+
+impl FrameFault {
+    /// A short snake_case name, used in logs and as the diagnostics key `rejected_<name>`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::UnsupportedEncoding => "unsupported_encoding",
+            Self::ZeroSize => "zero_size",
+            Self::TooLarge => "too_large",
+            Self::StepTooSmall => "step_too_small",
+            Self::DataTooShort => "data_too_short",
+            Self::NonFinite => "non_finite",
+            Self::OutOfRange => "out_of_range",
+            Self::UnknownFormat => "unknown_format",
+            Self::Truncated => "truncated",
+            Self::Corrupt => "corrupt",
+            Self::RoiOutsideFrame => "roi_outside_frame",
+        }
+    }
+}
+
+impl std::fmt::Display for FrameFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl Error {
+    /// An [`Error::Frame`].
+    pub fn frame(fault: FrameFault, message: impl Into<String>) -> Self {
+        Error::Frame { fault, message: message.into() }
+    }
     /// An [`Error::Io`] for `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), source }

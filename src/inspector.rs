@@ -94,6 +94,11 @@ impl Inspector {
         self.postprocess = postprocess.clone();
     }
 
+    /// The model and its preprocessor, for the stage timings of [`crate::bench`].
+    pub(crate) fn parts(&self) -> (&model_file::AnomalyModel, &Preprocessor) {
+        (&self.loaded.model, &self.preprocessor)
+    }
+
     /// Inspects one image.
     pub fn inspect(&self, image: &RgbImage) -> Result<Inspection> {
         let t0 = Instant::now();

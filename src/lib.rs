@@ -6,6 +6,7 @@
 //! -> `ros` (topics, parameters; behind the `ros` feature). The core knows nothing of ROS.
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod camera;
 pub mod config;
 pub mod dataset;

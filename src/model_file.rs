@@ -228,7 +228,7 @@ pub fn read_manifest(dir: &Path) -> Result<ModelManifest> {
             "no such model directory; fit one with `anomaly_inspector fit --data <dir> --out <model>`",
         ));
     }
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let text = read_small_text(&path)?;
     let value: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| Error::model(&path, format!("not valid JSON ({e}); the file is damaged")))?;
     if value.get("format").and_then(|f| f.as_str()) != Some(FORMAT) {
@@ -247,19 +247,58 @@ pub fn read_manifest(dir: &Path) -> Result<ModelManifest> {
     Ok(manifest)
 }
 
+/// Largest model.json read: real ones are a few kilobytes, so anything near this is not one (and
+/// must not be read into memory whole).
+const MAX_MANIFEST_BYTES: u64 = 16 * 1024 * 1024;
+
+/// model.json as text, with messages that say what to do when it is missing or not text.
+fn read_small_text(path: &Path) -> Result<String> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::model(
+                dir,
+                "no model.json in this directory: not a model directory, or one that was not completely copied",
+            ))
+        }
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    if meta.len() > MAX_MANIFEST_BYTES {
+        return Err(Error::model(path, format!("{} bytes: not a model.json (those are a few kilobytes)", meta.len())));
+    }
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    String::from_utf8(bytes).map_err(|e| Error::model(path, format!("not UTF-8 text ({e}); the file is damaged")))
+}
+
 /// Loads a model directory onto `device`.
 pub fn load(dir: &Path, device: Device) -> Result<LoadedModel> {
     let manifest = read_manifest(dir)?;
     let model = match (manifest.method, &manifest.patchcore, &manifest.draem) {
         (Method::Patchcore, Some(cfg), _) => {
-            let backbone = Backbone::new(&dir.join(backbone_file(cfg.backbone.kind)), &cfg.backbone, device)?;
-            let bank = patchcore::load_memory_bank(&dir.join("memory_bank.safetensors"), device)?;
-            AnomalyModel::PatchCore(PatchCore::new(backbone, bank, cfg)?)
+            let weights = dir.join(backbone_file(cfg.backbone.kind));
+            let backbone = Backbone::new(&weights, &cfg.backbone, device).map_err(|e| damaged(&weights, e))?;
+            let bank_path = dir.join("memory_bank.safetensors");
+            let bank = patchcore::load_memory_bank(&bank_path, device).map_err(|e| damaged(&bank_path, e))?;
+            AnomalyModel::PatchCore(PatchCore::new(backbone, bank, cfg).map_err(|e| damaged(&bank_path, e))?)
         }
-        (Method::Draem, _, Some(cfg)) => AnomalyModel::Draem(Draem::load(&dir.join(DRAEM_WEIGHTS), cfg, device)?),
+        (Method::Draem, _, Some(cfg)) => {
+            let weights = dir.join(DRAEM_WEIGHTS);
+            AnomalyModel::Draem(Draem::load(&weights, cfg, device).map_err(|e| damaged(&weights, e))?)
+        }
         _ => unreachable!("read_manifest validated the method's settings"),
     };
     Ok(LoadedModel { manifest, model })
+}
+
+/// A model file that model.json promises but that cannot be used: say what to do about it.
+fn damaged(file: &Path, e: Error) -> Error {
+    const HINT: &str = "the file is damaged or incomplete (copied only in part?): copy the model again or re-fit it";
+    match e {
+        Error::Model { path, reason } => Error::model(path, format!("{reason}; {HINT}")),
+        Error::Io { path, source } => Error::model(path, format!("{source}; {HINT}")),
+        other => Error::model(file, format!("{other}; {HINT}")),
+    }
 }
 
 /// Writes a fitted PatchCore model to `dir` atomically (temporary sibling, then rename; an
@@ -408,6 +447,14 @@ mod tests {
 
         std::fs::write(m.join("model.json"), r#"{"hello": 1}"#).unwrap();
         assert!(read_manifest(&m).unwrap_err().to_string().contains("not an anomaly_inspector model"));
+
+        std::fs::write(m.join("model.json"), b"{\"format\": \"\xff\xfe\"}").unwrap();
+        let err = read_manifest(&m).unwrap_err().to_string();
+        assert!(err.contains("not UTF-8") && err.contains("damaged"), "{err}");
+
+        std::fs::remove_file(m.join("model.json")).unwrap();
+        let err = read_manifest(&m).unwrap_err().to_string();
+        assert!(err.contains("no model.json"), "{err}");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::imaging;
 use crate::model_file::{self, Calibration, TrainingInfo};
 use crate::models::backbone::Backbone;
-use crate::models::patchcore::{FitSummary, PatchCore};
+use crate::models::patchcore::{FitProgress, FitSummary, PatchCore};
 use crate::models::ModelOutput;
 use crate::preprocess::Preprocessor;
 
@@ -30,6 +30,8 @@ pub enum FitStage {
     Training,
     /// Extracting features of training images (PatchCore).
     Features,
+    /// Choosing the memory bank's rows (PatchCore): `done` of `total` rows.
+    Coreset,
     /// Scoring held-out good images for the thresholds.
     Calibration,
 }
@@ -115,9 +117,12 @@ pub fn fit_patchcore(
     });
     let total = fit_set.len();
     let mut done = 0;
-    let (model, summary) = PatchCore::fit(backbone, batches, config, |n| {
-        done += n;
-        progress(FitStage::Features, done, total);
+    let (model, summary) = PatchCore::fit(backbone, batches, config, |p| match p {
+        FitProgress::Images(n) => {
+            done += n;
+            progress(FitStage::Features, done, total);
+        }
+        FitProgress::Coreset { done, total } => progress(FitStage::Coreset, done, total),
     })?;
 
     let (image_scores, pixel_max) = calibrate(&holdout, &pre, batch_size, &|x| model.forward(x), progress)?;

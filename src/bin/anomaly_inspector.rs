@@ -33,6 +33,9 @@ enum Command {
     /// Evaluate a model on the labelled test images of an MVTec-layout folder: image AUROC,
     /// F1-max, pixel AUROC, AUPRO, per defect type, and speed; writes a JSON report.
     Eval(EvalArgs),
+    /// Time the engine's stages (decode, preprocess, network, kNN, post-processing) against the
+    /// model's own forward + kNN, and the kNN against memory-bank size; prints a table.
+    Bench(BenchArgs),
 }
 
 #[derive(Args)]
@@ -61,6 +64,10 @@ struct FitArgs {
     /// Fraction of patches kept in the memory bank.
     #[arg(long)]
     coreset_ratio: Option<f64>,
+    /// Dimension of the random projection the coreset is chosen in (at least the feature
+    /// dimension: no projection, exact greedy k-center).
+    #[arg(long)]
+    coreset_dim: Option<i64>,
     /// Seed for every random choice.
     #[arg(long)]
     seed: Option<u64>,
@@ -147,6 +154,7 @@ fn main() -> anyhow::Result<()> {
         Command::Predict(a) => predict(a),
         Command::Synth(a) => synth(a),
         Command::Eval(a) => eval(a),
+        Command::Bench(a) => bench(a),
     }
 }
 
@@ -192,6 +200,9 @@ fn fit(a: FitArgs) -> anyhow::Result<()> {
     if let Some(r) = a.coreset_ratio {
         cfg.coreset_ratio = r;
     }
+    if let Some(d) = a.coreset_dim {
+        cfg.coreset_projection_dim = d;
+    }
     if let Some(s) = a.seed {
         cfg.seed = s;
     }
@@ -214,6 +225,7 @@ fn fit(a: FitArgs) -> anyhow::Result<()> {
             }
             let label = match stage {
                 FitStage::Features => "features",
+                FitStage::Coreset => "coreset",
                 FitStage::Calibration => "calibration",
                 FitStage::Loading => "loading",
                 FitStage::Training => "training",
@@ -260,8 +272,8 @@ fn fit(a: FitArgs) -> anyhow::Result<()> {
 /// `fit --method draem`: settings from the preset (or, with --resume, from the checkpoint),
 /// overridden by the options given.
 fn fit_draem_command(a: FitArgs) -> anyhow::Result<()> {
-    if a.coreset_ratio.is_some() || a.layers.is_some() || a.backbone_weights.is_some() || a.backbone != "efficientnet_lite0" {
-        bail!("--backbone, --backbone-weights, --layers and --coreset-ratio are PatchCore options; DRAEM trains its own networks");
+    if a.coreset_ratio.is_some() || a.coreset_dim.is_some() || a.layers.is_some() || a.backbone_weights.is_some() || a.backbone != "efficientnet_lite0" {
+        bail!("--backbone, --backbone-weights, --layers, --coreset-ratio and --coreset-dim are PatchCore options; DRAEM trains its own networks");
     }
     let data = MvtecDataset::open(&a.data)?;
     let mut cfg = if a.resume {
@@ -453,6 +465,88 @@ fn synth(a: SynthArgs) -> anyhow::Result<()> {
     let cfg = SyntheticConfig { seed: a.seed, n_train: a.n_train, ..SyntheticConfig::default() };
     let summary = generate_dataset(&a.out, &cfg).with_context(|| format!("writing {}", a.out.display()))?;
     eprintln!("synthetic data set written to {}: {summary:?}", a.out.display());
+    Ok(())
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Model directories to time (each at each --frame size).
+    #[arg(long, required = true)]
+    model: Vec<PathBuf>,
+    /// Image whose pixels are used as the frame (resized to each --frame size).
+    #[arg(long)]
+    image: PathBuf,
+    /// Frame sizes WxH fed to the engine.
+    #[arg(long, value_delimiter = ',', default_value = "640x480")]
+    frame: Vec<String>,
+    /// Timed repetitions per stage (medians are reported).
+    #[arg(long, default_value_t = 20)]
+    iterations: usize,
+    /// Memory-bank sizes for the kNN scaling table (empty: skip it).
+    #[arg(long, value_delimiter = ',', default_value = "1000,5000,20000,40000,100000")]
+    bank_rows: Vec<i64>,
+    /// auto, cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    device: DeviceChoice,
+    /// Also write the numbers as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn parse_frame_size(s: &str) -> anyhow::Result<(u32, u32)> {
+    let (w, h) = s.split_once('x').with_context(|| format!("frame size '{s}': write WxH, e.g. 640x480"))?;
+    let (w, h): (u32, u32) = (w.trim().parse()?, h.trim().parse()?);
+    if !(16..=8192).contains(&w) || !(16..=8192).contains(&h) {
+        bail!("frame size {w}x{h}: each side must be 16..=8192");
+    }
+    Ok((w, h))
+}
+
+fn bench(a: BenchArgs) -> anyhow::Result<()> {
+    use anomaly_inspector::bench::{bench_engine, bench_knn_scaling};
+    let device = device::resolve(a.device)?;
+    let source = imaging::load(&a.image).with_context(|| format!("reading {}", a.image.display()))?;
+    let sizes = a.frame.iter().map(|s| parse_frame_size(s)).collect::<anyhow::Result<Vec<_>>>()?;
+    let mut engine = Vec::new();
+    println!(
+        "{:<22} {:>5} {:>9} {:>7} | {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} | {:>7} {:>7} {:>8} | {:>6}",
+        "model", "input", "frame", "bank", "png", "convert", "preproc", "network", "knn", "forward", "post", "engine",
+        "floor", "overhead", "RSS MiB"
+    );
+    for model_dir in &a.model {
+        let inspector = Inspector::new(model_dir, device, &PostprocessConfig::default())
+            .with_context(|| format!("loading {}", model_dir.display()))?;
+        for &(w, h) in &sizes {
+            let frame = image::imageops::resize(&source, w, h, image::imageops::FilterType::Triangle);
+            let mut png = Vec::new();
+            image::DynamicImage::ImageRgb8(frame.clone())
+                .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+            let r = bench_engine(&inspector, &frame, &png, a.iterations)?;
+            let s = &r.stages;
+            println!(
+                "{:<22} {:>5} {:>9} {:>7} | {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.2} | {:>7.2} {:>7.2} {:>7.1}% | {:>6.0}",
+                r.model, r.input_size, format!("{w}x{h}"), r.bank_size.map_or("-".into(), |b| b.to_string()),
+                s.decode_png_ms, s.convert_ms, s.preprocess_ms, s.network_ms, s.knn_ms, s.forward_ms, s.postprocess_ms,
+                s.engine_ms, s.floor_ms, r.engine_overhead * 100.0, r.rss_mib
+            );
+            engine.push(r);
+        }
+    }
+    println!("(ms, medians of {} runs on {}; floor = network + kNN only; overhead = engine / floor - 1)", a.iterations, device::describe(device));
+    let dim = engine.iter().find_map(|r| r.bank_dim).unwrap_or(152);
+    let mut knn = Vec::new();
+    if !a.bank_rows.is_empty() {
+        let queries = 1024; // one 256 px image at stride 8
+        knn = bench_knn_scaling(&a.bank_rows, dim, queries, device, a.iterations.min(10))?;
+        println!("\nkNN against memory-bank size ({queries} query patches, dim {dim}):");
+        for k in &knn {
+            println!("  {:>7} rows  {:>8.2} ms", k.bank_rows, k.knn_ms);
+        }
+    }
+    if let Some(path) = &a.json {
+        let json = serde_json::json!({ "device": device::describe(device), "engine": engine, "knn_scaling": knn });
+        std::fs::write(path, serde_json::to_string_pretty(&json)?).with_context(|| format!("writing {}", path.display()))?;
+    }
     Ok(())
 }
 

@@ -1,6 +1,8 @@
 //! Anomaly models: feature extractors ([`backbone`]) and the detectors built on them
-//! ([`patchcore`], [`draem`] with its anomaly simulator [`perlin`]).
+//! ([`patchcore`] with its memory-bank selection [`coreset`], [`draem`] with its anomaly
+//! simulator [`perlin`]).
 pub mod backbone;
+pub mod coreset;
 pub mod draem;
 pub mod patchcore;
 pub mod perlin;

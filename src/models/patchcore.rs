@@ -11,16 +11,21 @@ use tch::{Device, Kind, Tensor};
 use crate::config::PatchCoreConfig;
 use crate::error::{Error, Result};
 use crate::models::backbone::Backbone;
-use crate::models::ModelOutput;
+use crate::models::{coreset, ModelOutput};
 
-/// Rows of the memory bank compared at once in nearest-neighbour search; bounds the
-/// `[queries, chunk]` distance matrix to a few tens of MB.
-const KNN_CHUNK: i64 = 16_384;
+/// Rows of the memory bank compared at once in nearest-neighbour search: with one frame's
+/// ~1000 patches the `[queries, rows]` block (16 MB) stays in the CPU's last-level cache.
+const KNN_CHUNK: i64 = 4_096;
+/// Largest `[queries, bank rows]` distance block computed at once: a batch of frames is split
+/// into blocks of this many elements.
+const KNN_BLOCK: i64 = 4_194_304;
 
 /// Defect-free patch features, `[M, D]` float32 on the model's device.
 #[derive(Debug)]
 pub struct MemoryBank {
     features: Tensor,
+    /// `[M]` squared norms of the rows, computed once for every search.
+    sq_norms: Tensor,
 }
 
 impl MemoryBank {
@@ -30,13 +35,23 @@ impl MemoryBank {
         if size.len() != 2 || size[0] < 1 || size[1] < 1 {
             return Err(Error::Config(format!("memory bank must be [M, D] with M, D >= 1, got {size:?}")));
         }
-        Ok(Self { features: features.f_to_kind(Kind::Float)?.f_contiguous()? })
+        let features = features.f_to_kind(Kind::Float)?.f_contiguous()?;
+        let sq_norms = features.f_pow_tensor_scalar(2)?.f_sum_dim_intlist(1, false, Kind::Float)?;
+        Ok(Self { features, sq_norms })
     }
 
     /// Greedy k-center coreset (PatchCore paper, Alg. 1) of `features` `[N, D]`, keeping `n`
     /// rows. Distances are computed in a `projection_dim` Gaussian random projection (the paper's
-    /// Johnson-Lindenstrauss trick), which keeps the selection cheap for wide features.
-    pub fn coreset(features: &Tensor, n: i64, projection_dim: i64, seed: u64) -> Result<Self> {
+    /// Johnson-Lindenstrauss trick), which keeps the selection cheap for wide features. On the
+    /// CPU the exact selection is found with triangle-inequality pruning ([`coreset`]); on a GPU
+    /// each step is one mat-vec over all rows. `on_step(done, total)` reports progress.
+    pub fn coreset(
+        features: &Tensor,
+        n: i64,
+        projection_dim: i64,
+        seed: u64,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
         let total = features.size()[0];
         if n >= total {
             return Self::new(features.shallow_clone());
@@ -53,21 +68,19 @@ impl MemoryBank {
         } else {
             features.shallow_clone()
         };
-        let sq_norms = projected.f_pow_tensor_scalar(2)?.f_sum_dim_intlist(1, false, Kind::Float)?;
         // Start from a seeded random row, as the paper does.
-        let mut current = (seed % total as u64) as i64;
-        let mut min_dist = Tensor::f_full([total], f64::INFINITY, (Kind::Float, device))?;
-        let mut selected = Vec::with_capacity(n as usize);
-        for _ in 0..n {
-            selected.push(current);
-            let centre = projected.f_get(current)?;
-            // |x - c|^2 = |x|^2 - 2 x.c + |c|^2, one mat-vec per step.
-            let dist = sq_norms
-                .f_sub(&projected.f_mv(&centre)?.f_mul_scalar(2.0)?)?
-                .f_add_scalar(sq_norms.f_get(current)?.f_double_value(&[])?)?;
-            min_dist = min_dist.f_minimum(&dist)?;
-            current = min_dist.f_argmax(0, false)?.f_int64_value(&[])?;
-        }
+        let start = (seed % total as u64) as i64;
+        let selected = if device == Device::Cpu {
+            let pdim = projected.size()[1] as usize;
+            let points = Vec::<f32>::try_from(projected.f_to_kind(Kind::Float)?.f_contiguous()?.f_view([-1])?)?;
+            let anchors = coreset::sample_rows(total as usize, coreset::anchor_count(total as usize), seed);
+            coreset::greedy_k_center(&points, pdim, n as usize, start as usize, &anchors, on_step)
+                .into_iter()
+                .map(|i| i as i64)
+                .collect()
+        } else {
+            greedy_on_device(&projected, n, start, on_step)?
+        };
         let index = Tensor::f_from_slice(&selected)?.f_to_device(device)?;
         Self::new(features.f_index_select(0, &index)?)
     }
@@ -94,22 +107,48 @@ impl MemoryBank {
 
     /// Distances and indices of the `k` nearest bank rows of each query `[Q, D]`:
     /// returns (`[Q, k]` Euclidean distances ascending, `[Q, k]` int64 indices).
-    /// The bank is scanned in chunks so memory stays bounded whatever its size.
+    /// Queries and bank are both taken in chunks, so memory stays bounded whatever their sizes.
     pub fn nearest(&self, queries: &Tensor, k: i64) -> Result<(Tensor, Tensor)> {
+        let n_queries = queries.size()[0];
+        let per_chunk = (KNN_BLOCK / KNN_CHUNK.min(self.len())).max(1);
+        if n_queries <= per_chunk {
+            return self.nearest_block(queries, k);
+        }
+        let mut dists = Vec::new();
+        let mut indices = Vec::new();
+        let mut start = 0;
+        while start < n_queries {
+            let len = per_chunk.min(n_queries - start);
+            let (d, i) = self.nearest_block(&queries.f_narrow(0, start, len)?, k)?;
+            dists.push(d);
+            indices.push(i);
+            start += len;
+        }
+        Ok((Tensor::f_cat(&dists, 0)?, Tensor::f_cat(&indices, 0)?))
+    }
+
+    /// [`MemoryBank::nearest`] for one block of queries, scanning the bank in chunks.
+    fn nearest_block(&self, queries: &Tensor, k: i64) -> Result<(Tensor, Tensor)> {
         let k = k.min(self.len());
         let q_sq = queries.f_pow_tensor_scalar(2)?.f_sum_dim_intlist(1, true, Kind::Float)?;
+        let q_m2 = queries.f_mul_scalar(-2.0)?;
         let mut best: Option<(Tensor, Tensor)> = None;
         let mut start = 0;
         while start < self.len() {
             let len = KNN_CHUNK.min(self.len() - start);
             let chunk = self.features.f_narrow(0, start, len)?;
-            let c_sq = chunk.f_pow_tensor_scalar(2)?.f_sum_dim_intlist(1, false, Kind::Float)?;
-            // Squared distances via one matmul; clamp guards the tiny negatives of cancellation.
-            let d2 = q_sq
-                .f_add(&c_sq.f_unsqueeze(0)?)?
-                .f_sub(&queries.f_matmul(&chunk.f_tr()?)?.f_mul_scalar(2.0)?)?
-                .f_clamp_min(0.0)?;
-            let (d, i) = d2.f_topk(k.min(len), 1, false, true)?;
+            let c_sq = self.sq_norms.f_narrow(0, start, len)?;
+            // |q - c|^2 = |q|^2 + (|c|^2 - 2 q.c): the bracket in one fused matmul-add; |q|^2 is the
+            // same along a row, so it is added after the reduction (one pass less over the block),
+            // and the clamp guards the tiny negatives of cancellation.
+            let partial = c_sq.f_unsqueeze(0)?.f_addmm(&q_m2, &chunk.f_tr()?)?;
+            let (d, i) = if k == 1 {
+                // min is a plain reduction; topk would sort.
+                partial.f_min_dim(1, true)?
+            } else {
+                partial.f_topk(k.min(len), 1, false, true)?
+            };
+            let d = d.f_add(&q_sq)?.f_clamp_min(0.0)?;
             let i = i.f_add_scalar(start)?;
             best = Some(match best {
                 None => (d, i),
@@ -154,6 +193,20 @@ pub struct FitSummary {
     pub coreset_seconds: f64,
 }
 
+/// Progress of [`PatchCore::fit`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FitProgress {
+    /// Features of this many more images extracted.
+    Images(usize),
+    /// Memory-bank rows chosen so far, of the total.
+    Coreset {
+        /// Rows chosen.
+        done: usize,
+        /// Rows to choose.
+        total: usize,
+    },
+}
+
 impl PatchCore {
     /// Assembles a model from its parts (used by the model loader).
     pub fn new(backbone: Backbone, bank: MemoryBank, config: &PatchCoreConfig) -> Result<Self> {
@@ -163,12 +216,12 @@ impl PatchCore {
     }
 
     /// Fits a memory bank on defect-free images given as normalised batches `[B, 3, H, W]`.
-    /// `on_batch` is called after each batch (progress bars).
+    /// `progress` hears of each batch and of the coreset's steps (progress bars).
     pub fn fit(
         backbone: Backbone,
         batches: impl IntoIterator<Item = Result<Tensor>>,
         config: &PatchCoreConfig,
-        mut on_batch: impl FnMut(usize),
+        mut progress: impl FnMut(FitProgress),
     ) -> Result<(Self, FitSummary)> {
         config.validate()?;
         let _guard = tch::no_grad_guard();
@@ -181,7 +234,7 @@ impl PatchCore {
             let emb = embed(&backbone, &batch, config.neighbourhood)?;
             feats.push(flatten_patches(&emb)?);
             n_images += n;
-            on_batch(n);
+            progress(FitProgress::Images(n));
         }
         if feats.is_empty() {
             return Err(Error::Config("no training images: PatchCore needs at least one good image".into()));
@@ -193,7 +246,9 @@ impl PatchCore {
         let keep = ((n_patches as f64 * config.coreset_ratio).ceil() as i64)
             .clamp(1, config.max_bank_size as i64);
         let t1 = std::time::Instant::now();
-        let bank = MemoryBank::coreset(&all, keep, config.coreset_projection_dim, config.seed)?;
+        let bank = MemoryBank::coreset(&all, keep, config.coreset_projection_dim, config.seed, &mut |done, total| {
+            progress(FitProgress::Coreset { done, total })
+        })?;
         let summary = FitSummary {
             n_images,
             n_patches,
@@ -263,6 +318,30 @@ impl PatchCore {
         };
         Ok(ModelOutput { image_scores, anomaly_maps: maps })
     }
+}
+
+/// Plain greedy k-center with one mat-vec per step over `[N, D]` points on their device (the
+/// GPU path of [`MemoryBank::coreset`]): row indices in selection order.
+fn greedy_on_device(points: &Tensor, n: i64, start: i64, on_step: &mut dyn FnMut(usize, usize)) -> Result<Vec<i64>> {
+    let total = points.size()[0];
+    let sq_norms = points.f_pow_tensor_scalar(2)?.f_sum_dim_intlist(1, false, Kind::Float)?;
+    let mut current = start;
+    let mut min_dist = Tensor::f_full([total], f64::INFINITY, (Kind::Float, points.device()))?;
+    let mut selected = Vec::with_capacity(n as usize);
+    for step in 0..n {
+        selected.push(current);
+        let centre = points.f_get(current)?;
+        // |x - c|^2 = |x|^2 - 2 x.c + |c|^2
+        let dist = sq_norms
+            .f_sub(&points.f_mv(&centre)?.f_mul_scalar(2.0)?)?
+            .f_add_scalar(sq_norms.f_get(current)?.f_double_value(&[])?)?;
+        min_dist = min_dist.f_minimum(&dist)?;
+        current = min_dist.f_argmax(0, false)?.f_int64_value(&[])?;
+        if step % 256 == 255 || step + 1 == n {
+            on_step(step as usize + 1, n as usize);
+        }
+    }
+    Ok(selected)
 }
 
 /// Locally aware patch features: each configured layer average-pooled over a
@@ -368,7 +447,7 @@ mod tests {
             }
         }
         let feats = Tensor::from_slice(&rows).view([-1, 2]);
-        let bank = MemoryBank::coreset(&feats, 4, 128, 0).unwrap();
+        let bank = MemoryBank::coreset(&feats, 4, 128, 0, &mut |_, _| {}).unwrap();
         assert_eq!(bank.len(), 4);
         let (d, _) = bank.nearest(&feats, 1).unwrap();
         assert!(d.max().double_value(&[]) < 0.2, "a cluster was missed");
@@ -378,8 +457,8 @@ mod tests {
     fn coreset_is_deterministic_for_a_seed() {
         tch::manual_seed(3);
         let feats = Tensor::randn([500, 64], (Kind::Float, Device::Cpu));
-        let a = MemoryBank::coreset(&feats, 50, 16, 7).unwrap();
-        let b = MemoryBank::coreset(&feats, 50, 16, 7).unwrap();
+        let a = MemoryBank::coreset(&feats, 50, 16, 7, &mut |_, _| {}).unwrap();
+        let b = MemoryBank::coreset(&feats, 50, 16, 7, &mut |_, _| {}).unwrap();
         assert!(a.features().equal(b.features()));
     }
 

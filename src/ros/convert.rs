@@ -2,11 +2,11 @@
 use image::RgbImage;
 use r2r::anomaly_inspector_msgs::msg::{AnomalyResult, DefectRegion as DefectRegionMsg};
 use r2r::builtin_interfaces::msg::Duration as DurationMsg;
-use r2r::sensor_msgs::msg::{Image, RegionOfInterest};
+use r2r::sensor_msgs::msg::{CompressedImage, Image, RegionOfInterest};
 use r2r::std_msgs::msg::Header;
 
 use crate::error::Result;
-use crate::imaging::{self, PixelEncoding, RawImage};
+use crate::imaging::{self, CompressedFormat, PixelEncoding, RawImage};
 use crate::inspector::Inspection;
 use crate::postprocess::DefectRegion;
 
@@ -26,6 +26,13 @@ pub fn raw_image(msg: &Image) -> Result<RawImage<'_>> {
 /// sensor_msgs/Image -> RGB image, validating every size field.
 pub fn image_to_rgb(msg: &Image) -> Result<RgbImage> {
     imaging::to_rgb(&raw_image(msg)?)
+}
+
+/// sensor_msgs/CompressedImage -> RGB image: `format` must name JPEG or PNG (or be empty); the
+/// data is decoded by its content, with the size limits of [`imaging::decode_compressed`].
+pub fn compressed_to_rgb(msg: &CompressedImage) -> Result<RgbImage> {
+    let _checked: CompressedFormat = msg.format.parse()?;
+    imaging::decode_compressed(&msg.data)
 }
 
 /// An rgb8 sensor_msgs/Image carrying `header` (copied from the input, as image_pipeline does).
@@ -65,5 +72,91 @@ pub fn result_msg(header: &Header, inspection: &Inspection, model_id: &str, meth
         method: method.into(),
         regions: inspection.regions.iter().map(region_msg).collect(),
         inference_time: DurationMsg { sec: elapsed.as_secs() as i32, nanosec: elapsed.subsec_nanos() },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Message-level properties: whatever a publisher puts in the fields, the conversion the
+    //! node runs never panics, and it agrees with the core's view of the same fields.
+    use super::*;
+    use crate::error::Error;
+    use proptest::prelude::*;
+
+    fn encoding_name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => prop::sample::select(vec![
+                "rgb8", "bgr8", "rgba8", "bgra8", "mono8", "mono16", "8UC1", "8UC3", "8UC4", "16UC1", "32FC1",
+                "32FC3", "RGB8", " mono8 ", "yuv422", "bayer_rggb8", "16UC3", "64FC1", "",
+            ])
+            .prop_map(String::from),
+            1 => ".{0,64}",
+        ]
+    }
+
+    fn image_msg() -> impl Strategy<Value = Image> {
+        let side = prop_oneof![6 => 0u32..20, 1 => any::<u32>(), 1 => Just(20_000u32)];
+        let step = prop_oneof![6 => 0u32..260, 1 => any::<u32>()];
+        (encoding_name(), side.clone(), side, step, any::<u8>(), prop::collection::vec(any::<u8>(), 0..5000)).prop_map(
+            |(encoding, width, height, step, is_bigendian, data)| Image {
+                encoding,
+                width,
+                height,
+                step,
+                is_bigendian,
+                data,
+                ..Default::default()
+            },
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn any_image_message_converts_or_is_refused_as_a_bad_frame(msg in image_msg()) {
+            match image_to_rgb(&msg) {
+                Ok(img) => {
+                    prop_assert_eq!(img.dimensions(), (msg.width, msg.height));
+                    // Agrees with the core's conversion of the same fields.
+                    let raw = raw_image(&msg).unwrap();
+                    prop_assert_eq!(imaging::to_rgb(&raw).unwrap(), img);
+                }
+                Err(Error::Frame { message, .. }) => prop_assert!(message.len() < 1000),
+                Err(other) => prop_assert!(false, "not a frame error: {}", other),
+            }
+        }
+
+        #[test]
+        fn every_non_zero_is_bigendian_means_big_endian(flag in 1u8..=255, data in prop::collection::vec(any::<u8>(), 8)) {
+            for encoding in ["mono16", "32FC1"] {
+                let msg = |f: u8| Image { encoding: encoding.into(), width: 2, height: 1, step: 8, is_bigendian: f, data: data.clone(), ..Default::default() };
+                prop_assert_eq!(image_to_rgb(&msg(flag)).ok(), image_to_rgb(&msg(1)).ok());
+            }
+        }
+
+        #[test]
+        fn any_compressed_message_decodes_or_is_refused_as_a_bad_frame(
+            format in prop_oneof![Just("jpeg".to_string()), Just("png".to_string()), Just(String::new()), ".{0,40}"],
+            data in prop::collection::vec(any::<u8>(), 0..2000),
+        ) {
+            let msg = CompressedImage { format, data, ..Default::default() };
+            match compressed_to_rgb(&msg) {
+                Ok(img) => prop_assert!(img.width() >= 1 && img.height() >= 1),
+                Err(Error::Frame { message, .. }) => prop_assert!(message.len() < 1000),
+                Err(other) => prop_assert!(false, "not a frame error: {}", other),
+            }
+        }
+    }
+
+    #[test]
+    fn compressed_format_is_checked_before_the_data() {
+        let png = {
+            let mut b = Vec::new();
+            RgbImage::new(3, 2).write_to(&mut std::io::Cursor::new(&mut b), image::ImageFormat::Png).unwrap();
+            b
+        };
+        for (format, ok) in [("png", true), ("rgb8; png compressed rgb8", true), ("", true), ("jpeg", true), ("theora", false)] {
+            let msg = CompressedImage { format: format.into(), data: png.clone(), ..Default::default() };
+            assert_eq!(compressed_to_rgb(&msg).is_ok(), ok, "{format}");
+        }
     }
 }

@@ -19,7 +19,7 @@ use r2r::QosProfile;
 use tokio::sync::{broadcast, oneshot};
 
 use super::outputs;
-use super::params::{InputQos, InputTransport, NodeParams};
+use super::params::{CheckedParams, InputQos, InputTransport, NodeParams};
 use super::worker::{self, Command, Frame, Mailbox, Publishers, Shared, Status};
 use crate::camera::PinholeCamera;
 
@@ -55,11 +55,13 @@ pub fn run() -> anyhow::Result<()> {
         r2r::log_info!(&logger, "CUDA backend registered ({lib})");
     }
 
-    let params = Arc::new(Mutex::new(NodeParams::default()));
+    let params = Arc::new(Mutex::new(CheckedParams::new(NodeParams::default(), &logger)));
     let (param_handler, mut param_events) = node
         .make_derived_parameter_handler(params.clone())
         .context("cannot declare parameters")?;
-    let initial = params.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    // r2r's own copy of the values (list/describe services); kept in step when a load fails.
+    let node_params = node.params.clone();
+    let initial = params.lock().unwrap_or_else(|e| e.into_inner()).values.clone();
     if initial.settings().is_ok() {
         remember_good(&initial);
     }
@@ -149,31 +151,50 @@ pub fn run() -> anyhow::Result<()> {
         });
     }
 
-    // Parameter changes -> inference thread. A value that does not parse is refused: the
-    // parameter goes back to its previous value, which stays in force.
+    // Parameter changes -> inference thread. Values that do not parse never get here
+    // (CheckedParams refuses them in the set_parameters reply); a model that does not load is
+    // refused here: the parameter goes back to the model in force.
     {
         let logger = logger.clone();
         let params = params.clone();
         let shared = shared.clone();
+        let node_params = node_params.clone();
         rt.spawn(async move {
             while let Some((name, value)) = param_events.next().await {
-                let mut p = params.lock().unwrap_or_else(|e| e.into_inner());
-                match p.settings() {
-                    Ok(s) => {
-                        remember_good(&p);
-                        r2r::log_info!(&logger, "parameter {name} set to {value:?}");
-                        shared.mailbox.put_command(Command::Settings(s));
+                let parsed = {
+                    let mut p = params.lock().unwrap_or_else(|e| e.into_inner());
+                    p.settings().map_err(|e| (e, revert(&mut p, &name)))
+                };
+                let refused = match parsed {
+                    Ok(settings) => {
+                        let (tx, rx) = oneshot::channel();
+                        shared.mailbox.put_command(Command::Settings(settings, tx));
+                        match rx.await {
+                            Ok(Err(e)) => Some((e, revert(&mut params.lock().unwrap_or_else(|e| e.into_inner()), &name))),
+                            Ok(Ok(())) | Err(_) => None,
+                        }
                     }
-                    Err(e) => {
-                        let restored = revert(&mut p, &name).unwrap_or_else(|| "unchanged".into());
+                    Err((e, restored)) => Some((e.to_string(), restored)),
+                };
+                match refused {
+                    Some((e, restored)) => {
+                        // Our struct's lock is released: r2r takes its map's lock first.
+                        if let Some(old) = &restored {
+                            store(&node_params, &name, old.clone());
+                        }
+                        let restored = restored.map(|v| format!("{v:?}")).unwrap_or_else(|| "unchanged".into());
                         r2r::log_error!(&logger, "parameter {name} = {value:?} refused: {e}; it stays {restored}");
+                    }
+                    None => {
+                        remember_good(&params.lock().unwrap_or_else(|e| e.into_inner()));
+                        r2r::log_info!(&logger, "parameter {name} set to {value:?}");
                     }
                 }
             }
         });
     }
 
-    spawn_services(&mut node, &rt, &shared, &params, &logger)?;
+    spawn_services(&mut node, &rt, &shared, &params, &node_params, &logger)?;
 
     // Diagnostics at 1 Hz.
     {
@@ -235,14 +256,39 @@ pub fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Puts parameter `name` back to the last value that parsed; returns it for the log.
-fn revert(params: &mut NodeParams, name: &str) -> Option<String> {
+/// Puts parameter `name` back to the last value in force in our struct; returns it (for r2r's
+/// copy, see [`store`], and the log).
+fn revert(params: &mut NodeParams, name: &str) -> Option<r2r::ParameterValue> {
     use r2r::RosParams;
     let mut good = LAST_GOOD.lock().unwrap_or_else(|e| e.into_inner());
     let good = good.get_or_insert_with(NodeParams::default);
     let old = good.get_parameter(name).ok()?;
     params.set_parameter(name, &old).ok()?;
-    Some(format!("{old:?}"))
+    Some(old)
+}
+
+/// r2r's own copy of the parameter values: it decides whether a set_parameters call is a change
+/// (and so raises an event), so services that change a parameter must update it too.
+type NodeParamMap = Arc<Mutex<r2r::indexmap::IndexMap<String, r2r::Parameter>>>;
+
+/// Stores `value` for `name` in r2r's copy (see [`NodeParamMap`]). Never call it holding our
+/// struct's lock: r2r's get_parameters takes the map's lock, then ours.
+fn store(node_params: &NodeParamMap, name: &str, value: r2r::ParameterValue) {
+    if let Some(p) = node_params.lock().unwrap_or_else(|e| e.into_inner()).get_mut(name) {
+        p.value = value;
+    }
+}
+
+/// Records a model switched to by a service as the `model` parameter, so that the parameter
+/// tells the truth and a later parameter change does not load the previous model again.
+fn model_in_force(params: &Mutex<CheckedParams>, node_params: &NodeParamMap, path: &std::path::Path) {
+    let model = path.to_string_lossy().into_owned();
+    {
+        let mut p = params.lock().unwrap_or_else(|e| e.into_inner());
+        p.model = model.clone();
+        remember_good(&p);
+    }
+    store(node_params, "model", r2r::ParameterValue::String(model));
 }
 
 /// The last parameter set that parsed (for [`revert`]).
@@ -254,6 +300,9 @@ fn remember_good(params: &NodeParams) {
 
 const DEFAULT_INSPECT_TIMEOUT_S: f32 = 5.0;
 const DEFAULT_TEACH_FRAMES: u32 = 30;
+/// Teach-in frames are held in memory until the fit (500 frames of 1280x1024 RGB: 2 GB), and
+/// PatchCore needs far fewer; a larger request is refused rather than risk the node's memory.
+pub const MAX_TEACH_FRAMES: u32 = 500;
 const DEFAULT_TEACH_TIMEOUT_S: f32 = 120.0;
 
 fn timeout_or(value: f32, default: f32) -> Duration {
@@ -276,7 +325,8 @@ fn spawn_services(
     node: &mut r2r::Node,
     rt: &tokio::runtime::Runtime,
     shared: &Arc<Shared>,
-    params: &Arc<Mutex<NodeParams>>,
+    params: &Arc<Mutex<CheckedParams>>,
+    node_params: &NodeParamMap,
     logger: &str,
 ) -> anyhow::Result<()> {
     let qos = QosProfile::services_default();
@@ -319,6 +369,8 @@ fn spawn_services(
     let mut teach = node.create_service::<Teach::Service>("~/teach", qos.clone())?;
     let sh = shared.clone();
     let log = logger.to_string();
+    let prm = params.clone();
+    let np = node_params.clone();
     rt.spawn(async move {
         while let Some(req) = teach.next().await {
             let frames = if req.message.num_frames == 0 { DEFAULT_TEACH_FRAMES } else { req.message.num_frames };
@@ -328,9 +380,11 @@ fn spawn_services(
             } else {
                 req.message.model_name.trim().to_string()
             };
-            if frames < 2 || bad_name(&name) {
+            if !(2..=MAX_TEACH_FRAMES).contains(&frames) || bad_name(&name) {
                 let message = if frames < 2 {
                     format!("num_frames {frames}: need at least 2 good frames (one to fit, one to calibrate)")
+                } else if frames > MAX_TEACH_FRAMES {
+                    format!("num_frames {frames}: at most {MAX_TEACH_FRAMES} frames (they are held in memory until the fit)")
                 } else {
                     format!("model_name '{name}': use a plain directory name (no '/', no leading '.')")
                 };
@@ -341,18 +395,24 @@ fn spawn_services(
             let (tx, rx) = oneshot::channel();
             let deadline = Instant::now() + timeout_or(req.message.timeout_s, DEFAULT_TEACH_TIMEOUT_S);
             sh.mailbox.put_command(Command::Teach { frames: frames as usize, name, deadline, reply: tx });
+            let (prm, np) = (prm.clone(), np.clone());
             tokio::spawn(async move {
                 let response = match rx.await {
-                    Ok(o) => Teach::Response {
-                        success: o.result.is_ok(),
-                        message: match &o.result {
-                            Ok(id) => format!("model '{id}' fitted on {} frames and in use", o.frames_used),
-                            Err(e) => e.clone(),
-                        },
-                        model_path: o.model_path.to_string_lossy().into_owned(),
-                        frames_used: o.frames_used,
-                        fit_seconds: o.fit_seconds,
-                    },
+                    Ok(o) => {
+                        if o.result.is_ok() {
+                            model_in_force(&prm, &np, &o.model_path);
+                        }
+                        Teach::Response {
+                            success: o.result.is_ok(),
+                            message: match &o.result {
+                                Ok(id) => format!("model '{id}' fitted on {} frames and in use", o.frames_used),
+                                Err(e) => e.clone(),
+                            },
+                            model_path: o.model_path.to_string_lossy().into_owned(),
+                            frames_used: o.frames_used,
+                            fit_seconds: o.fit_seconds,
+                        }
+                    }
                     Err(_) => Teach::Response { success: false, message: "node shutting down".into(), ..Default::default() },
                 };
                 let _ = req.respond(response);
@@ -363,16 +423,18 @@ fn spawn_services(
     let mut load = node.create_service::<LoadModel::Service>("~/load_model", qos.clone())?;
     let sh = shared.clone();
     let prm = params.clone();
+    let np = node_params.clone();
     rt.spawn(async move {
         while let Some(req) = load.next().await {
             let path = PathBuf::from(req.message.model.trim());
             let (tx, rx) = oneshot::channel();
             sh.mailbox.put_command(Command::LoadModel(path.clone(), tx));
             let prm = prm.clone();
+            let np = np.clone();
             tokio::spawn(async move {
                 let response = match rx.await {
                     Ok(Ok(id)) => {
-                        prm.lock().unwrap_or_else(|e| e.into_inner()).model = path.to_string_lossy().into_owned();
+                        model_in_force(&prm, &np, &path);
                         LoadModel::Response { success: true, message: format!("model '{id}' in use"), model_id: id }
                     }
                     Ok(Err(e)) => LoadModel::Response { success: false, message: e, model_id: String::new() },
@@ -386,24 +448,32 @@ fn spawn_services(
     let mut threshold = node.create_service::<SetThreshold::Service>("~/set_threshold", qos)?;
     let sh = shared.clone();
     let prm = params.clone();
+    let np = node_params.clone();
     let log = logger.to_string();
     rt.spawn(async move {
         while let Some(req) = threshold.next().await {
             let t = req.message.threshold;
             let response = {
                 let mut p = prm.lock().unwrap_or_else(|e| e.into_inner());
-                let candidate = NodeParams { threshold: t as f64, ..p.clone() };
+                let candidate = NodeParams { threshold: t as f64, ..p.values.clone() };
                 match candidate.settings() {
                     Ok(s) => {
-                        *p = candidate;
+                        p.values = candidate;
                         remember_good(&p);
-                        sh.mailbox.put_command(Command::Settings(s));
+                        let (tx, _) = oneshot::channel();
+                        sh.mailbox.put_command(Command::Settings(s, tx));
                         r2r::log_info!(&log, "threshold set to {t}");
                         SetThreshold::Response { success: true, message: format!("threshold {t} in force from the next frame") }
                     }
-                    Err(e) => SetThreshold::Response { success: false, message: e.to_string() },
+                    Err(e) => {
+                        r2r::log_error!(&log, "set_threshold {t} refused: {e}; the threshold stays {}", p.threshold);
+                        SetThreshold::Response { success: false, message: e.to_string() }
+                    }
                 }
             };
+            if response.success {
+                store(&np, "threshold", r2r::ParameterValue::Double(t as f64));
+            }
             let _ = req.respond(response);
         }
     });

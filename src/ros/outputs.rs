@@ -135,6 +135,22 @@ pub fn diagnostics(stamp: r2r::builtin_interfaces::msg::Time, node_name: &str, s
         (Some(_), true, _) => (OK, format!("inspecting at {rate:.1} Hz")),
     };
     let kv = |k: &str, v: String| KeyValue { key: k.into(), value: v };
+    let mut values = vec![
+        kv("model", status.model_id.clone().unwrap_or_default()),
+        kv("method", status.method.clone()),
+        kv("device", status.device.clone()),
+        kv("rate_hz", format!("{rate:.2}")),
+        kv("latency_mean_ms", format!("{mean:.1}")),
+        kv("latency_max_ms", format!("{max:.1}")),
+        kv("frames_received", received.to_string()),
+        kv("frames_inspected", status.inspected.to_string()),
+        kv("frames_dropped", dropped.to_string()),
+        kv("frames_rejected", status.rejected.to_string()),
+        kv("last_error", status.last_error.clone().unwrap_or_default()),
+    ];
+    // One count per kind of refused frame (rejected_step_too_small, rejected_truncated, ...), so
+    // a monitor sees which fault a camera has without reading the log.
+    values.extend(status.rejected_by_kind.iter().map(|(kind, n)| kv(&format!("rejected_{kind}"), n.to_string())));
     DiagnosticArray {
         header: Header { stamp, frame_id: String::new() },
         status: vec![DiagnosticStatus {
@@ -142,19 +158,7 @@ pub fn diagnostics(stamp: r2r::builtin_interfaces::msg::Time, node_name: &str, s
             name: format!("{node_name}: anomaly inspection"),
             message,
             hardware_id: status.device.clone(),
-            values: vec![
-                kv("model", status.model_id.clone().unwrap_or_default()),
-                kv("method", status.method.clone()),
-                kv("device", status.device.clone()),
-                kv("rate_hz", format!("{rate:.2}")),
-                kv("latency_mean_ms", format!("{mean:.1}")),
-                kv("latency_max_ms", format!("{max:.1}")),
-                kv("frames_received", received.to_string()),
-                kv("frames_inspected", status.inspected.to_string()),
-                kv("frames_dropped", dropped.to_string()),
-                kv("frames_rejected", status.rejected.to_string()),
-                kv("last_error", status.last_error.clone().unwrap_or_default()),
-            ],
+            values,
         }],
     }
 }

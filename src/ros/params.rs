@@ -124,6 +124,102 @@ macro_rules! list_param {
 list_param!(IntList, i64, IntegerArray, "An integer-array parameter.");
 list_param!(FloatList, f64, DoubleArray, "A double-array parameter.");
 
+/// Parameters read only at start-up. Changing them at run time is refused (as rclcpp does for
+/// read-only parameters) rather than accepted and silently ignored.
+pub const STARTUP_ONLY: [&str; 4] = ["device", "input_transport", "input_qos", "output_qos"];
+
+/// [`NodeParams`] as the parameter services see them: a new value is stored only when the whole
+/// set still parses (and, for `model`, names a readable model), so the caller of
+/// `set_parameters` gets the reason in its reply, the node logs it, and the old value stays.
+#[derive(Clone, Debug, Default)]
+pub struct CheckedParams {
+    /// The values in force.
+    pub values: NodeParams,
+    /// Where refusals are logged (empty: not logged).
+    pub logger: String,
+}
+
+impl std::ops::Deref for CheckedParams {
+    type Target = NodeParams;
+    fn deref(&self) -> &NodeParams {
+        &self.values
+    }
+}
+
+impl std::ops::DerefMut for CheckedParams {
+    fn deref_mut(&mut self) -> &mut NodeParams {
+        &mut self.values
+    }
+}
+
+impl CheckedParams {
+    /// Parameters logging their refusals to `logger`.
+    pub fn new(values: NodeParams, logger: &str) -> Self {
+        Self { values, logger: logger.into() }
+    }
+
+    /// Why `name = value` is refused, if it is (the type is checked by r2r first).
+    pub fn refusal(&self, name: &str, value: &ParameterValue) -> Option<String> {
+        let mut candidate = self.values.clone();
+        if let Err(e) = candidate.set_parameter(name, value) {
+            return Some(e.to_string());
+        }
+        if let Err(e) = candidate.settings() {
+            return Some(e.to_string());
+        }
+        let mut current = self.values.clone();
+        let changed = current.get_parameter(name).ok().as_ref() != Some(value);
+        if changed && STARTUP_ONLY.contains(&name) {
+            return Some(format!("{name} is read at start-up only; restart the node to change it"));
+        }
+        // The cheap part of loading: a missing directory or a damaged or foreign model.json is
+        // refused here, with the reason in the reply; damaged weights are found by the load.
+        if name == "model" && changed {
+            if let Err(e) = crate::model_file::read_manifest(std::path::Path::new(candidate.model.trim())) {
+                return Some(e.to_string());
+            }
+        }
+        None
+    }
+
+    /// The refusal as r2r's error (the set_parameters reply says "Parameter <name> conversion
+    /// failed: refused: <why>"), logged.
+    fn refuse(&self, name: &str, value: &ParameterValue) -> r2r::Result<()> {
+        self.values.check_parameter(name, value)?;
+        let Some(why) = self.refusal(name, value) else { return Ok(()) };
+        if !self.logger.is_empty() {
+            let old = self.values.clone().get_parameter(name).map(|v| format!("{v:?}")).unwrap_or_default();
+            r2r::log_error!(&self.logger, "parameter {name} = {value:?} refused: {why}; it stays {old}");
+        }
+        Err(r2r::Error::ParameterValueConv { name: name.into(), msg: format!("refused: {why}") })
+    }
+}
+
+impl RosParams for CheckedParams {
+    fn register_parameters(
+        &mut self,
+        prefix: &str,
+        param: Option<Parameter>,
+        params: &mut IndexMap<String, Parameter>,
+    ) -> r2r::Result<()> {
+        // Start-up values (command line, params file) are checked as a whole by the node.
+        self.values.register_parameters(prefix, param, params)
+    }
+
+    fn get_parameter(&mut self, name: &str) -> r2r::Result<ParameterValue> {
+        self.values.get_parameter(name)
+    }
+
+    fn set_parameter(&mut self, name: &str, value: &ParameterValue) -> r2r::Result<()> {
+        self.refuse(name, value)?;
+        self.values.set_parameter(name, value)
+    }
+
+    fn check_parameter(&self, name: &str, value: &ParameterValue) -> r2r::Result<()> {
+        self.refuse(name, value)
+    }
+}
+
 /// How frames arrive.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum InputTransport {
@@ -282,6 +378,31 @@ mod tests {
         assert!(NodeParams { roi: IntList(vec![0, 0, 0, 10]), ..p.clone() }.settings().is_err());
         assert!(NodeParams { working_distance: -0.3, ..p.clone() }.settings().is_err());
         assert!(NodeParams { marker_pixel_size: 0.0, ..p.clone() }.settings().is_err());
+    }
+
+    #[test]
+    fn checked_params_refuse_with_a_reason_and_keep_the_old_value() {
+        let mut p = CheckedParams::default();
+        let err = p.set_parameter("threshold", &ParameterValue::Double(-0.5)).unwrap_err().to_string();
+        assert!(err.contains("threshold -0.5: must be within 0..=1"), "{err}");
+        assert_eq!(p.threshold, 0.5);
+        // Twice: r2r calls set_parameter again even when its own copy says "unchanged".
+        assert!(p.set_parameter("threshold", &ParameterValue::Double(-0.5)).is_err());
+        assert_eq!(p.threshold, 0.5);
+        assert!(p.set_parameter("threshold", &ParameterValue::String("high".into())).is_err());
+        let err = p.set_parameter("input_qos", &ParameterValue::String("bogus".into())).unwrap_err().to_string();
+        assert!(err.contains("use sensor_data or reliable"), "{err}");
+        let err = p.set_parameter("input_qos", &ParameterValue::String("reliable".into())).unwrap_err().to_string();
+        assert!(err.contains("start-up only"), "{err}");
+        // The value in force may be set again (a params file applied twice).
+        p.set_parameter("input_qos", &ParameterValue::String("sensor_data".into())).unwrap();
+        assert!(p.set_parameter("roi", &ParameterValue::IntegerArray(vec![0, 0, -5, 10])).is_err());
+        assert_eq!(p.roi, IntList::default());
+        let err = p.set_parameter("model", &ParameterValue::String("/nonexistent/model".into())).unwrap_err().to_string();
+        assert!(err.contains("no such model directory"), "{err}");
+        p.set_parameter("threshold", &ParameterValue::Double(0.7)).unwrap();
+        p.set_parameter("roi", &ParameterValue::IntegerArray(vec![1, 2, 3, 4])).unwrap();
+        assert_eq!((p.threshold, p.settings().unwrap().roi.map(|r| r.width)), (0.7, Some(3)));
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! (parameter changes, model loads, teach-in), which go first. The thread is long-lived on
 //! purpose: every OS thread that runs torch ops builds its own OpenMP pool, and a pool that
 //! hops between threads makes frames pay for new pools (PLATFORM.md, 67-157 ms).
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -42,16 +43,25 @@ impl Frame {
     }
 
     fn describe(&self) -> String {
+        use crate::imaging::printable;
         match self {
-            Frame::Raw(m) => format!("{}x{} '{}'", m.width, m.height, m.encoding),
-            Frame::Compressed(m) => format!("compressed '{}' ({} bytes)", m.format, m.data.len()),
+            Frame::Raw(m) => format!(
+                "{}x{} '{}' (step {}, {} bytes, is_bigendian {})",
+                m.width,
+                m.height,
+                printable(&m.encoding, 40),
+                m.step,
+                m.data.len(),
+                m.is_bigendian
+            ),
+            Frame::Compressed(m) => format!("compressed '{}' ({} bytes)", printable(&m.format, 40), m.data.len()),
         }
     }
 
     fn to_rgb(&self) -> crate::Result<RgbImage> {
         match self {
             Frame::Raw(m) => convert::image_to_rgb(m),
-            Frame::Compressed(m) => crate::imaging::decode(&m.data),
+            Frame::Compressed(m) => convert::compressed_to_rgb(m),
         }
     }
 }
@@ -71,8 +81,9 @@ pub struct TeachOutcome {
 
 /// Work for the inference thread besides frames.
 pub enum Command {
-    /// New parameter values.
-    Settings(Settings),
+    /// New parameter values; the reply says whether they are in force (a model that does not
+    /// load is refused and the current one stays).
+    Settings(Settings, oneshot::Sender<Result<(), String>>),
     /// Load a model directory and switch to it; replies with its id or why not.
     LoadModel(PathBuf, oneshot::Sender<Result<String, String>>),
     /// Collect frames and fit a new model.
@@ -176,6 +187,8 @@ pub struct Status {
     pub inspected: u64,
     /// Frames refused (bad data, no model...).
     pub rejected: u64,
+    /// Frames refused, by kind (the [`crate::error::FrameFault`] names, `no_model`, ...).
+    pub rejected_by_kind: BTreeMap<&'static str, u64>,
     /// The last error, if any.
     pub last_error: Option<String>,
     /// Latencies (frame received -> result published) of recent frames, ms.
@@ -262,13 +275,16 @@ impl ErrorLog {
         }
         let mut st = shared.status.lock().unwrap_or_else(|e| e.into_inner());
         st.rejected += 1;
+        *st.rejected_by_kind.entry(kind).or_default() += 1;
         st.last_error = Some(message);
     }
 }
 
+/// The kind under which an error is logged once and counted.
 fn error_kind(e: &crate::Error) -> &'static str {
     match e {
-        crate::Error::BadImage(_) => "bad image",
+        crate::Error::Frame { fault, .. } => fault.as_str(),
+        crate::Error::BadImage(_) => "bad_image",
         crate::Error::Decode(_) => "decode",
         crate::Error::Io { .. } => "io",
         crate::Error::Model { .. } => "model",
@@ -278,14 +294,48 @@ fn error_kind(e: &crate::Error) -> &'static str {
     }
 }
 
+/// Runs `f`, turning a panic (a bug in a decoder or in libtorch) into an error, so that one frame
+/// can never take the inference thread, and with it the node's service, down.
+fn guarded<T>(what: &str, f: impl FnOnce() -> crate::Result<T>) -> crate::Result<T> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        Err(crate::Error::Torch(tch::TchError::Torch(format!("internal error in {what}: {why}"))))
+    })
+}
+
 /// Loads a model on the configured device, logging what happened.
 pub fn load_inspector(path: &std::path::Path, settings: &Settings, logger: &str) -> Result<Inspector, String> {
     let device = crate::device::resolve(settings.device).unwrap_or_else(|e| {
         r2r::log_error!(logger, "{e}; falling back to the CPU");
         tch::Device::Cpu
     });
-    let mut insp = Inspector::new(path, device, &settings.postprocess).map_err(|e| e.to_string())?;
+    let mut insp = guarded("model loading", || Inspector::new(path, device, &settings.postprocess)).map_err(|e| e.to_string())?;
     insp.set_threshold(settings.threshold).map_err(|e| e.to_string())?;
+    // A model whose files load but cannot score (a memory bank of the wrong width, NaN from a
+    // damaged file) would fail on every frame: refuse it now, while the current one can stay.
+    let probe = RgbImage::from_pixel(64, 64, image::Rgb([128, 128, 128]));
+    match guarded("the test frame", || insp.inspect(&probe)) {
+        Ok(i) if i.raw_score.is_finite() => {}
+        Ok(i) => {
+            return Err(format!(
+                "model {}: a plain grey test frame scores {} (not a finite number): the model files are damaged; \
+                 re-fit the model or copy it again",
+                path.display(),
+                i.raw_score
+            ))
+        }
+        Err(e) => {
+            return Err(format!(
+                "model {}: fails on a plain grey test frame ({e}): the model files are damaged or do not fit \
+                 together; re-fit the model",
+                path.display()
+            ))
+        }
+    }
     r2r::log_info!(
         logger,
         "model '{}' ({}) loaded from {} on device {}",
@@ -297,27 +347,30 @@ pub fn load_inspector(path: &std::path::Path, settings: &Settings, logger: &str)
     Ok(insp)
 }
 
-fn crop(rgb: &RgbImage, roi: Option<Roi>) -> crate::Result<(RgbImage, u32, u32)> {
-    let Some(r) = roi else { return Ok((rgb.clone(), 0, 0)) };
+/// The `roi` part of `rgb`, with its offset; an error when it does not lie inside the frame.
+fn crop(rgb: &RgbImage, r: Roi) -> crate::Result<(RgbImage, u32, u32)> {
     let (w, h) = rgb.dimensions();
     if u64::from(r.x) + u64::from(r.width) > u64::from(w) || u64::from(r.y) + u64::from(r.height) > u64::from(h) {
-        return Err(crate::Error::BadImage(format!(
-            "roi [{}, {}, {}, {}] exceeds the {w}x{h} frame",
-            r.x, r.y, r.width, r.height
-        )));
+        return Err(crate::Error::frame(
+            crate::error::FrameFault::RoiOutsideFrame,
+            format!(
+                "roi [{}, {}, {}, {}] exceeds the {w}x{h} frame: set parameter 'roi' to a part of the frame",
+                r.x, r.y, r.width, r.height
+            ),
+        ));
     }
     Ok((image::imageops::crop_imm(rgb, r.x, r.y, r.width, r.height).to_image(), r.x, r.y))
 }
 
-/// Inspects `rgb` (or its ROI) and returns the inspection in full-frame pixels.
-fn inspect_frame(insp: &Inspector, rgb: &RgbImage, roi: Option<Roi>) -> crate::Result<(Inspection, RgbImage)> {
+/// Inspects `rgb` (or its ROI) and returns the inspection in full-frame pixels, with the ROI's
+/// pixels when there is one (the frame itself is not copied when there is none).
+fn inspect_frame(insp: &Inspector, rgb: &RgbImage, roi: Option<Roi>) -> crate::Result<(Inspection, Option<RgbImage>)> {
+    let Some(roi) = roi else { return Ok((insp.inspect(rgb)?, None)) };
     let (part, dx, dy) = crop(rgb, roi)?;
     let mut inspection = insp.inspect(&part)?;
-    if roi.is_some() {
-        inspection.map = inspection.map.placed_in(rgb.width(), rgb.height(), dx, dy)?;
-        inspection.regions = inspection.regions.iter().map(|r| r.offset(dx, dy)).collect();
-    }
-    Ok((inspection, part))
+    inspection.map = inspection.map.placed_in(rgb.width(), rgb.height(), dx, dy)?;
+    inspection.regions = inspection.regions.iter().map(|r| r.offset(dx, dy)).collect();
+    Ok((inspection, Some(part)))
 }
 
 struct TeachJob {
@@ -363,17 +416,17 @@ pub fn run(shared: Arc<Shared>, mut settings: Settings, pubs: Publishers, logger
             Work::Frame(f, t) => (f, t),
         };
         let Some(insp) = inspector.as_ref() else {
-            errors.report(&shared, "no model", "no model loaded".into());
+            errors.report(&shared, "no_model", "no model loaded".into());
             continue;
         };
-        let rgb = match frame.to_rgb() {
+        let rgb = match guarded("frame conversion", || frame.to_rgb()) {
             Ok(rgb) => rgb,
             Err(e) => {
                 errors.report(&shared, error_kind(&e), format!("frame {}: {e}", frame.describe()));
                 continue;
             }
         };
-        let (inspection, part) = match inspect_frame(insp, &rgb, settings.roi) {
+        let (inspection, part) = match guarded("inspection", || inspect_frame(insp, &rgb, settings.roi)) {
             Ok(i) => i,
             Err(e) => {
                 errors.report(&shared, error_kind(&e), format!("inspection failed: {e}"));
@@ -381,7 +434,8 @@ pub fn run(shared: Arc<Shared>, mut settings: Settings, pubs: Publishers, logger
             }
         };
         if let Some(job) = teach.as_mut() {
-            job.collected.push(part);
+            // Teach-in learns what the model sees: the ROI when one is set.
+            job.collected.push(part.unwrap_or_else(|| rgb.clone()));
             if job.collected.len() >= job.frames {
                 start_fit(teach.take().expect("present"), &shared, &settings, insp, &logger);
             }
@@ -441,11 +495,17 @@ fn handle_command(
     logger: &str,
 ) {
     match cmd {
-        Command::Settings(new) => {
+        Command::Settings(mut new, reply) => {
+            let mut outcome = Ok(());
             if new.model != settings.model {
                 match load_inspector(&new.model, &new, logger) {
                     Ok(i) => *inspector = Some(i),
-                    Err(e) => r2r::log_error!(logger, "cannot load model {}: {e}; the current model stays", new.model.display()),
+                    Err(e) => {
+                        r2r::log_error!(logger, "cannot load model {}: {e}; the current model stays", new.model.display());
+                        // The model in force stays the one teach-ins take their backbone from.
+                        new.model = settings.model.clone();
+                        outcome = Err(e);
+                    }
                 }
             }
             if let Some(insp) = inspector.as_mut() {
@@ -455,6 +515,7 @@ fn handle_command(
                 insp.set_postprocess(&new.postprocess);
             }
             *settings = new;
+            let _ = reply.send(outcome);
         }
         Command::LoadModel(path, reply) => {
             let outcome = load_inspector(&path, settings, logger).map(|i| {
@@ -527,7 +588,7 @@ fn start_fit(job: TeachJob, shared: &Arc<Shared>, settings: &Settings, current: 
         let _guard = tch::no_grad_guard();
         let t0 = Instant::now();
         let n = job.collected.len() as u32;
-        let fitted = (|| -> crate::Result<Inspector> {
+        let fitted = guarded("the teach-in fit", || -> crate::Result<Inspector> {
             let good = frames_dir.join("train/good");
             std::fs::create_dir_all(&good).map_err(|e| crate::Error::io(&good, e))?;
             let mut paths = Vec::new();
@@ -547,7 +608,7 @@ fn start_fit(job: TeachJob, shared: &Arc<Shared>, settings: &Settings, current: 
                 &mut |_, _, _| {},
             )?;
             Inspector::new(&out, device, &settings.postprocess)
-        })();
+        });
         let secs = t0.elapsed().as_secs_f32();
         match fitted {
             Ok(insp) => shared.mailbox.put_command(Command::Install(Box::new(insp), out, n, secs, job.reply)),

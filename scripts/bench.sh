@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Speed, side by side, in one run: the node end to end (image published by an rclpy peer ->
+# AnomalyResult received), the engine alone (Inspector::inspect on the same frame), and the
+# floor (the model's own forward pass + kNN in libtorch), for PatchCore and DRAEM at 256 and
+# 512 px, plus each engine stage and the kNN against memory-bank size. Prints tables and writes
+# target/bench/report.json. Numbers, not pass/fail: these machines are shared and noisy.
+#
+#   scripts/bench.sh [--frames N] [--frame WxH] [--no-node] [--soak SECONDS]
+#
+# The models are fitted on the built-in synthetic data (DRAEM for 2 steps only: its speed does
+# not depend on its training). Nothing leaves the machine: ROS stays on loopback.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+export ROS_DOMAIN_ID="${ROS_DOMAIN_ID:-63}"
+source scripts/env.sh          # also sets ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
+
+FRAMES=30; FRAME=640x480; NODE=1; SOAK=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --frames) FRAMES="$2"; shift 2 ;;
+    --frame) FRAME="$2"; shift 2 ;;
+    --no-node) NODE=0; shift ;;
+    --soak) SOAK="$2"; shift 2 ;;
+    *) echo "unknown option $1 (see the header of $0)" >&2; exit 2 ;;
+  esac
+done
+
+BIN="$ROOT/target/release"
+[ -x "$BIN/anomaly_inspector" ] || { echo "build first: scripts/setup.sh" >&2; exit 1; }
+DATA="$ROOT/target/demo_data"
+OUT="$ROOT/target/bench"
+MODELS="$OUT/models"
+mkdir -p "$MODELS"
+if [ ! -f "$DATA/.complete" ]; then
+  "$BIN/anomaly_inspector" synth --out "$DATA"
+  touch "$DATA/.complete"
+fi
+IMAGE="$(find "$DATA/test" -path '*scratch*' -name '*.png' | sort | head -1)"
+
+for size in 256 512; do
+  m="$MODELS/patchcore_$size"
+  [ -f "$m/model.json" ] || "$BIN/anomaly_inspector" fit --data "$DATA" --out "$m" --image-size "$size"
+  m="$MODELS/draem_$size"
+  [ -f "$m/model.json" ] || "$BIN/anomaly_inspector" fit --method draem --data "$DATA" --out "$m" \
+      --image-size "$size" --steps 2 --checkpoint-every 0
+done
+ALL=("$MODELS/patchcore_256" "$MODELS/patchcore_512" "$MODELS/draem_256" "$MODELS/draem_512")
+
+echo "== engine stages (anomaly_inspector bench) =="
+ARGS=(); for m in "${ALL[@]}"; do ARGS+=(--model "$m"); done
+"$BIN/anomaly_inspector" bench "${ARGS[@]}" --image "$IMAGE" --frame "$FRAME" --json "$OUT/engine.json"
+
+if [ "$NODE" = 1 ]; then
+  echo; echo "== node end to end ($FRAMES frames of $FRAME rgb8 per model, lock-step, reliable QoS) =="
+  for m in "${ALL[@]}"; do
+    name="$(basename "$m")"
+    "$BIN/anomaly_inspector_node" --ros-args -p model:="$m" -p input_qos:=reliable > "$OUT/node_$name.log" 2>&1 &
+    pid=$!
+    python scripts/image_peer.py --images "$IMAGE" --repeat "$FRAMES" --resize "$FRAME" \
+        --summary "$OUT/node_$name.json" > "$OUT/peer_$name.log" 2>&1 || echo "peer failed for $name: see $OUT/peer_$name.log"
+    kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true
+    tail -1 "$OUT/peer_$name.log"
+  done
+fi
+
+if [ "$SOAK" != 0 ]; then
+  echo; echo "== soak: overload for $SOAK s =="
+  python scripts/soak.py --node "$BIN/anomaly_inspector_node" --model "$MODELS/patchcore_256" --node-log "$OUT/soak_node.log" --seconds "$SOAK" --frame "$FRAME" --image "$IMAGE" \
+      --out "$OUT/soak.json"
+fi
+
+python - "$OUT" <<'PY'
+import json, statistics, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+engine = json.load(open(out / "engine.json"))
+rows = []
+print("\n== side by side (ms per frame, medians) ==")
+print(f"{'model':<14} {'floor':>8} {'engine':>8} {'node e2e':>9} {'in node':>8} | {'engine/floor':>12} {'node-engine':>11} {'node/engine':>11}")
+for e in engine["engine"]:
+    name = e["model"]
+    floor, eng = e["stages"]["floor_ms"], e["stages"]["engine_ms"]
+    node = inner = None
+    f = out / f"node_{name}.json"
+    if f.exists():
+        frames = [x for x in json.load(open(f))["frames"] if x.get("received")]
+        if frames:
+            steady = frames[2:] or frames  # the first frames pay for warm-up
+            node = statistics.median(x["latency_ms"] for x in steady)
+            inner = statistics.median(x["inference_ms"] for x in steady)
+    fmt = lambda v, w=8: f"{v:>{w}.1f}" if v is not None else f"{'-':>{w}}"
+    print(f"{name:<14} {fmt(floor)} {fmt(eng)} {fmt(node, 9)} {fmt(inner)} | {eng / floor:>12.3f} "
+          f"{fmt(node - eng if node else None, 11)} {fmt(node / eng if node else None, 11)}")
+    rows.append({"model": name, "floor_ms": floor, "engine_ms": eng, "node_ms": node, "in_node_ms": inner})
+json.dump({"engine": engine, "side_by_side": rows}, open(out / "report.json", "w"), indent=1)
+print("floor = model forward + kNN on a ready tensor; engine = Inspector::inspect on the RGB frame;\n"
+      "node e2e = rclpy publish -> AnomalyResult received; in node = frame received -> result built")
+print(f"\n(report: {out / 'report.json'}; device: {engine['device']})")
+PY

@@ -1,0 +1,204 @@
+//! Where the time goes: per-stage timings of the engine for one model and frame size, next to
+//! the floor (the model's own forward pass and kNN, nothing else), and how the kNN grows with
+//! the memory-bank size. Behind `anomaly_inspector bench` and `scripts/bench.sh`; numbers, not
+//! assertions (these machines are shared and noisy, so targets live here and not in tests).
+use std::time::Instant;
+
+use image::RgbImage;
+use serde::Serialize;
+use tch::{Device, Kind, Tensor};
+
+use crate::error::Result;
+use crate::imaging::{self, PixelEncoding, RawImage};
+use crate::inspector::Inspector;
+use crate::model_file::AnomalyModel;
+use crate::models::patchcore::{embed, MemoryBank};
+
+/// Median milliseconds of each stage of one inspected frame.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StageTimes {
+    /// PNG bytes -> RGB image (what a compressed-image frame costs on top).
+    pub decode_png_ms: f64,
+    /// rgb8 message data -> RGB image (the raw-image path of the node).
+    pub convert_ms: f64,
+    /// RGB image -> normalised `[1, 3, H, W]` tensor on the device.
+    pub preprocess_ms: f64,
+    /// PatchCore: backbone and neighbourhood aggregation. DRAEM: both networks.
+    pub network_ms: f64,
+    /// PatchCore: nearest-neighbour search over the memory bank. DRAEM: 0.
+    pub knn_ms: f64,
+    /// The model's full forward (network + kNN + score reweighting, map upsampling and blur).
+    pub forward_ms: f64,
+    /// Map normalisation, copy to the CPU, resize to the frame, regions.
+    pub postprocess_ms: f64,
+    /// [`Inspector::inspect`] on an RGB frame: preprocess + forward + post-processing.
+    pub engine_ms: f64,
+    /// The floor: network + kNN run back to back on a ready tensor.
+    pub floor_ms: f64,
+}
+
+/// One model at one frame size.
+#[derive(Clone, Debug, Serialize)]
+pub struct EngineBench {
+    /// Model name.
+    pub model: String,
+    /// "patchcore" or "draem".
+    pub method: String,
+    /// Network input side in pixels.
+    pub input_size: i64,
+    /// Frame width x height fed to the engine.
+    pub frame: [u32; 2],
+    /// Memory-bank rows (PatchCore).
+    pub bank_size: Option<i64>,
+    /// Memory-bank feature dimension (PatchCore).
+    pub bank_dim: Option<i64>,
+    /// Device, e.g. "cpu".
+    pub device: String,
+    /// Timed repetitions per stage (after warm-up).
+    pub iterations: usize,
+    /// Medians per stage.
+    pub stages: StageTimes,
+    /// engine / floor - 1: what the engine adds above the model's own work.
+    pub engine_overhead: f64,
+    /// Resident memory after the runs and its peak, MiB (whole process).
+    pub rss_mib: f64,
+    /// Peak resident memory, MiB.
+    pub peak_rss_mib: f64,
+}
+
+/// Times the engine's stages for `inspector` on `frame`, `iterations` times each (plus two
+/// warm-up runs). `png` is the frame encoded as PNG (for the decode stage).
+pub fn bench_engine(inspector: &Inspector, frame: &RgbImage, png: &[u8], iterations: usize) -> Result<EngineBench> {
+    let _guard = tch::no_grad_guard();
+    let iterations = iterations.max(1);
+    let (model, pre) = inspector.parts();
+    let raw = RawImage {
+        width: frame.width(),
+        height: frame.height(),
+        step: frame.width() * 3,
+        encoding: PixelEncoding::Rgb8,
+        is_bigendian: false,
+        data: frame.as_raw(),
+    };
+    let device = inspector.device();
+    let x = pre.frame(frame)?;
+
+    let decode_png_ms = median_ms(iterations, || imaging::decode(png).map(drop))?;
+    let convert_ms = median_ms(iterations, || imaging::to_rgb(&raw).map(drop))?;
+    let preprocess_ms = median_ms(iterations, || pre.frame(frame).map(|t| sync(&t, device)))?;
+    let forward_ms = median_ms(iterations, || model.forward(&x).map(|o| sync(&o.anomaly_maps, device)))?;
+    let engine_ms = median_ms(iterations, || inspector.inspect(frame).map(drop))?;
+    let (network_ms, knn_ms, floor_ms, bank_size) = match model {
+        AnomalyModel::PatchCore(m) => {
+            let n = m.config().neighbourhood;
+            let patches = || -> Result<Tensor> {
+                let emb = embed(m.backbone(), &x, n)?;
+                let d = emb.size()[1];
+                Ok(emb.f_permute([0, 2, 3, 1])?.f_reshape([-1, d])?.f_contiguous()?)
+            };
+            let network = median_ms(iterations, || patches().map(|t| sync(&t, device)))?;
+            let q = patches()?;
+            let bank = m.memory_bank();
+            let knn = median_ms(iterations, || bank.nearest(&q, 1).map(|(d, _)| sync(&d, device)))?;
+            let floor = median_ms(iterations, || {
+                let q = patches()?;
+                bank.nearest(&q, 1).map(|(d, _)| sync(&d, device))
+            })?;
+            (network, knn, floor, Some((bank.len(), bank.dim())))
+        }
+        AnomalyModel::Draem(m) => {
+            let network = median_ms(iterations, || m.forward(&x).map(|o| sync(&o.anomaly_maps, device)))?;
+            (network, 0.0, network, None)
+        }
+    };
+    let postprocess_ms = (engine_ms - preprocess_ms - forward_ms).max(0.0);
+    let (rss_mib, peak_rss_mib) = memory_mib();
+    Ok(EngineBench {
+        model: inspector.model_id().to_string(),
+        method: inspector.method().to_string(),
+        input_size: pre.input_size().0,
+        frame: [frame.width(), frame.height()],
+        bank_size: bank_size.map(|b| b.0),
+        bank_dim: bank_size.map(|b| b.1),
+        device: crate::device::describe(device),
+        iterations,
+        stages: StageTimes {
+            decode_png_ms,
+            convert_ms,
+            preprocess_ms,
+            network_ms,
+            knn_ms,
+            forward_ms,
+            postprocess_ms,
+            engine_ms,
+            floor_ms,
+        },
+        engine_overhead: engine_ms / floor_ms - 1.0,
+        rss_mib,
+        peak_rss_mib,
+    })
+}
+
+/// kNN cost against memory-bank size: random `[rows, dim]` banks, `queries` query patches.
+#[derive(Clone, Debug, Serialize)]
+pub struct KnnScaling {
+    /// Bank rows.
+    pub bank_rows: i64,
+    /// Feature dimension.
+    pub dim: i64,
+    /// Query patches (one image's worth).
+    pub queries: i64,
+    /// Median milliseconds of one exact 1-NN search.
+    pub knn_ms: f64,
+}
+
+/// Times [`MemoryBank::nearest`] for each of `rows` bank sizes.
+pub fn bench_knn_scaling(rows: &[i64], dim: i64, queries: i64, device: Device, iterations: usize) -> Result<Vec<KnnScaling>> {
+    let _guard = tch::no_grad_guard();
+    tch::manual_seed(0);
+    let q = Tensor::f_randn([queries, dim], (Kind::Float, device))?;
+    rows.iter()
+        .map(|&r| {
+            let bank = MemoryBank::new(Tensor::f_randn([r, dim], (Kind::Float, device))?)?;
+            let knn_ms = median_ms(iterations, || bank.nearest(&q, 1).map(|(d, _)| sync(&d, device)))?;
+            Ok(KnnScaling { bank_rows: r, dim, queries, knn_ms })
+        })
+        .collect()
+}
+
+/// Waits for queued device work so that a timing covers it (CUDA runs asynchronously).
+fn sync(t: &Tensor, device: Device) {
+    if let Device::Cuda(i) = device {
+        let _ = t;
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+/// Median wall time of `iterations` calls of `f` after two warm-up calls, in ms.
+fn median_ms(iterations: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..2 {
+        f()?;
+    }
+    let mut times = Vec::with_capacity(iterations);
+    for _ in 0..iterations {
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// (current, peak) resident memory of this process in MiB, from /proc (0 where unavailable).
+pub fn memory_mib() -> (f64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
