@@ -6,6 +6,7 @@
 # target/bench/report.json. Numbers, not pass/fail: these machines are shared and noisy.
 #
 #   scripts/bench.sh [--frames N] [--frame WxH] [--no-node] [--soak SECONDS]
+#                    [--only patchcore_256,draem_256]
 #
 # The models are fitted on the built-in synthetic data (DRAEM for 2 steps only: its speed does
 # not depend on its training). Nothing leaves the machine: ROS stays on loopback.
@@ -15,13 +16,14 @@ cd "$ROOT"
 export ROS_DOMAIN_ID="${ROS_DOMAIN_ID:-63}"
 source scripts/env.sh          # also sets ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
 
-FRAMES=30; FRAME=640x480; NODE=1; SOAK=0
+FRAMES=30; FRAME=640x480; NODE=1; SOAK=0; ONLY=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --frames) FRAMES="$2"; shift 2 ;;
     --frame) FRAME="$2"; shift 2 ;;
     --no-node) NODE=0; shift ;;
     --soak) SOAK="$2"; shift 2 ;;
+    --only) ONLY="$2"; shift 2 ;;
     *) echo "unknown option $1 (see the header of $0)" >&2; exit 2 ;;
   esac
 done
@@ -46,18 +48,22 @@ for size in 256 512; do
       --image-size "$size" --steps 2 --checkpoint-every 0
 done
 ALL=("$MODELS/patchcore_256" "$MODELS/patchcore_512" "$MODELS/draem_256" "$MODELS/draem_512")
+if [ -n "$ONLY" ]; then ALL=(); for n in ${ONLY//,/ }; do ALL+=("$MODELS/$n"); done; fi
 
 echo "== engine stages (anomaly_inspector bench) =="
 ARGS=(); for m in "${ALL[@]}"; do ARGS+=(--model "$m"); done
-"$BIN/anomaly_inspector" bench "${ARGS[@]}" --image "$IMAGE" --frame "$FRAME" --json "$OUT/engine.json"
+"$BIN/anomaly_inspector" bench "${ARGS[@]}" --image "$IMAGE" --frame "256x256,$FRAME" --iterations 30 \
+    --json "$OUT/engine.json"
 
 if [ "$NODE" = 1 ]; then
   echo; echo "== node end to end ($FRAMES frames of $FRAME rgb8 per model, lock-step, reliable QoS) =="
+  # The node publishes its images as usual; the peer does not take them (on a 2-core machine
+  # their decoding in Python would compete with the node for the CPU).
   for m in "${ALL[@]}"; do
     name="$(basename "$m")"
     "$BIN/anomaly_inspector_node" --ros-args -p model:="$m" -p input_qos:=reliable > "$OUT/node_$name.log" 2>&1 &
     pid=$!
-    python scripts/image_peer.py --images "$IMAGE" --repeat "$FRAMES" --resize "$FRAME" \
+    python scripts/image_peer.py --images "$IMAGE" --repeat "$FRAMES" --resize "$FRAME" --no-images \
         --summary "$OUT/node_$name.json" > "$OUT/peer_$name.log" 2>&1 || echo "peer failed for $name: see $OUT/peer_$name.log"
     kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true
     tail -1 "$OUT/peer_$name.log"
@@ -70,15 +76,18 @@ if [ "$SOAK" != 0 ]; then
       --out "$OUT/soak.json"
 fi
 
-python - "$OUT" <<'PY'
+python - "$OUT" "$FRAME" <<'PY'
 import json, statistics, sys
 from pathlib import Path
 out = Path(sys.argv[1])
+node_frame = [int(v) for v in sys.argv[2].split("x")]
 engine = json.load(open(out / "engine.json"))
 rows = []
-print("\n== side by side (ms per frame, medians) ==")
+print(f"\n== side by side at {sys.argv[2]} (ms per frame, medians) ==")
 print(f"{'model':<14} {'floor':>8} {'engine':>8} {'node e2e':>9} {'in node':>8} | {'engine/floor':>12} {'node-engine':>11} {'node/engine':>11}")
 for e in engine["engine"]:
+    if e["frame"] != node_frame:
+        continue
     name = e["model"]
     floor, eng = e["stages"]["floor_ms"], e["stages"]["engine_ms"]
     node = inner = None

@@ -57,7 +57,7 @@ def save_rgb(msg, path):
 
 
 class Peer(Node):
-    def __init__(self):
+    def __init__(self, with_images=True):
         super().__init__("anomaly_inspector_peer")
         reliable = QoSProfile(reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST, depth=10)
         self.pub = self.create_publisher(Image, "image", reliable)
@@ -67,8 +67,9 @@ class Peer(Node):
         self.overlays = {}
         self.create_subscription(AnomalyResult, "anomaly/result", self.on_result, reliable)
         self.create_subscription(Float32, "anomaly/score", lambda m: self.scores.append(m.data), reliable)
-        self.create_subscription(Image, "anomaly/heatmap", lambda m: self.on_image(self.heatmaps, m), reliable)
-        self.create_subscription(Image, "anomaly/overlay", lambda m: self.on_image(self.overlays, m), reliable)
+        if with_images:
+            self.create_subscription(Image, "anomaly/heatmap", lambda m: self.on_image(self.heatmaps, m), reliable)
+            self.create_subscription(Image, "anomaly/overlay", lambda m: self.on_image(self.overlays, m), reliable)
 
     @staticmethod
     def key(header):
@@ -101,13 +102,16 @@ def main():
     ap.add_argument("--connect-timeout", type=float, default=60.0)
     ap.add_argument("--resize", help="WxH: send frames at this size (latency measurements)")
     ap.add_argument("--repeat", type=int, default=1, help="send the image list this many times")
+    ap.add_argument("--no-images", action="store_true",
+                    help="do not subscribe to the heatmap/overlay images (latency measurements: on a small "
+                         "machine, decoding them in Python competes with the node for the CPU)")
     args = ap.parse_args()
     for var in ("ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_DOMAIN_ID"):
         if not os.environ.get(var):
             sys.exit(f"{var} is not set: source scripts/env.sh first (DDS must stay on loopback)")
 
     rclpy.init()
-    node = Peer()
+    node = Peer(with_images=not args.no_images)
     # Wait until the node's subscription and our result subscription are both matched, then
     # settle briefly: Fast DDS matches the publisher side first (PLATFORM.md, quirk 8).
     if not spin_until(node, lambda: node.pub.get_subscription_count() > 0, args.connect_timeout):
@@ -133,7 +137,8 @@ def main():
             frames.append({"image": str(path), "stamp_ns": stamp, "received": False})
             continue
         # heatmap/overlay may trail the result by a few ms
-        spin_until(node, lambda: stamp in node.heatmaps and stamp in node.overlays, 2.0)
+        if not args.no_images:
+            spin_until(node, lambda: stamp in node.heatmaps and stamp in node.overlays, 2.0)
         r = node.results[stamp]
         verdict = "ANOMALOUS" if r.is_anomalous else "good"
         regions = [

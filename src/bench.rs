@@ -111,7 +111,8 @@ pub fn bench_engine(inspector: &Inspector, frame: &RgbImage, png: &[u8], iterati
             (network, 0.0, network, None)
         }
     };
-    let postprocess_ms = (engine_ms - preprocess_ms - forward_ms).max(0.0);
+    let out = model.forward(&x)?;
+    let postprocess_ms = median_ms(iterations, || inspector.conclude(&out, frame.width(), frame.height()).map(drop))?;
     let (rss_mib, peak_rss_mib) = memory_mib();
     Ok(EngineBench {
         model: inspector.model_id().to_string(),

@@ -9,6 +9,7 @@ use tch::{Device, Kind};
 use crate::config::PostprocessConfig;
 use crate::error::{Error, Result};
 use crate::model_file::{self, LoadedModel};
+use crate::models::ModelOutput;
 use crate::postprocess::{find_regions, AnomalyMap, DefectRegion};
 use crate::preprocess::Preprocessor;
 
@@ -105,6 +106,14 @@ impl Inspector {
         let _guard = tch::no_grad_guard();
         let x = self.preprocessor.frame(image)?;
         let out = self.loaded.model.forward(&x)?;
+        let mut inspection = self.conclude(&out, image.width(), image.height())?;
+        inspection.elapsed = t0.elapsed();
+        Ok(inspection)
+    }
+
+    /// The post-processing of one frame's model output: normalised score and verdict, the map
+    /// at the frame's `width` x `height`, regions (`elapsed` left at zero).
+    pub(crate) fn conclude(&self, out: &ModelOutput, width: u32, height: u32) -> Result<Inspection> {
         let raw_score = out.image_scores.f_double_value(&[0])? as f32;
         let cal = &self.loaded.manifest.calibration;
         let score = cal.normalize_image(raw_score);
@@ -121,7 +130,7 @@ impl Inspector {
             .f_contiguous()?;
         let (h, w) = self.preprocessor.input_size();
         let data = Vec::<f32>::try_from(map.f_view([-1])?)?;
-        let map = AnomalyMap::new(w as u32, h as u32, data)?.resized(image.width(), image.height());
+        let map = AnomalyMap::new(w as u32, h as u32, data)?.resized(width, height);
         let regions = find_regions(&map, 0.5, self.postprocess.min_region_area);
         Ok(Inspection {
             score,
@@ -130,7 +139,7 @@ impl Inspector {
             is_anomalous: score >= self.threshold,
             map,
             regions,
-            elapsed: t0.elapsed(),
+            elapsed: Duration::ZERO,
         })
     }
 }

@@ -254,6 +254,10 @@ impl Default for Accumulator {
 /// pixels dropped, largest first (ties: higher peak, then top-left first). A NaN threshold
 /// or NaN scores never count as anomalous.
 pub fn find_regions(map: &AnomalyMap, threshold: f32, min_area: u32) -> Vec<DefectRegion> {
+    // Most frames on a line show good parts: nothing to label, no labelling pass.
+    if !map.data.iter().any(|&v| v >= threshold) {
+        return Vec::new();
+    }
     // A one-pixel background border around the mask: imageproc 0.25's connected_components
     // panics on a 1x1 foreground image (a 1x1 camera frame must not crash the node).
     let mask = image::GrayImage::from_fn(map.width + 2, map.height + 2, |x, y| {

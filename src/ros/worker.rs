@@ -398,6 +398,13 @@ pub fn run(shared: Arc<Shared>, mut settings: Settings, pubs: Publishers, logger
     update_status_model(&shared, inspector.as_ref());
     let mut errors = ErrorLog { logger: logger.clone(), seen: HashSet::new() };
     let mut teach: Option<TeachJob> = None;
+    let Publishers { result: result_pub, score: score_pub, verdict: verdict_pub, heatmap: heatmap_pub, overlay: overlay_pub, map: map_pub, markers: markers_pub } = pubs;
+    let (images, image_jobs) = std::sync::mpsc::sync_channel::<ImageJob>(1);
+    let image_thread = std::thread::Builder::new()
+        .name("image_outputs".into())
+        .spawn(move || publish_images(image_jobs, map_pub, heatmap_pub, overlay_pub))
+        .expect("start the image output thread");
+    let mut images_skipped: u64 = 0;
 
     while let Some(work) = shared.mailbox.take(Duration::from_millis(200)) {
         // A teach-in that ran out of time fails; nothing else changes.
@@ -442,23 +449,26 @@ pub fn run(shared: Arc<Shared>, mut settings: Settings, pubs: Publishers, logger
         }
         let header = frame.header();
         let result = convert::result_msg(header, &inspection, insp.model_id(), insp.method(), received.elapsed());
-        if let Err(e) = pubs.result.publish(&result) {
+        if let Err(e) = result_pub.publish(&result) {
             r2r::log_warn!(&logger, "cannot publish result: {e}");
         }
-        let _ = pubs.score.publish(&Float32 { data: inspection.score });
-        let _ = pubs.verdict.publish(&Bool { data: inspection.is_anomalous });
+        let _ = score_pub.publish(&Float32 { data: inspection.score });
+        let _ = verdict_pub.publish(&Bool { data: inspection.is_anomalous });
         if settings.publish_markers {
             let camera = *shared.camera.lock().unwrap_or_else(|e| e.into_inner());
             let markers = outputs::region_markers(header, &inspection.regions, camera.as_ref(), &settings);
-            let _ = pubs.markers.publish(&markers);
-        }
-        if settings.publish_images {
-            let _ = pubs.map.publish(&outputs::map_image(header, &inspection.map));
-            let _ = pubs.heatmap.publish(&convert::rgb_to_image(header, heatmap(&inspection.map, 0.0, 1.0)));
-            let ov = overlay(&rgb, &inspection.map, 0.0, 1.0, 0.5, &inspection.regions);
-            let _ = pubs.overlay.publish(&convert::rgb_to_image(header, ov));
+            let _ = markers_pub.publish(&markers);
         }
         let latency_ms = received.elapsed().as_secs_f64() * 1e3;
+        if settings.publish_images {
+            // Drawn and published on the image thread while the next frame is inspected; when
+            // it is still busy with an earlier frame, this frame's pictures are skipped (the
+            // verdict above is what must never wait).
+            let job = ImageJob { header: header.clone(), map: inspection.map, regions: inspection.regions, frame: rgb };
+            if let Err(std::sync::mpsc::TrySendError::Full(_)) = images.try_send(job) {
+                images_skipped += 1;
+            }
+        }
         let first = {
             let mut st = shared.status.lock().unwrap_or_else(|e| e.into_inner());
             st.record(latency_ms);
@@ -469,14 +479,42 @@ pub fn run(shared: Arc<Shared>, mut settings: Settings, pubs: Publishers, logger
             r2r::log_info!(&logger, "first frame inspected in {:.1} ms", inspection.elapsed.as_secs_f64() * 1e3);
         }
     }
+    drop(images);
+    let _ = image_thread.join();
     let st = shared.status.lock().unwrap_or_else(|e| e.into_inner()).clone();
     r2r::log_info!(
         &logger,
-        "inference thread stopped: {} frames inspected, {} dropped as stale, {} rejected",
+        "inference thread stopped: {} frames inspected, {} dropped as stale, {} rejected; \
+         images of {} frames skipped while the image thread was busy",
         st.inspected,
         shared.mailbox.dropped.load(Ordering::Relaxed),
-        st.rejected
+        st.rejected,
+        images_skipped
     );
+}
+
+/// What the image thread needs to draw one frame's map, heatmap and overlay.
+struct ImageJob {
+    header: Header,
+    map: crate::postprocess::AnomalyMap,
+    regions: Vec<crate::postprocess::DefectRegion>,
+    frame: RgbImage,
+}
+
+/// The image thread: draws and publishes anomaly/map, anomaly/heatmap and anomaly/overlay,
+/// until the inference thread hangs up.
+fn publish_images(
+    jobs: std::sync::mpsc::Receiver<ImageJob>,
+    map_pub: r2r::Publisher<Image>,
+    heatmap_pub: r2r::Publisher<Image>,
+    overlay_pub: r2r::Publisher<Image>,
+) {
+    for job in jobs {
+        let _ = map_pub.publish(&outputs::map_image(&job.header, &job.map));
+        let _ = heatmap_pub.publish(&convert::rgb_to_image(&job.header, heatmap(&job.map, 0.0, 1.0)));
+        let ov = overlay(&job.frame, &job.map, 0.0, 1.0, 0.5, &job.regions);
+        let _ = overlay_pub.publish(&convert::rgb_to_image(&job.header, ov));
+    }
 }
 
 fn update_status_model(shared: &Shared, inspector: Option<&Inspector>) {
