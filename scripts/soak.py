@@ -133,7 +133,7 @@ def main():
         next_sample = t0
         next_restart = t0 + args.restart_every
         next_inspect = t0 + 1.0
-        reload_at = t0 + args.seconds / 2
+        reload_at = t0 + args.seconds / 4  # before the middle third: growth is measured after it
         reloaded = None
         published, restarts = 0, 0
         last_restart_ns = time.time_ns()

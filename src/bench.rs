@@ -25,7 +25,8 @@ pub struct StageTimes {
     pub preprocess_ms: f64,
     /// PatchCore: backbone and neighbourhood aggregation. DRAEM: both networks.
     pub network_ms: f64,
-    /// PatchCore: nearest-neighbour search over the memory bank. DRAEM: 0.
+    /// PatchCore: nearest-neighbour search over the memory bank (exact or approximate, as the
+    /// model is configured). DRAEM: 0.
     pub knn_ms: f64,
     /// The model's full forward (network + kNN + score reweighting, map upsampling and blur).
     pub forward_ms: f64,
@@ -99,10 +100,10 @@ pub fn bench_engine(inspector: &Inspector, frame: &RgbImage, png: &[u8], iterati
             let network = median_ms(iterations, || patches().map(|t| sync(&t, device)))?;
             let q = patches()?;
             let bank = m.memory_bank();
-            let knn = median_ms(iterations, || bank.nearest(&q, 1).map(|(d, _)| sync(&d, device)))?;
+            let knn = median_ms(iterations, || m.nearest_patches(&q).map(|(d, _)| sync(&d, device)))?;
             let floor = median_ms(iterations, || {
                 let q = patches()?;
-                bank.nearest(&q, 1).map(|(d, _)| sync(&d, device))
+                m.nearest_patches(&q).map(|(d, _)| sync(&d, device))
             })?;
             (network, knn, floor, Some((bank.len(), bank.dim())))
         }

@@ -110,6 +110,10 @@ pub struct PatchCoreConfig {
     pub blur_sigma: f64,
     /// Seed of every random choice (projection, coreset start), for reproducible models.
     pub seed: u64,
+    /// Nearest-neighbour search at inference: 0 = exact; N > 0 = approximate on the CPU, over
+    /// the N nearest of about sqrt(bank rows) k-means cells (much faster on large banks, at a
+    /// small measured accuracy cost; README, "Speed"). A GPU always searches exactly.
+    pub knn_probes: usize,
 }
 
 impl Default for PatchCoreConfig {
@@ -124,6 +128,7 @@ impl Default for PatchCoreConfig {
             num_neighbors: 9,
             blur_sigma: 4.0,
             seed: 0,
+            knn_probes: 0,
         }
     }
 }

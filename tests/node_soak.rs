@@ -63,5 +63,5 @@ fn node_survives_overload_restarts_and_reload() {
     assert_eq!(r["reload"]["success"], true, "reload failed: {}", r["reload"]);
     // Memory is flat: no growth between the middle and the last third of the run.
     let growth = r["rss_growth_mib"].as_f64().unwrap();
-    assert!(growth < 40.0, "resident memory grew by {growth} MiB");
+    assert!(growth < 16.0, "resident memory grew by {growth} MiB");
 }

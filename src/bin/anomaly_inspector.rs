@@ -64,6 +64,10 @@ struct FitArgs {
     /// Fraction of patches kept in the memory bank.
     #[arg(long)]
     coreset_ratio: Option<f64>,
+    /// Nearest-neighbour search the model will use: 0 = exact (default), N = approximate over
+    /// the N nearest k-means cells of the bank (faster on large banks; see README "Speed").
+    #[arg(long)]
+    knn_probes: Option<usize>,
     /// Dimension of the random projection the coreset is chosen in (at least the feature
     /// dimension: no projection, exact greedy k-center).
     #[arg(long)]
@@ -203,6 +207,9 @@ fn fit(a: FitArgs) -> anyhow::Result<()> {
     if let Some(d) = a.coreset_dim {
         cfg.coreset_projection_dim = d;
     }
+    if let Some(p) = a.knn_probes {
+        cfg.knn_probes = p;
+    }
     if let Some(s) = a.seed {
         cfg.seed = s;
     }
@@ -272,8 +279,8 @@ fn fit(a: FitArgs) -> anyhow::Result<()> {
 /// `fit --method draem`: settings from the preset (or, with --resume, from the checkpoint),
 /// overridden by the options given.
 fn fit_draem_command(a: FitArgs) -> anyhow::Result<()> {
-    if a.coreset_ratio.is_some() || a.coreset_dim.is_some() || a.layers.is_some() || a.backbone_weights.is_some() || a.backbone != "efficientnet_lite0" {
-        bail!("--backbone, --backbone-weights, --layers, --coreset-ratio and --coreset-dim are PatchCore options; DRAEM trains its own networks");
+    if a.coreset_ratio.is_some() || a.coreset_dim.is_some() || a.knn_probes.is_some() || a.layers.is_some() || a.backbone_weights.is_some() || a.backbone != "efficientnet_lite0" {
+        bail!("--backbone, --backbone-weights, --layers, --coreset-ratio, --coreset-dim and --knn-probes are PatchCore options; DRAEM trains its own networks");
     }
     let data = MvtecDataset::open(&a.data)?;
     let mut cfg = if a.resume {

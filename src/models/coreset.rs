@@ -288,7 +288,7 @@ impl Groups {
 /// Squared Euclidean distance. Eight independent accumulators let the compiler vectorise the
 /// loop (a single running sum is a serial dependency chain it may not reorder).
 #[inline]
-fn sq_dist(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn sq_dist(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let (ra, rb) = (ca.remainder(), cb.remainder());

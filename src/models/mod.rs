@@ -1,7 +1,9 @@
 //! Anomaly models: feature extractors ([`backbone`]) and the detectors built on them
-//! ([`patchcore`] with its memory-bank selection [`coreset`], [`draem`] with its anomaly
+//! ([`patchcore`] with its memory-bank selection [`coreset`] and approximate search
+//! [`bank_index`], [`draem`] with its anomaly
 //! simulator [`perlin`]).
 pub mod backbone;
+pub mod bank_index;
 pub mod coreset;
 pub mod draem;
 pub mod patchcore;

@@ -11,6 +11,7 @@ use tch::{Device, Kind, Tensor};
 use crate::config::PatchCoreConfig;
 use crate::error::{Error, Result};
 use crate::models::backbone::Backbone;
+use crate::models::bank_index::BankIndex;
 use crate::models::{coreset, ModelOutput};
 
 /// Rows of the memory bank compared at once in nearest-neighbour search: with one frame's
@@ -174,6 +175,8 @@ pub struct PatchCore {
     bank: MemoryBank,
     config: PatchCoreConfig,
     blur: Option<Tensor>,
+    /// Approximate search index, when `config.knn_probes > 0` and the bank is on the CPU.
+    index: Option<BankIndex>,
 }
 
 /// Why a fit went as it did: sizes and timings for logs and the model file.
@@ -212,7 +215,12 @@ impl PatchCore {
     pub fn new(backbone: Backbone, bank: MemoryBank, config: &PatchCoreConfig) -> Result<Self> {
         config.validate()?;
         let blur = gaussian_kernel(config.blur_sigma, bank.features.device())?;
-        Ok(Self { backbone, bank, config: config.clone(), blur })
+        let index = if config.knn_probes > 0 && bank.features.device() == Device::Cpu {
+            Some(BankIndex::new(&bank.features, config.knn_probes, config.seed)?)
+        } else {
+            None
+        };
+        Ok(Self { backbone, bank, config: config.clone(), blur, index })
     }
 
     /// Fits a memory bank on defect-free images given as normalised batches `[B, 3, H, W]`.
@@ -275,6 +283,15 @@ impl PatchCore {
         &self.backbone
     }
 
+    /// Nearest bank row of each patch feature `[Q, D]`, exact or approximate as configured
+    /// (`knn_probes`): (`[Q, 1]` distances, `[Q, 1]` int64 indices).
+    pub fn nearest_patches(&self, patches: &Tensor) -> Result<(Tensor, Tensor)> {
+        match &self.index {
+            Some(index) => index.nearest(patches),
+            None => self.bank.nearest(patches, 1),
+        }
+    }
+
     /// Scores a normalised batch `[N, 3, H, W]`: image scores `[N]` (reweighted maximum patch
     /// distance) and anomaly maps `[N, 1, H, W]` (upsampled, Gaussian-smoothed patch distances).
     pub fn forward(&self, x: &Tensor) -> Result<ModelOutput> {
@@ -287,7 +304,7 @@ impl PatchCore {
         let emb = embed(&self.backbone, x, self.config.neighbourhood)?;
         let (fh, fw) = (emb.size()[2], emb.size()[3]);
         let patches = flatten_patches(&emb)?; // [N*fh*fw, D]
-        let (dist, idx) = self.bank.nearest(&patches, 1)?;
+        let (dist, idx) = self.nearest_patches(&patches)?;
         let patch_scores = dist.f_view([n, fh * fw])?;
         let nearest_idx = idx.f_view([n, fh * fw])?;
 
