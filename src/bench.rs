@@ -168,10 +168,10 @@ pub fn bench_knn_scaling(rows: &[i64], dim: i64, queries: i64, device: Device, i
         .collect()
 }
 
-/// Waits for queued device work so that a timing covers it (CUDA runs asynchronously).
-fn sync(t: &Tensor, device: Device) {
+/// Waits for queued device work so that a timing covers the work that made `_result` (CUDA
+/// runs asynchronously).
+fn sync(_result: &Tensor, device: Device) {
     if let Device::Cuda(i) = device {
-        let _ = t;
         tch::Cuda::synchronize(i as i64);
     }
 }

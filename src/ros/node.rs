@@ -161,21 +161,27 @@ pub fn run() -> anyhow::Result<()> {
         let node_params = node_params.clone();
         rt.spawn(async move {
             while let Some((name, value)) = param_events.next().await {
-                let parsed = {
-                    let mut p = params.lock().unwrap_or_else(|e| e.into_inner());
-                    p.settings().map_err(|e| (e, revert(&mut p, &name)))
-                };
+                use r2r::RosParams;
+                // Each change is applied to the values last in force, not to our struct: by now
+                // the struct may already hold later changes whose events are still queued (and
+                // which may yet be refused).
+                let mut candidate = last_good();
+                let parsed = candidate
+                    .set_parameter(&name, &value)
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| candidate.settings().map_err(|e| e.to_string()));
                 let refused = match parsed {
                     Ok(settings) => {
                         let (tx, rx) = oneshot::channel();
                         shared.mailbox.put_command(Command::Settings(settings, tx));
                         match rx.await {
-                            Ok(Err(e)) => Some((e, revert(&mut params.lock().unwrap_or_else(|e| e.into_inner()), &name))),
+                            Ok(Err(e)) => Some(e),
                             Ok(Ok(())) | Err(_) => None,
                         }
                     }
-                    Err((e, restored)) => Some((e.to_string(), restored)),
+                    Err(e) => Some(e),
                 };
+                let refused = refused.map(|e| (e, revert(&mut params.lock().unwrap_or_else(|e| e.into_inner()), &name)));
                 match refused {
                     Some((e, restored)) => {
                         // Our struct's lock is released: r2r takes its map's lock first.
@@ -186,7 +192,9 @@ pub fn run() -> anyhow::Result<()> {
                         r2r::log_error!(&logger, "parameter {name} = {value:?} refused: {e}; it stays {restored}");
                     }
                     None => {
-                        remember_good(&params.lock().unwrap_or_else(|e| e.into_inner()));
+                        update_good(|g| {
+                            let _ = g.set_parameter(&name, &value);
+                        });
                         r2r::log_info!(&logger, "parameter {name} set to {value:?}");
                     }
                 }
@@ -286,7 +294,7 @@ fn model_in_force(params: &Mutex<CheckedParams>, node_params: &NodeParamMap, pat
     {
         let mut p = params.lock().unwrap_or_else(|e| e.into_inner());
         p.model = model.clone();
-        remember_good(&p);
+        update_good(|g| g.model = model.clone());
     }
     store(node_params, "model", r2r::ParameterValue::String(model));
 }
@@ -296,6 +304,16 @@ static LAST_GOOD: Mutex<Option<NodeParams>> = Mutex::new(None);
 
 fn remember_good(params: &NodeParams) {
     *LAST_GOOD.lock().unwrap_or_else(|e| e.into_inner()) = Some(params.clone());
+}
+
+/// The parameter values last put in force.
+fn last_good() -> NodeParams {
+    LAST_GOOD.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(NodeParams::default).clone()
+}
+
+/// Changes the values last put in force (one parameter that was just applied).
+fn update_good(change: impl FnOnce(&mut NodeParams)) {
+    change(LAST_GOOD.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(NodeParams::default));
 }
 
 const DEFAULT_INSPECT_TIMEOUT_S: f32 = 5.0;
@@ -455,11 +473,11 @@ fn spawn_services(
             let t = req.message.threshold;
             let response = {
                 let mut p = prm.lock().unwrap_or_else(|e| e.into_inner());
-                let candidate = NodeParams { threshold: t as f64, ..p.values.clone() };
+                let candidate = NodeParams { threshold: t as f64, ..last_good() };
                 match candidate.settings() {
                     Ok(s) => {
-                        p.values = candidate;
-                        remember_good(&p);
+                        p.threshold = t as f64;
+                        update_good(|g| g.threshold = t as f64);
                         let (tx, _) = oneshot::channel();
                         sh.mailbox.put_command(Command::Settings(s, tx));
                         r2r::log_info!(&log, "threshold set to {t}");
