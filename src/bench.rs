@@ -12,7 +12,7 @@ use crate::error::Result;
 use crate::imaging::{self, PixelEncoding, RawImage};
 use crate::inspector::Inspector;
 use crate::model_file::AnomalyModel;
-use crate::models::patchcore::{embed, MemoryBank};
+use crate::models::patchcore::{embed, flatten_patches, MemoryBank};
 
 /// Median milliseconds of each stage of one inspected frame.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -92,11 +92,7 @@ pub fn bench_engine(inspector: &Inspector, frame: &RgbImage, png: &[u8], iterati
     let (network_ms, knn_ms, floor_ms, bank_size) = match model {
         AnomalyModel::PatchCore(m) => {
             let n = m.config().neighbourhood;
-            let patches = || -> Result<Tensor> {
-                let emb = embed(m.backbone(), &x, n)?;
-                let d = emb.size()[1];
-                Ok(emb.f_permute([0, 2, 3, 1])?.f_reshape([-1, d])?.f_contiguous()?)
-            };
+            let patches = || flatten_patches(&embed(m.backbone(), &x, n)?);
             let network = median_ms(iterations, || patches().map(|t| sync(&t, device)))?;
             let q = patches()?;
             let bank = m.memory_bank();

@@ -11,7 +11,7 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
-use crate::models::coreset::sample_rows;
+use crate::models::coreset::{sample_rows, sq_dist};
 
 /// Lloyd iterations of the k-means that places the cells.
 const KMEANS_ITERATIONS: usize = 10;
@@ -138,12 +138,6 @@ impl BankIndex {
         }
         (best.0.max(0.0).sqrt(), best.1)
     }
-}
-
-/// Squared Euclidean distance (see `coreset::sq_dist`).
-#[inline]
-fn sq_dist(a: &[f32], b: &[f32]) -> f32 {
-    crate::models::coreset::sq_dist(a, b)
 }
 
 #[cfg(test)]

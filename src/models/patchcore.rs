@@ -383,7 +383,7 @@ pub fn embed(backbone: &Backbone, x: &Tensor, neighbourhood: i64) -> Result<Tens
 }
 
 /// `[N, D, h, w]` -> `[N*h*w, D]`, row-major over (image, y, x).
-fn flatten_patches(emb: &Tensor) -> Result<Tensor> {
+pub fn flatten_patches(emb: &Tensor) -> Result<Tensor> {
     let d = emb.size()[1];
     Ok(emb.f_permute([0, 2, 3, 1])?.f_reshape([-1, d])?.f_contiguous()?)
 }
