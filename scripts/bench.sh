@@ -67,6 +67,10 @@ if [ "$NODE" = 1 ]; then
         --summary "$OUT/node_$name.json" > "$OUT/peer_$name.log" 2>&1 || echo "peer failed for $name: see $OUT/peer_$name.log"
     kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true
     tail -1 "$OUT/peer_$name.log"
+    # The node's own share (mailbox, conversion, messages), timed inside the node on the same
+    # frames as the inspection it adds to: immune to the machine being busier in one run.
+    sed -n 's/.*node overhead (mailbox, conversion, messages) median \([0-9.]*\) ms.*/\1/p' "$OUT/node_$name.log" \
+        > "$OUT/node_$name.overhead"
   done
 fi
 
@@ -84,13 +88,16 @@ node_frame = [int(v) for v in sys.argv[2].split("x")]
 engine = json.load(open(out / "engine.json"))
 rows = []
 print(f"\n== side by side at {sys.argv[2]} (ms per frame, medians) ==")
-print(f"{'model':<14} {'floor':>8} {'engine':>8} {'node e2e':>9} {'in node':>8} | {'engine/floor':>12} {'node-engine':>11} {'node/engine':>11}")
+print(f"{'model':<14} {'floor':>8} {'engine':>8} {'node e2e':>9} {'in node':>8} | {'engine/floor':>12} {'node-engine':>11} {'node/engine':>11} {'node own':>9}")
 for e in engine["engine"]:
     if e["frame"] != node_frame:
         continue
     name = e["model"]
     floor, eng = e["stages"]["floor_ms"], e["stages"]["engine_ms"]
-    node = inner = None
+    node = inner = own = None
+    o = out / f"node_{name}.overhead"
+    if o.exists() and o.read_text().strip():
+        own = float(o.read_text().split()[0])
     f = out / f"node_{name}.json"
     if f.exists():
         frames = [x for x in json.load(open(f))["frames"] if x.get("received")]
@@ -100,10 +107,12 @@ for e in engine["engine"]:
             inner = statistics.median(x["inference_ms"] for x in steady)
     fmt = lambda v, w=8: f"{v:>{w}.1f}" if v is not None else f"{'-':>{w}}"
     print(f"{name:<14} {fmt(floor)} {fmt(eng)} {fmt(node, 9)} {fmt(inner)} | {eng / floor:>12.3f} "
-          f"{fmt(node - eng if node else None, 11)} {fmt(node / eng if node else None, 11)}")
-    rows.append({"model": name, "floor_ms": floor, "engine_ms": eng, "node_ms": node, "in_node_ms": inner})
+          f"{fmt(node - eng if node else None, 11)} {fmt(node / eng if node else None, 11)} {fmt(own, 9)}")
+    rows.append({"model": name, "floor_ms": floor, "engine_ms": eng, "node_ms": node, "in_node_ms": inner,
+                 "node_own_ms": own})
 json.dump({"engine": engine, "side_by_side": rows}, open(out / "report.json", "w"), indent=1)
 print("floor = model forward + kNN on a ready tensor; engine = Inspector::inspect on the RGB frame;\n"
-      "node e2e = rclpy publish -> AnomalyResult received; in node = frame received -> result built")
+      "node e2e = rclpy publish -> AnomalyResult received; in node = frame received -> result built;\n"
+      "node own = in node less the inspection, per frame, timed inside the node (mailbox, conversion, messages)")
 print(f"\n(report: {out / 'report.json'}; device: {engine['device']})")
 PY

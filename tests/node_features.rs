@@ -206,4 +206,9 @@ fn frames_faster_than_inference_keep_only_the_newest() {
     let dropped: u64 = obs["diag"]["frames_dropped"].as_str().unwrap().parse().unwrap();
     assert!(dropped > 0, "drops must be counted");
     assert!(dropped + received <= sent + 1);
+    // The node's own share of the latency (mailbox, conversion, messages) is reported, and is a
+    // part of the latency, not more.
+    let own: f64 = obs["diag"]["node_overhead_median_ms"].as_str().unwrap().parse().unwrap();
+    let max: f64 = obs["diag"]["latency_max_ms"].as_str().unwrap().parse().unwrap();
+    assert!(own >= 0.0 && own <= max, "node overhead {own} ms vs latency max {max} ms: {obs}");
 }

@@ -72,6 +72,14 @@ struct FitArgs {
     /// dimension: no projection, exact greedy k-center).
     #[arg(long)]
     coreset_dim: Option<i64>,
+    /// Side of the square of neighbouring patches averaged into each patch feature (odd; the
+    /// paper's 3). Larger sees more context per patch.
+    #[arg(long)]
+    neighbourhood: Option<i64>,
+    /// Gaussian smoothing of the anomaly map, in network-input pixels (the paper's 4). Larger
+    /// favours large, low-contrast defects over small sharp ones.
+    #[arg(long)]
+    blur_sigma: Option<f64>,
     /// Seed for every random choice.
     #[arg(long)]
     seed: Option<u64>,
@@ -210,6 +218,12 @@ fn fit(a: FitArgs) -> anyhow::Result<()> {
     if let Some(p) = a.knn_probes {
         cfg.knn_probes = p;
     }
+    if let Some(n) = a.neighbourhood {
+        cfg.neighbourhood = n;
+    }
+    if let Some(s) = a.blur_sigma {
+        cfg.blur_sigma = s;
+    }
     if let Some(s) = a.seed {
         cfg.seed = s;
     }
@@ -279,8 +293,19 @@ fn fit(a: FitArgs) -> anyhow::Result<()> {
 /// `fit --method draem`: settings from the preset (or, with --resume, from the checkpoint),
 /// overridden by the options given.
 fn fit_draem_command(a: FitArgs) -> anyhow::Result<()> {
-    if a.coreset_ratio.is_some() || a.coreset_dim.is_some() || a.knn_probes.is_some() || a.layers.is_some() || a.backbone_weights.is_some() || a.backbone != "efficientnet_lite0" {
-        bail!("--backbone, --backbone-weights, --layers, --coreset-ratio, --coreset-dim and --knn-probes are PatchCore options; DRAEM trains its own networks");
+    if a.coreset_ratio.is_some()
+        || a.coreset_dim.is_some()
+        || a.knn_probes.is_some()
+        || a.neighbourhood.is_some()
+        || a.blur_sigma.is_some()
+        || a.layers.is_some()
+        || a.backbone_weights.is_some()
+        || a.backbone != "efficientnet_lite0"
+    {
+        bail!(
+            "--backbone, --backbone-weights, --layers, --coreset-ratio, --coreset-dim, --knn-probes, --neighbourhood \
+             and --blur-sigma are PatchCore options; DRAEM trains its own networks"
+        );
     }
     let data = MvtecDataset::open(&a.data)?;
     let mut cfg = if a.resume {

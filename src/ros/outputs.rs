@@ -142,6 +142,7 @@ pub fn diagnostics(stamp: r2r::builtin_interfaces::msg::Time, node_name: &str, s
         kv("rate_hz", format!("{rate:.2}")),
         kv("latency_mean_ms", format!("{mean:.1}")),
         kv("latency_max_ms", format!("{max:.1}")),
+        kv("node_overhead_median_ms", format!("{:.2}", super::worker::median(&status.recent_overhead_ms))),
         kv("frames_received", received.to_string()),
         kv("frames_inspected", status.inspected.to_string()),
         kv("frames_dropped", dropped.to_string()),

@@ -19,6 +19,10 @@ pub struct NodeParams {
     pub model_root: String,
     /// Inference device: auto, cpu or cuda. Read at start-up.
     pub device: String,
+    /// CPU threads libtorch uses for inference; 0 = one per core (libtorch's default). Set it
+    /// to the cores free for inference when other busy processes share the machine: more
+    /// threads than free cores makes each frame several times slower. Read at start-up.
+    pub inference_threads: i64,
     /// Normalised image-score threshold for is_anomalous (0.5 = the model's calibrated threshold).
     pub threshold: f64,
     /// Defect regions smaller than this many pixels are not reported.
@@ -55,6 +59,7 @@ impl Default for NodeParams {
             model: crate::project_root().join("models/demo_patchcore").to_string_lossy().into_owned(),
             model_root: String::new(),
             device: "auto".into(),
+            inference_threads: 0,
             threshold: 0.5,
             min_region_area: PostprocessConfig::default().min_region_area as i64,
             input_transport: "raw".into(),
@@ -126,7 +131,7 @@ list_param!(FloatList, f64, DoubleArray, "A double-array parameter.");
 
 /// Parameters read only at start-up. Changing them at run time is refused (as rclcpp does for
 /// read-only parameters) rather than accepted and silently ignored.
-pub const STARTUP_ONLY: [&str; 4] = ["device", "input_transport", "input_qos", "output_qos"];
+pub const STARTUP_ONLY: [&str; 5] = ["device", "inference_threads", "input_transport", "input_qos", "output_qos"];
 
 /// [`NodeParams`] as the parameter services see them: a new value is stored only when the whole
 /// set still parses (and, for `model`, names a readable model), so the caller of
@@ -260,6 +265,8 @@ pub struct Settings {
     pub model_root: PathBuf,
     /// Inference device.
     pub device: DeviceChoice,
+    /// libtorch CPU threads (None = one per core).
+    pub inference_threads: Option<usize>,
     /// Normalised threshold.
     pub threshold: f32,
     /// Post-processing.
@@ -286,6 +293,11 @@ impl NodeParams {
     /// Parses and range-checks every value (parse at the boundary).
     pub fn settings(&self) -> Result<Settings> {
         let device: DeviceChoice = self.device.parse()?;
+        let inference_threads = match self.inference_threads {
+            0 => None,
+            n @ 1..=1024 => Some(n as usize),
+            n => return Err(Error::Config(format!("inference_threads {n}: use 1..=1024, or 0 for one per core"))),
+        };
         if !(0.0..=1.0).contains(&self.threshold) {
             return Err(Error::Config(format!("threshold {}: must be within 0..=1", self.threshold)));
         }
@@ -338,6 +350,7 @@ impl NodeParams {
             model,
             model_root,
             device,
+            inference_threads,
             threshold: self.threshold as f32,
             postprocess: PostprocessConfig { min_region_area: self.min_region_area as u32 },
             input_transport,
@@ -378,6 +391,9 @@ mod tests {
         assert!(NodeParams { roi: IntList(vec![0, 0, 0, 10]), ..p.clone() }.settings().is_err());
         assert!(NodeParams { working_distance: -0.3, ..p.clone() }.settings().is_err());
         assert!(NodeParams { marker_pixel_size: 0.0, ..p.clone() }.settings().is_err());
+        assert_eq!(s.inference_threads, None);
+        assert_eq!(NodeParams { inference_threads: 3, ..p.clone() }.settings().unwrap().inference_threads, Some(3));
+        assert!(NodeParams { inference_threads: -1, ..p.clone() }.settings().is_err());
     }
 
     #[test]
@@ -393,6 +409,8 @@ mod tests {
         let err = p.set_parameter("input_qos", &ParameterValue::String("bogus".into())).unwrap_err().to_string();
         assert!(err.contains("use sensor_data or reliable"), "{err}");
         let err = p.set_parameter("input_qos", &ParameterValue::String("reliable".into())).unwrap_err().to_string();
+        assert!(err.contains("start-up only"), "{err}");
+        let err = p.set_parameter("inference_threads", &ParameterValue::Integer(1)).unwrap_err().to_string();
         assert!(err.contains("start-up only"), "{err}");
         // The value in force may be set again (a params file applied twice).
         p.set_parameter("input_qos", &ParameterValue::String("sensor_data".into())).unwrap();
