@@ -86,6 +86,51 @@ impl Calibration {
         })
     }
 
+    /// Thresholds at the best F1 on labelled validation images (good ones and defective ones
+    /// with masks, none of them used for fitting or for the evaluation): the image threshold
+    /// over `image_scores` (`image_defective[i]`: image i has a defect), the pixel threshold
+    /// over raw `pixel_scores` with their mask labels. An image or pixel is anomalous when its
+    /// score is >= the threshold. Returns the calibration and the two F1 values reached.
+    pub fn from_validation(
+        image_scores: &[f32],
+        image_defective: &[bool],
+        pixel_scores: &[f32],
+        pixel_defective: &[bool],
+        source: &str,
+    ) -> Result<(Self, f64, f64)> {
+        let need = |e: Error, what: &str| {
+            Error::Config(format!(
+                "F1-optimal {what} threshold: {e}; the validation images must include good and defective \
+                 ones (test/good/ and test/<defect>/ with ground_truth/ masks)"
+            ))
+        };
+        let (image_f1, image_threshold) =
+            crate::metrics::f1_max(image_scores, image_defective).map_err(|e| need(e, "image"))?;
+        let (pixel_f1, pixel_threshold) =
+            crate::metrics::f1_max(pixel_scores, pixel_defective).map_err(|e| need(e, "pixel"))?;
+        if !(image_threshold > 0.0 && image_threshold.is_finite() && pixel_threshold > 0.0 && pixel_threshold.is_finite()) {
+            return Err(Error::Config(format!(
+                "F1-optimal thresholds {image_threshold} (image) and {pixel_threshold} (pixel) are not positive, finite \
+                 scores: the validation images do not separate good from defective"
+            )));
+        }
+        let n_defective = image_defective.iter().filter(|&&d| d).count();
+        Ok((
+            Self {
+                image_threshold,
+                pixel_threshold,
+                method: format!(
+                    "F1-optimal over {} validation images ({} good, {n_defective} defective) of {source}",
+                    image_scores.len(),
+                    image_scores.len() - n_defective
+                ),
+                n_images: image_scores.len(),
+            },
+            image_f1,
+            pixel_f1,
+        ))
+    }
+
     /// Raw image score -> normalised score (0.5 = threshold).
     pub fn normalize_image(&self, raw: f32) -> f32 {
         normalize(raw, self.image_threshold)
@@ -385,6 +430,24 @@ pub fn save_draem(
     Ok(())
 }
 
+/// Replaces the calibration in `dir`'s model.json, keeping the file it replaces as
+/// `model.json.previous` (the new file is written beside it and renamed into place, so a crash
+/// leaves one complete model.json or the other).
+pub fn save_calibration(dir: &Path, calibration: &Calibration) -> Result<()> {
+    let mut manifest = read_manifest(dir)?;
+    manifest.calibration = calibration.clone();
+    let path = dir.join("model.json");
+    let tmp = dir.join(format!(".model.json.tmp-{}", std::process::id()));
+    let json = serde_json::to_string_pretty(&manifest).expect("manifest serialises");
+    std::fs::write(&tmp, json).map_err(|e| Error::io(&tmp, e))?;
+    let previous = dir.join("model.json.previous");
+    if let Err(e) = std::fs::copy(&path, &previous) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(&previous, e));
+    }
+    std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))
+}
+
 fn write_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
@@ -421,6 +484,26 @@ mod tests {
         assert_eq!(c.normalize_image(100.0), 1.0);
         assert_eq!(c.normalize_image(f32::NAN), 1.0);
         assert_eq!(c.normalize_pixel(2.0), 0.25);
+    }
+
+    #[test]
+    fn validation_thresholds_sit_at_the_best_f1() {
+        // Images: good 1, 2, 3; defective 2.5, 4, 5. Threshold 4 -> P 1, R 2/3, F1 0.8;
+        // 2.5 -> TP 3, FP 1 (the 3.0), F1 6/7 = 0.857 (best); 2 -> TP 3, FP 2, F1 0.75.
+        let images = [1.0, 2.0, 3.0, 2.5, 4.0, 5.0];
+        let defective = [false, false, false, true, true, true];
+        // Pixels: a clean cut at 0.7.
+        let pixels = [0.1, 0.2, 0.3, 0.7, 0.9];
+        let masks = [false, false, false, true, true];
+        let (c, f_img, f_px) = Calibration::from_validation(&images, &defective, &pixels, &masks, "val").unwrap();
+        assert_eq!(c.image_threshold, 2.5);
+        assert!((f_img - 6.0 / 7.0).abs() < 1e-12, "{f_img}");
+        assert_eq!((c.pixel_threshold, f_px), (0.7, 1.0));
+        assert_eq!(c.n_images, 6);
+        assert!(c.method.contains("3 good, 3 defective"), "{}", c.method);
+        // Without defective images there is no F1.
+        let err = Calibration::from_validation(&images[..3], &defective[..3], &pixels, &masks, "val").unwrap_err();
+        assert!(err.to_string().contains("must include good and defective"), "{err}");
     }
 
     #[test]
@@ -492,6 +575,36 @@ mod tests {
         m.method = Method::Patchcore;
         m.validate().unwrap();
         assert_eq!(m.preprocess().unwrap().image_size, [256, 256]);
+    }
+
+    #[test]
+    fn new_calibration_replaces_the_old_which_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = Calibration::from_good_scores(&[1.0], &[2.0], 1.0).unwrap();
+        let manifest = ModelManifest {
+            format: FORMAT.into(),
+            version: FORMAT_VERSION,
+            method: Method::Patchcore,
+            name: "m".into(),
+            patchcore: Some(PatchCoreConfig::default()),
+            draem: None,
+            calibration: old.clone(),
+            training: training_for_test(),
+        };
+        std::fs::write(dir.path().join("model.json"), serde_json::to_string(&manifest).unwrap()).unwrap();
+        let new = Calibration { image_threshold: 7.0, pixel_threshold: 8.0, method: "F1".into(), n_images: 3 };
+        save_calibration(dir.path(), &new).unwrap();
+        let read = read_manifest(dir.path()).unwrap();
+        assert_eq!(read.calibration, new);
+        assert_eq!(read.patchcore, manifest.patchcore, "the rest of model.json must not change");
+        let kept: ModelManifest =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join("model.json.previous")).unwrap()).unwrap();
+        assert_eq!(kept.calibration, old);
+        assert!(save_calibration(&dir.path().join("missing"), &new).is_err());
+    }
+
+    fn training_for_test() -> TrainingInfo {
+        TrainingInfo { data: "d".into(), patchcore: None, draem: None, created_unix: 0, written_by: "test".into() }
     }
 
     #[test]

@@ -118,6 +118,48 @@ fn eval_reports_metrics_on_synthetic_data() {
         }
     }
 
+    assert!(report["image_f1_at_threshold"].as_f64().is_some_and(|v| (0.0..=1.0).contains(&v)), "{report:#}");
+
+    // Calibration on labelled validation images (another synthetic set, not the test set):
+    // F1-optimal thresholds replace the held-out-good ones; the old model.json is kept.
+    let val = tmp.path().join("validation");
+    generate_dataset(&val, &SyntheticConfig { seed: cfg.seed + 1, n_train: 1, ..cfg.clone() }).unwrap();
+    let calibrate = |dry: bool| {
+        let mut args: Vec<std::ffi::OsString> =
+            vec!["calibrate".into(), "--model".into(), os(&model), "--data".into(), os(&val), "--device".into(), "cpu".into()];
+        if dry {
+            args.push("--dry-run".into());
+        }
+        let out = cli(&args.iter().map(|a| a.as_os_str()).collect::<Vec<_>>());
+        check(&out, "calibrate");
+        // "image   <before> <after>   <F1 before> <F1 after>"
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let row = |name: &str| -> Vec<f64> {
+            let line = stderr.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no {name} row:\n{stderr}"));
+            line.split_whitespace().skip(1).map(|v| v.parse().unwrap()).collect()
+        };
+        (row("image"), row("pixel"))
+    };
+    let before: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("model.json")).unwrap()).unwrap();
+    let (image, pixel) = calibrate(false);
+    assert!(image[3] >= image[2] && pixel[3] >= pixel[2], "F1-optimal must not be worse: {image:?} {pixel:?}");
+    let after: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("model.json")).unwrap()).unwrap();
+    assert!(after["calibration"]["method"].as_str().unwrap().starts_with("F1-optimal"), "{after:#}");
+    assert!((after["calibration"]["image_threshold"].as_f64().unwrap() - image[1]).abs() < 1e-3 * image[1].abs().max(1.0));
+    assert_eq!(after["patchcore"], before["patchcore"]);
+    let kept: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("model.json.previous")).unwrap()).unwrap();
+    assert_eq!(kept["calibration"], before["calibration"]);
+    // Calibrating again finds the same thresholds: the ones now in force.
+    let (again, _) = calibrate(true);
+    assert!((again[0] - image[1]).abs() < 1e-3 * image[1].abs().max(1.0), "{again:?} vs {image:?}");
+    assert!((again[2] - image[3]).abs() < 1e-6, "F1 at the calibrated threshold {again:?} vs {image:?}");
+    let unchanged: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("model.json")).unwrap()).unwrap();
+    assert_eq!(unchanged, after, "--dry-run changed the model");
+
     // --limit-per-type takes the first N images of every test folder.
     let out = cli(&[
         "eval".as_ref(),

@@ -33,6 +33,9 @@ enum Command {
     /// Evaluate a model on the labelled test images of an MVTec-layout folder: image AUROC,
     /// F1-max, pixel AUROC, AUPRO, per defect type, and speed; writes a JSON report.
     Eval(EvalArgs),
+    /// Set a model's thresholds at the best F1 on labelled validation images (good and
+    /// defective, with masks; not the images you evaluate on). The old model.json is kept.
+    Calibrate(CalibrateArgs),
     /// Time the engine's stages (decode, preprocess, network, kNN, post-processing) against the
     /// model's own forward + kNN, and the kNN against memory-bank size; prints a table.
     Bench(BenchArgs),
@@ -166,6 +169,7 @@ fn main() -> anyhow::Result<()> {
         Command::Predict(a) => predict(a),
         Command::Synth(a) => synth(a),
         Command::Eval(a) => eval(a),
+        Command::Calibrate(a) => calibrate(a),
         Command::Bench(a) => bench(a),
     }
 }
@@ -583,6 +587,27 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
 }
 
 #[derive(Args)]
+struct CalibrateArgs {
+    /// Model directory written by `fit` (its model.json is rewritten; the old one is kept as
+    /// model.json.previous).
+    #[arg(long)]
+    model: PathBuf,
+    /// Validation images in the MVTec AD layout: test/good/, test/<defect>/ and
+    /// ground_truth/<defect>/<stem>_mask.png. Use images kept apart from the ones you evaluate on.
+    #[arg(long)]
+    data: PathBuf,
+    /// auto, cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    device: DeviceChoice,
+    /// Pixels are compared on maps and masks scaled to at most this many pixels on the long side.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(8..))]
+    pixel_max_side: u32,
+    /// Print the thresholds found without changing the model.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+#[derive(Args)]
 struct EvalArgs {
     /// Model directory written by `fit`.
     #[arg(long)]
@@ -625,6 +650,19 @@ fn eval_size(width: u32, height: u32, max_side: u32) -> (u32, u32) {
     (side(width), side(height))
 }
 
+/// The ground truth of `sample` (a `w` x `h` image) at the pixel-metric size `pw` x `ph`,
+/// row-major, `true` = defect; all `false` for a good image.
+fn eval_mask(sample: &anomaly_inspector::dataset::TestSample, w: u32, h: u32, pw: u32, ph: u32) -> anyhow::Result<Vec<bool>> {
+    match (&sample.defect, &sample.mask) {
+        (None, _) => Ok(vec![false; pw as usize * ph as usize]),
+        (Some(_), None) => Err(anyhow::anyhow!("no ground-truth mask found under ground_truth/")),
+        (Some(_), Some(path)) => anomaly_inspector::dataset::load_mask(path, w, h).map_err(Into::into).map(|m| {
+            let m = if (pw, ph) == (w, h) { m } else { image::imageops::resize(&m, pw, ph, image::imageops::FilterType::Nearest) };
+            m.pixels().map(|p| p.0[0] > 0).collect()
+        }),
+    }
+}
+
 /// Image AUROC and F1-max of the images in `groups` (good = negative), `None` where undefined.
 fn image_metrics(images: &[EvalImage], groups: &[usize]) -> (Option<f64>, Option<(f64, f32)>) {
     let (scores, labels): (Vec<f32>, Vec<bool>) = images
@@ -638,8 +676,83 @@ fn image_metrics(images: &[EvalImage], groups: &[usize]) -> (Option<f64>, Option
     )
 }
 
+fn calibrate(a: CalibrateArgs) -> anyhow::Result<()> {
+    use anomaly_inspector::model_file::{save_calibration, Calibration};
+
+    let device = device::resolve(a.device)?;
+    let inspector = Inspector::new(&a.model, device, &PostprocessConfig::default())
+        .with_context(|| format!("loading model {}", a.model.display()))?;
+    let data = MvtecDataset::open(&a.data)?;
+    if data.test.is_empty() {
+        bail!("{}: no validation images (expected test/good/*.png and test/<defect>/*.png)", a.data.display());
+    }
+    let old = inspector.manifest().calibration.clone();
+    let (mut image_scores, mut image_defective) = (Vec::new(), Vec::new());
+    let (mut pixel_scores, mut pixel_defective) = (Vec::new(), Vec::new());
+    let mut skipped = 0usize;
+    let pb = bar(data.test.len(), "calibrate");
+    for s in &data.test {
+        let scored = (|| -> anyhow::Result<_> {
+            let image = imaging::load(&s.path)?;
+            let insp = inspector.inspect(&image)?;
+            let (w, h) = image.dimensions();
+            let (pw, ph) = eval_size(w, h, a.pixel_max_side);
+            Ok((insp.raw_score, insp.map.resized(pw, ph), eval_mask(s, w, h, pw, ph)?))
+        })();
+        match scored {
+            Ok((raw, map, mask)) => {
+                image_scores.push(raw);
+                image_defective.push(s.defect.is_some());
+                // The map is normalised (0.5 at the current pixel threshold): back to raw scores.
+                pixel_scores.extend(map.data().iter().map(|&v| 2.0 * v * old.pixel_threshold));
+                pixel_defective.extend(mask);
+            }
+            Err(e) => {
+                skipped += 1;
+                pb.suspend(|| eprintln!("error: {}: {e:#} (image skipped)", s.path.display()));
+            }
+        }
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    let (new, image_f1, pixel_f1) =
+        Calibration::from_validation(&image_scores, &image_defective, &pixel_scores, &pixel_defective, &a.data.display().to_string())?;
+    let f1_at = |scores: &[f32], labels: &[bool], t: f32| {
+        let tp = scores.iter().zip(labels).filter(|(&s, &l)| l && s >= t).count() as f64;
+        let predicted = scores.iter().filter(|&&s| s >= t).count() as f64;
+        let positives = labels.iter().filter(|&&l| l).count() as f64;
+        2.0 * tp / (predicted + positives)
+    };
+    eprintln!("{} validation images ({} skipped) of {}", image_scores.len(), skipped, a.data.display());
+    eprintln!("                  threshold (raw)      F1 on these images");
+    eprintln!("                  before     after     before   after");
+    eprintln!(
+        "image           {:>9.4} {:>9.4}   {:>6.3}  {:>6.3}",
+        old.image_threshold,
+        new.image_threshold,
+        f1_at(&image_scores, &image_defective, old.image_threshold),
+        image_f1
+    );
+    eprintln!(
+        "pixel           {:>9.4} {:>9.4}   {:>6.3}  {:>6.3}",
+        old.pixel_threshold,
+        new.pixel_threshold,
+        f1_at(&pixel_scores, &pixel_defective, old.pixel_threshold),
+        pixel_f1
+    );
+    if a.dry_run {
+        eprintln!("--dry-run: {} unchanged", a.model.display());
+    } else {
+        save_calibration(&a.model, &new)?;
+        eprintln!(
+            "thresholds written to {}/model.json (the previous file is model.json.previous); scores are now 0.5 at these thresholds",
+            a.model.display()
+        );
+    }
+    Ok(())
+}
+
 fn eval(a: EvalArgs) -> anyhow::Result<()> {
-    use anomaly_inspector::dataset::load_mask;
     use anomaly_inspector::metrics::{self, PixelScores, AUPRO_FPR_LIMIT};
 
     let t_start = std::time::Instant::now();
@@ -715,18 +828,7 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
         images.push(EvalImage { group, raw_score: insp.raw_score });
 
         let (pw, ph) = eval_size(w, h, a.pixel_max_side);
-        let mask: anyhow::Result<Vec<bool>> = match (&s.defect, &s.mask) {
-            (None, _) => Ok(vec![false; pw as usize * ph as usize]),
-            (Some(_), None) => Err(anyhow::anyhow!("no ground-truth mask found under ground_truth/")),
-            (Some(_), Some(path)) => load_mask(path, w, h).map_err(Into::into).map(|m| {
-                let m = if (pw, ph) == (w, h) {
-                    m
-                } else {
-                    image::imageops::resize(&m, pw, ph, image::imageops::FilterType::Nearest)
-                };
-                m.pixels().map(|p| p.0[0] > 0).collect()
-            }),
-        };
+        let mask = eval_mask(s, w, h, pw, ph);
         match mask {
             Ok(mask) => {
                 let map = insp.map.resized(pw, ph);
@@ -758,6 +860,14 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
     let all_groups: Vec<usize> = (0..group_names.len()).collect();
     let (image_auroc, image_f1) = image_metrics(&images, &all_groups);
     let pixel = metrics::pixel_metrics(&sorted.iter().collect::<Vec<_>>(), AUPRO_FPR_LIMIT).ok();
+    let image_threshold = inspector.manifest().calibration.image_threshold;
+    let f1_at_threshold = {
+        let flagged = |i: &&EvalImage| i.raw_score >= image_threshold;
+        let tp = images.iter().filter(|i| i.group != 0).filter(flagged).count() as f64;
+        let predicted = images.iter().filter(flagged).count() as f64;
+        let positives = images.iter().filter(|i| i.group != 0).count() as f64;
+        (positives > 0.0).then(|| 2.0 * tp / (predicted + positives))
+    };
 
     let mut per_defect = serde_json::Map::new();
     let mut rows = Vec::new();
@@ -794,6 +904,9 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
         "image_auroc": image_auroc,
         "image_f1_max": image_f1.map(|f| f.0),
         "image_f1_threshold_raw": image_f1.map(|f| f.1),
+        // What the node's verdict reaches: F1 with the model's own threshold, not the best one.
+        "image_threshold_raw": image_threshold,
+        "image_f1_at_threshold": f1_at_threshold,
         "pixel_auroc": pixel.map(|p| p.auroc),
         "aupro": pixel.map(|p| p.aupro),
         "aupro_fpr_limit": AUPRO_FPR_LIMIT,
@@ -838,6 +951,9 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
             f(px.map(|p| p.auroc)),
             f(px.map(|p| p.aupro))
         );
+    }
+    if let Some(f1) = f1_at_threshold {
+        eprintln!("image F1 at the model's own threshold ({image_threshold:.4} raw, the node's verdict): {f1:.3}");
     }
     eprintln!(
         "{} good test images (the negatives of every row); inspect {:.1} ms/image ({:.1} images/s); {} errors; report in {}",
