@@ -71,19 +71,36 @@ pub enum Normalization {
     Symmetric,
 }
 
+/// How a frame's shape becomes the network input's shape.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Resize {
+    /// Stretched to exactly `image_size` (PatchCore's and anomalib's usual input).
+    #[default]
+    Stretch,
+    /// Aspect ratio kept: scaled down (never up) until the area is at most that of
+    /// `image_size`, each side rounded to a multiple of 32 (at least 64). For parts imaged at
+    /// one scale but cut to different shapes, whose texture a stretch would distort
+    /// differently in every image. PatchCore only (its network takes any input shape).
+    KeepAspect,
+}
+
 /// How a camera frame becomes a network input.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PreprocessConfig {
-    /// Network input size `[height, width]`; frames are resized (not cropped) to it.
+    /// Network input size `[height, width]`; frames are resized (not cropped) to it, or, with
+    /// `resize: keep_aspect`, to at most its area.
     pub image_size: [u32; 2],
     /// Pixel normalisation.
     pub normalization: Normalization,
+    /// Stretch to `image_size` or keep the aspect ratio.
+    pub resize: Resize,
 }
 
 impl Default for PreprocessConfig {
     fn default() -> Self {
-        Self { image_size: [256, 256], normalization: Normalization::Imagenet }
+        Self { image_size: [256, 256], normalization: Normalization::Imagenet, resize: Resize::Stretch }
     }
 }
 
@@ -244,7 +261,7 @@ impl DraemConfig {
     /// Adam 1e-4, about 700 epochs of an MVTec AD category. Needs a GPU (hours on one).
     pub fn paper() -> Self {
         Self {
-            preprocess: PreprocessConfig { image_size: [256, 256], normalization: Normalization::Imagenet },
+            preprocess: PreprocessConfig { image_size: [256, 256], normalization: Normalization::Imagenet, resize: Resize::Stretch },
             base_width: 128,
             steps: 20_000,
             batch_size: 8,
@@ -266,7 +283,7 @@ impl DraemConfig {
     /// count, and the score window scaled with the image.
     pub fn cpu_small() -> Self {
         Self {
-            preprocess: PreprocessConfig { image_size: [128, 128], normalization: Normalization::Imagenet },
+            preprocess: PreprocessConfig { image_size: [128, 128], ..Default::default() },
             base_width: 16,
             steps: 600,
             batch_size: 4,
@@ -288,6 +305,9 @@ impl DraemConfig {
         // Five 2x poolings in the discriminative encoder: at 64 px its deepest map is 2x2.
         if !(64..=2048).contains(&h) || !(64..=2048).contains(&w) {
             return Err(Error::Config(format!("image_size {h}x{w}: each side must be 64..=2048 for DRAEM")));
+        }
+        if self.preprocess.resize != Resize::Stretch {
+            return Err(Error::Config("resize keep_aspect is for PatchCore; DRAEM trains on one input size".into()));
         }
         if !(2..=512).contains(&self.base_width) {
             return Err(Error::Config(format!("base_width {}: must be 2..=512 (paper: 128)", self.base_width)));

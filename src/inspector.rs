@@ -128,7 +128,8 @@ impl Inspector {
             .f_to_kind(Kind::Float)?
             .f_to_device(Device::Cpu)?
             .f_contiguous()?;
-        let (h, w) = self.preprocessor.input_size();
+        // The map has the network input's size, which with keep_aspect differs per frame.
+        let (h, w) = (map.size()[0], map.size()[1]);
         let data = Vec::<f32>::try_from(map.f_view([-1])?)?;
         let map = AnomalyMap::new(w as u32, h as u32, data)?.resized(width, height);
         let regions = find_regions(&map, 0.5, self.postprocess.min_region_area);

@@ -110,7 +110,8 @@ pub fn fit_patchcore(
     let (fit_set, holdout) = split_holdout_checked(images, options.holdout_every)?;
     let backbone = Backbone::new(backbone_weights, &config.backbone, device)?;
     let pre = Preprocessor::new(&config.preprocess, device)?;
-    let batch_size = options.batch_size.max(1);
+    // Frames of different shapes (keep_aspect) go through the network one at a time.
+    let batch_size = if pre.fixed_size() { options.batch_size.max(1) } else { 1 };
     let batches = fit_set.chunks(batch_size).map(|chunk| {
         let imgs = chunk.iter().map(|p| imaging::load(p)).collect::<Result<Vec<_>>>()?;
         pre.batch(&imgs)

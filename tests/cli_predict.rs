@@ -105,3 +105,43 @@ fn fit_and_predict_on_magnetic_tile() {
     eprintln!("magnetic tile raw scores: good {good:?}\ndefective {bad:?}");
     assert!(mean(&bad) > mean(&good), "defective tiles must score higher on average");
 }
+
+#[test]
+fn keep_aspect_models_take_images_of_any_shape() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    run_ok(cli().args(["synth", "--n-train", "8", "--out"]).arg(&data));
+    // The same kind of surface cut to different shapes, as in Magnetic-Tile.
+    let shaped = tmp.path().join("shaped");
+    std::fs::create_dir_all(shaped.join("train/good")).unwrap();
+    let mut sources: Vec<PathBuf> = std::fs::read_dir(data.join("train/good")).unwrap().map(|e| e.unwrap().path()).collect();
+    sources.sort();
+    for (i, src) in sources.iter().enumerate() {
+        let img = image::open(src).unwrap().to_rgb8();
+        let (w, h) = if i % 2 == 0 { (200, 120) } else { (120, 200) };
+        image::imageops::crop_imm(&img, 0, 0, w, h).to_image().save(shaped.join(format!("train/good/{i}.png"))).unwrap();
+    }
+    let model = tmp.path().join("model");
+    run_ok(cli().args(["fit", "--device", "cpu", "--keep-aspect", "--data"]).arg(&shaped).arg("--out").arg(&model));
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(model.join("model.json")).unwrap()).unwrap();
+    assert_eq!(manifest["patchcore"]["preprocess"]["resize"], "keep_aspect", "{manifest:#}");
+
+    let wide = tmp.path().join("in/wide.png");
+    std::fs::create_dir_all(wide.parent().unwrap()).unwrap();
+    let test_img = image::open(data.join("test/scratch").read_dir().unwrap().next().unwrap().unwrap().path()).unwrap().to_rgb8();
+    image::imageops::crop_imm(&test_img, 0, 0, 250, 90).to_image().save(&wide).unwrap();
+    let out = tmp.path().join("pred");
+    let lines = json_lines(&run_ok(cli().args(["predict", "--device", "cpu", "--model"]).arg(&model).arg("--out").arg(&out).arg(&wide)));
+    assert_eq!(lines.len(), 1);
+    assert!(lines[0]["score"].as_f64().is_some_and(|s| (0.0..=1.0).contains(&s)), "{}", lines[0]);
+    let heatmap = image::open(lines[0]["heatmap"].as_str().unwrap()).unwrap();
+    assert_eq!((heatmap.width(), heatmap.height()), (250, 90), "the map covers the image at its own shape");
+    for r in lines[0]["regions"].as_array().unwrap() {
+        assert!(r["x"].as_u64().unwrap() + r["width"].as_u64().unwrap() <= 250, "{r}");
+        assert!(r["y"].as_u64().unwrap() + r["height"].as_u64().unwrap() <= 90, "{r}");
+    }
+    // DRAEM trains on one input size: the option is refused with a reason.
+    let draem = cli().args(["fit", "--method", "draem", "--keep-aspect", "--data"]).arg(&shaped).arg("--out").arg(tmp.path().join("d")).output().unwrap();
+    assert!(!draem.status.success());
+    assert!(String::from_utf8_lossy(&draem.stderr).contains("PatchCore options"));
+}

@@ -64,6 +64,10 @@ struct FitArgs {
     /// Network input size in pixels (square).
     #[arg(long)]
     image_size: Option<u32>,
+    /// PatchCore: keep each image's aspect ratio instead of stretching it to the square input
+    /// (scaled down to at most the input's area): for parts cut to different shapes.
+    #[arg(long)]
+    keep_aspect: bool,
     /// Fraction of patches kept in the memory bank.
     #[arg(long)]
     coreset_ratio: Option<f64>,
@@ -213,6 +217,9 @@ fn fit(a: FitArgs) -> anyhow::Result<()> {
     if let Some(s) = a.image_size {
         cfg.preprocess.image_size = [s, s];
     }
+    if a.keep_aspect {
+        cfg.preprocess.resize = anomaly_inspector::Resize::KeepAspect;
+    }
     if let Some(r) = a.coreset_ratio {
         cfg.coreset_ratio = r;
     }
@@ -302,13 +309,14 @@ fn fit_draem_command(a: FitArgs) -> anyhow::Result<()> {
         || a.knn_probes.is_some()
         || a.neighbourhood.is_some()
         || a.blur_sigma.is_some()
+        || a.keep_aspect
         || a.layers.is_some()
         || a.backbone_weights.is_some()
         || a.backbone != "efficientnet_lite0"
     {
         bail!(
-            "--backbone, --backbone-weights, --layers, --coreset-ratio, --coreset-dim, --knn-probes, --neighbourhood \
-             and --blur-sigma are PatchCore options; DRAEM trains its own networks"
+            "--backbone, --backbone-weights, --layers, --coreset-ratio, --coreset-dim, --knn-probes, --neighbourhood, \
+             --blur-sigma and --keep-aspect are PatchCore options; DRAEM trains its own networks"
         );
     }
     let data = MvtecDataset::open(&a.data)?;
