@@ -53,6 +53,11 @@ pub fn load_cuda_backend() -> std::result::Result<String, String> {
 pub fn resolve(choice: DeviceChoice) -> Result<Device> {
     let _ = load_cuda_backend();
     let cuda = tch::Cuda::is_available();
+    if cuda && choice != DeviceChoice::Cpu {
+        // A node sees frames of one size, so cuDNN's per-shape algorithm search pays off after
+        // the first frame. (Not measured here: no GPU was lent to this project's sessions.)
+        tch::Cuda::cudnn_set_benchmark(true);
+    }
     match choice {
         DeviceChoice::Cpu => Ok(Device::Cpu),
         DeviceChoice::Auto => Ok(if cuda { Device::Cuda(0) } else { Device::Cpu }),
