@@ -26,6 +26,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use crate::config::DraemConfig;
 use crate::error::{Error, Result};
+use crate::models::layers::BatchNorm;
 use crate::models::ModelOutput;
 
 const BN_MOMENTUM: f64 = 0.1;
@@ -74,39 +75,6 @@ impl Conv3x3 {
     }
 }
 
-/// `nn.BatchNorm2d(c)` (momentum 0.1, eps 1e-5).
-#[derive(Debug)]
-struct BatchNorm {
-    weight: Tensor,
-    bias: Tensor,
-    running_mean: Tensor,
-    running_var: Tensor,
-}
-
-impl BatchNorm {
-    fn new(vars: &nn::Path, c: i64) -> Result<Self> {
-        Ok(Self {
-            weight: vars.f_ones("weight", &[c])?,
-            bias: vars.f_zeros("bias", &[c])?,
-            running_mean: vars.f_zeros_no_train("running_mean", &[c])?,
-            running_var: vars.f_ones_no_train("running_var", &[c])?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        Ok(x.f_batch_norm(
-            Some(&self.weight),
-            Some(&self.bias),
-            Some(&self.running_mean),
-            Some(&self.running_var),
-            mode == Mode::Train,
-            BN_MOMENTUM,
-            BN_EPS,
-            true,
-        )?)
-    }
-}
-
 /// Conv 3x3 -> BatchNorm -> ReLU, with the conv at `vars/conv_key` and the norm at `vars/bn_key`
 /// (the indices of the layers inside anomalib's `nn.Sequential`).
 #[derive(Debug)]
@@ -117,11 +85,16 @@ struct ConvBnRelu {
 
 impl ConvBnRelu {
     fn new(vars: &nn::Path, keys: (&str, &str), c_in: i64, c_out: i64, rng: &mut InitRng) -> Result<Self> {
-        Ok(Self { conv: Conv3x3::new(&(vars / keys.0), c_in, c_out, rng)?, bn: BatchNorm::new(&(vars / keys.1), c_out)? })
+        Ok(Self { conv: Conv3x3::new(&(vars / keys.0), c_in, c_out, rng)?, bn: BatchNorm::new(&(vars / keys.1), c_out, BN_EPS)? })
     }
 
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        Ok(self.bn.forward(&self.conv.forward(x)?, mode)?.f_relu()?)
+        let y = self.conv.forward(x)?;
+        let y = match mode {
+            Mode::Train => self.bn.training(&y, BN_MOMENTUM)?,
+            Mode::Eval => self.bn.inference(&y)?,
+        };
+        Ok(y.f_relu()?)
     }
 }
 

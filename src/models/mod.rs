@@ -6,6 +6,7 @@ pub mod backbone;
 pub mod bank_index;
 pub mod coreset;
 pub mod draem;
+mod layers;
 pub mod patchcore;
 pub mod perlin;
 

@@ -33,6 +33,7 @@ use std::path::Path;
 use tch::{nn, Device, Kind, TchError, Tensor};
 
 use crate::error::{Error, Result};
+use crate::models::layers::BatchNorm;
 
 /// BatchNorm epsilon of the TensorFlow original (PyTorch's default 1e-5 would be wrong).
 pub const BN_EPS: f64 = 1e-3;
@@ -80,38 +81,6 @@ pub(crate) fn same_padding(size: i64, kernel: i64, stride: i64) -> (i64, i64) {
     (total / 2, total - total / 2)
 }
 
-/// Eval-mode BatchNorm parameters (`weight`, `bias`, `running_mean`, `running_var`).
-struct BatchNorm {
-    weight: Tensor,
-    bias: Tensor,
-    running_mean: Tensor,
-    running_var: Tensor,
-}
-
-impl BatchNorm {
-    fn new(p: nn::Path, channels: i64) -> Result<Self> {
-        Ok(Self {
-            weight: p.f_ones("weight", &[channels])?,
-            bias: p.f_zeros("bias", &[channels])?,
-            running_mean: p.f_zeros_no_train("running_mean", &[channels])?,
-            running_var: p.f_ones_no_train("running_var", &[channels])?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.f_batch_norm(
-            Some(&self.weight),
-            Some(&self.bias),
-            Some(&self.running_mean),
-            Some(&self.running_var),
-            false,
-            0.0,
-            BN_EPS,
-            true,
-        )?)
-    }
-}
-
 /// A bias-free convolution with "SAME" padding, its BatchNorm and an optional ReLU6.
 struct ConvBn {
     weight: Tensor,
@@ -138,7 +107,7 @@ impl ConvBn {
     ) -> Result<Self> {
         Ok(Self {
             weight: conv.f_kaiming_uniform("weight", &[cout, cin / groups, kernel, kernel])?,
-            bn: BatchNorm::new(bn, cout)?,
+            bn: BatchNorm::new(&bn, cout, BN_EPS)?,
             kernel,
             stride,
             groups,
@@ -155,7 +124,7 @@ impl ConvBn {
             .bn
             .weight
             .f_to_kind(Kind::Double)?
-            .f_div(&self.bn.running_var.f_to_kind(Kind::Double)?.f_add_scalar(BN_EPS)?.f_sqrt()?)?;
+            .f_div(&self.bn.running_var.f_to_kind(Kind::Double)?.f_add_scalar(self.bn.eps)?.f_sqrt()?)?;
         let weight = self
             .weight
             .f_to_kind(Kind::Double)?
@@ -198,7 +167,7 @@ impl ConvBn {
                     [1, 1],
                     self.groups,
                 )?;
-                self.bn.forward(&y)?
+                self.bn.inference(&y)?
             }
         };
         if self.relu6 {
