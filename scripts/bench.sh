@@ -67,9 +67,9 @@ if [ "$NODE" = 1 ]; then
         --summary "$OUT/node_$name.json" > "$OUT/peer_$name.log" 2>&1 || echo "peer failed for $name: see $OUT/peer_$name.log"
     kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true
     tail -1 "$OUT/peer_$name.log"
-    # The node's own share (mailbox, conversion, messages), timed inside the node on the same
-    # frames as the inspection it adds to: immune to the machine being busier in one run.
-    sed -n 's/.*node overhead (mailbox, conversion, messages) median \([0-9.]*\) ms.*/\1/p' "$OUT/node_$name.log" \
+    # The node's own work (conversion, ROI, messages), timed inside the node on the same frames
+    # as the inspection it adds to: immune to the machine being busier in one run.
+    sed -n 's/.*node overhead (conversion, ROI, messages) median \([0-9.]*\) ms.*/\1/p' "$OUT/node_$name.log" \
         > "$OUT/node_$name.overhead"
   done
 fi
@@ -113,6 +113,6 @@ for e in engine["engine"]:
 json.dump({"engine": engine, "side_by_side": rows}, open(out / "report.json", "w"), indent=1)
 print("floor = model forward + kNN on a ready tensor; engine = Inspector::inspect on the RGB frame;\n"
       "node e2e = rclpy publish -> AnomalyResult received; in node = frame received -> result built;\n"
-      "node own = in node less the inspection, per frame, timed inside the node (mailbox, conversion, messages)")
+      "node own = the node's own work per frame (conversion, ROI, messages), timed inside the node")
 print(f"\n(report: {out / 'report.json'}; device: {engine['device']})")
 PY

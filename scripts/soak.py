@@ -129,6 +129,7 @@ def main():
 
         period = 1.0 / args.rate
         t0 = time.monotonic()
+        t0_wall_ns = time.time_ns()
         next_pub = t0
         next_sample = t0
         next_restart = t0 + args.restart_every
@@ -181,6 +182,16 @@ def main():
             inspects.append({"at_s": round(sent_at - t0, 2), "answered": r is not None,
                              "success": bool(r and r.success), "message": r.message if r else "no answer"})
         lat = sorted((arr - sent) / 1e6 for sent, arr in peer.arrivals)
+        # Per minute of the run, so that a slow stretch can be matched with what else ran then.
+        by_minute = {}
+        t0_ns = t0_wall_ns
+        for sent, arr in peer.arrivals:
+            by_minute.setdefault(int((arr - t0_ns) / 60e9), []).append((arr - sent) / 1e6)
+        minutes = []
+        for m in sorted(by_minute):
+            v = sorted(by_minute[m])
+            minutes.append({"minute": m, "results": len(v), "p50": round(v[len(v) // 2], 1),
+                            "p99": round(v[int(len(v) * 0.99)], 1), "max": round(v[-1], 1)})
         mem = [m for _, m in memory if m is not None]
         third = max(1, len(mem) // 3)
         report.update({
@@ -190,6 +201,7 @@ def main():
             "peer_restarts": restarts,
             "results_after_last_restart": sum(1 for _, arr in peer.arrivals if arr > last_restart_ns),
             "latency_ms": {"p50": lat[len(lat) // 2], "p99": lat[int(len(lat) * 0.99)], "max": lat[-1]} if lat else None,
+            "latency_by_minute": minutes,
             "memory_mib": memory,
             "rss_growth_mib": (statistics.median(mem[-third:]) - statistics.median(mem[third:2 * third])) if len(mem) >= 3 else None,
             "inspect_calls": inspects,

@@ -210,5 +210,7 @@ fn frames_faster_than_inference_keep_only_the_newest() {
     // part of the latency, not more.
     let own: f64 = obs["diag"]["node_overhead_median_ms"].as_str().unwrap().parse().unwrap();
     let max: f64 = obs["diag"]["latency_max_ms"].as_str().unwrap().parse().unwrap();
+    let wait: f64 = obs["diag"]["queue_wait_median_ms"].as_str().unwrap().parse().unwrap();
     assert!(own >= 0.0 && own <= max, "node overhead {own} ms vs latency max {max} ms: {obs}");
+    assert!(wait >= 0.0 && wait <= max, "queue wait {wait} ms vs latency max {max} ms: {obs}");
 }

@@ -143,6 +143,7 @@ pub fn diagnostics(stamp: r2r::builtin_interfaces::msg::Time, node_name: &str, s
         kv("latency_mean_ms", format!("{mean:.1}")),
         kv("latency_max_ms", format!("{max:.1}")),
         kv("node_overhead_median_ms", format!("{:.2}", super::worker::median(&status.recent_overhead_ms))),
+        kv("queue_wait_median_ms", format!("{:.2}", super::worker::median(&status.recent_wait_ms))),
         kv("frames_received", received.to_string()),
         kv("frames_inspected", status.inspected.to_string()),
         kv("frames_dropped", dropped.to_string()),

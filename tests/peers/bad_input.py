@@ -30,16 +30,13 @@ from rcl_interfaces.msg import Parameter as P, ParameterType as PT, ParameterVal
 from rcl_interfaces.srv import GetParameters, SetParameters
 from anomaly_inspector_msgs.msg import AnomalyResult
 from anomaly_inspector_msgs.srv import LoadModel, Teach
+from peer_common import call, key, spin_until
 
 RELIABLE = QoSProfile(reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST, depth=50)
 # Time a bad frame gets to reach the node and be refused before the next frame replaces it in
 # the node's one-frame mailbox (the node is idle then: the previous result has arrived).
 BAD_FRAME_GAP_S = 0.4
 U32_MAX = 2**32 - 1
-
-
-def key(h):
-    return h.stamp.sec * 1_000_000_000 + h.stamp.nanosec
 
 
 class Peer(Node):
@@ -55,15 +52,6 @@ class Peer(Node):
     def next_stamp(self):
         self.stamp += 1_000_000
         return self.stamp
-
-
-def spin_until(node, cond, timeout):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        rclpy.spin_once(node, timeout_sec=0.01)
-    return cond()
 
 
 def stamped(m, stamp):
@@ -136,14 +124,6 @@ class Run:
 
     def action(self, name, observed):
         self.cases[name] = {"observed": observed, "after": self.after()}
-
-
-def call(node, client, request, timeout):
-    if not client.wait_for_service(timeout_sec=10.0):
-        return None
-    fut = client.call_async(request)
-    spin_until(node, fut.done, timeout)
-    return fut.result() if fut.done() else None
 
 
 def diagnostics(node, name):

@@ -25,14 +25,11 @@ from visualization_msgs.msg import MarkerArray
 from diagnostic_msgs.msg import DiagnosticArray
 from anomaly_inspector_msgs.msg import AnomalyResult
 from anomaly_inspector_msgs.srv import Inspect, LoadModel, SetThreshold, Teach
+from peer_common import call, key, spin_until
 
 RELIABLE = QoSProfile(reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST, depth=50)
 LATCHED = QoSProfile(reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST, depth=1,
                      durability=DurabilityPolicy.TRANSIENT_LOCAL)
-
-
-def key(h):
-    return h.stamp.sec * 1_000_000_000 + h.stamp.nanosec
 
 
 class Peer(Node):
@@ -108,28 +105,11 @@ def compressed_msg(path, fmt, stamp):
     return m
 
 
-def spin_until(node, cond, timeout):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        rclpy.spin_once(node, timeout_sec=0.01)
-    return cond()
-
-
 def send_and_wait(node, msg, timeout=30.0):
     node.pub.publish(msg)
     k = key(msg.header)
     ok = spin_until(node, lambda: k in node.results, timeout)
     return node.results.get(k) if ok else None
-
-
-def call(node, client, request, timeout):
-    if not client.wait_for_service(timeout_sec=10.0):
-        return None
-    fut = client.call_async(request)
-    spin_until(node, fut.done, timeout)
-    return fut.result() if fut.done() else None
 
 
 def result_dict(r):
