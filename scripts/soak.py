@@ -184,9 +184,8 @@ def main():
         lat = sorted((arr - sent) / 1e6 for sent, arr in peer.arrivals)
         # Per minute of the run, so that a slow stretch can be matched with what else ran then.
         by_minute = {}
-        t0_ns = t0_wall_ns
         for sent, arr in peer.arrivals:
-            by_minute.setdefault(int((arr - t0_ns) / 60e9), []).append((arr - sent) / 1e6)
+            by_minute.setdefault(int((arr - t0_wall_ns) / 60e9), []).append((arr - sent) / 1e6)
         minutes = []
         for m in sorted(by_minute):
             v = sorted(by_minute[m])

@@ -73,6 +73,21 @@ pub fn f1_max(scores: &[f32], labels: &[bool]) -> Result<(f64, f32)> {
     Ok(best)
 }
 
+/// F1 when everything scored >= `threshold` is called anomalous. Needs at least one anomalous
+/// sample (F1 is undefined without); good samples may be absent.
+pub fn f1_at(scores: &[f32], labels: &[bool], threshold: f32) -> Result<f64> {
+    if scores.len() != labels.len() {
+        return Err(Error::Config(format!("F1: {} scores but {} labels", scores.len(), labels.len())));
+    }
+    let positives = labels.iter().filter(|&&l| l).count();
+    if positives == 0 {
+        return Err(Error::Config("F1 needs at least one anomalous sample".into()));
+    }
+    let flagged = scores.iter().filter(|&&s| s >= threshold).count();
+    let tp = scores.iter().zip(labels).filter(|&(&s, &l)| l && s >= threshold).count();
+    Ok(2.0 * tp as f64 / (flagged + positives) as f64)
+}
+
 /// AUPRO of anomaly `maps` against ground-truth `masks` (`true` = defect), integrated up to
 /// `fpr_limit` and divided by it (use [`AUPRO_FPR_LIMIT`]).
 ///
@@ -588,6 +603,14 @@ mod tests {
         let (f1, t) = f1_max(&[0.5; 4], &[false, false, true, true]).unwrap();
         assert!(close(f1, 2.0 / 3.0));
         assert_eq!(t, 0.5);
+        // At a given threshold: the same counts as above, and f1_max's threshold gives its F1.
+        let (scores, labels) = ([0.1, 0.4, 0.35, 0.8], [false, false, true, true]);
+        assert!(close(f1_at(&scores, &labels, 0.35).unwrap(), 0.8));
+        assert!(close(f1_at(&scores, &labels, 0.8).unwrap(), 2.0 / 3.0));
+        assert!(close(f1_at(&scores, &labels, 0.1).unwrap(), 2.0 / 3.0));
+        assert_eq!(f1_at(&scores, &labels, 0.9).unwrap(), 0.0);
+        assert!(f1_at(&scores, &[false; 4], 0.5).is_err());
+        assert!(f1_at(&scores, &labels[..3], 0.5).is_err());
     }
 
     // 4x4 mask with two regions (8-connectivity keeps them apart: no shared edge or corner):

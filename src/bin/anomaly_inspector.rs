@@ -725,12 +725,8 @@ fn calibrate(a: CalibrateArgs) -> anyhow::Result<()> {
     pb.finish_and_clear();
     let (new, image_f1, pixel_f1) =
         Calibration::from_validation(&image_scores, &image_defective, &pixel_scores, &pixel_defective, &a.data.display().to_string())?;
-    let f1_at = |scores: &[f32], labels: &[bool], t: f32| {
-        let tp = scores.iter().zip(labels).filter(|(&s, &l)| l && s >= t).count() as f64;
-        let predicted = scores.iter().filter(|&&s| s >= t).count() as f64;
-        let positives = labels.iter().filter(|&&l| l).count() as f64;
-        2.0 * tp / (predicted + positives)
-    };
+    // from_validation has checked that both sets hold defects.
+    let f1_at = |scores: &[f32], labels: &[bool], t: f32| anomaly_inspector::metrics::f1_at(scores, labels, t).unwrap_or(0.0);
     eprintln!("{} validation images ({} skipped) of {}", image_scores.len(), skipped, a.data.display());
     eprintln!("                  threshold (raw)      F1 on these images");
     eprintln!("                  before     after     before   after");
@@ -870,11 +866,8 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
     let pixel = metrics::pixel_metrics(&sorted.iter().collect::<Vec<_>>(), AUPRO_FPR_LIMIT).ok();
     let image_threshold = inspector.manifest().calibration.image_threshold;
     let f1_at_threshold = {
-        let flagged = |i: &&EvalImage| i.raw_score >= image_threshold;
-        let tp = images.iter().filter(|i| i.group != 0).filter(flagged).count() as f64;
-        let predicted = images.iter().filter(flagged).count() as f64;
-        let positives = images.iter().filter(|i| i.group != 0).count() as f64;
-        (positives > 0.0).then(|| 2.0 * tp / (predicted + positives))
+        let (scores, labels): (Vec<f32>, Vec<bool>) = images.iter().map(|i| (i.raw_score, i.group != 0)).unzip();
+        metrics::f1_at(&scores, &labels, image_threshold).ok()
     };
 
     let mut per_defect = serde_json::Map::new();

@@ -201,11 +201,12 @@ impl Mailbox {
                         return;
                     }
                     let now = Instant::now();
+                    let waiting = s.frame.is_some() && s.prepared.is_none();
                     let due = s.inference_idle || s.convert_not_before.is_none_or(|t| now >= t);
-                    if s.frame.is_some() && s.prepared.is_none() && due {
+                    if waiting && due {
                         break;
                     }
-                    s = match (s.frame.is_some() && s.prepared.is_none(), s.convert_not_before) {
+                    s = match (waiting, s.convert_not_before) {
                         (true, Some(t)) => self.raw_ready.wait_timeout(s, t - now).unwrap_or_else(|e| e.into_inner()).0,
                         _ => self.raw_ready.wait(s).unwrap_or_else(|e| e.into_inner()),
                     };
@@ -299,19 +300,17 @@ impl Status {
     fn record(&mut self, latency_ms: f64, overhead_ms: f64, wait_ms: f64) {
         self.inspected += 1;
         let now = Instant::now();
-        self.recent_latency_ms.push_back(latency_ms);
-        self.recent_overhead_ms.push_back(overhead_ms);
-        self.recent_wait_ms.push_back(wait_ms);
+        for (recent, value) in [
+            (&mut self.recent_latency_ms, latency_ms),
+            (&mut self.recent_overhead_ms, overhead_ms),
+            (&mut self.recent_wait_ms, wait_ms),
+        ] {
+            recent.push_back(value);
+            if recent.len() > 100 {
+                recent.pop_front();
+            }
+        }
         self.recent_times.push_back(now);
-        while self.recent_latency_ms.len() > 100 {
-            self.recent_latency_ms.pop_front();
-        }
-        while self.recent_overhead_ms.len() > 100 {
-            self.recent_overhead_ms.pop_front();
-        }
-        while self.recent_wait_ms.len() > 100 {
-            self.recent_wait_ms.pop_front();
-        }
         while self.recent_times.front().is_some_and(|t| now.duration_since(*t) > Duration::from_secs(5)) {
             self.recent_times.pop_front();
         }
@@ -807,6 +806,15 @@ mod tests {
         Frame::Raw(m)
     }
 
+    fn mailbox_with_conversion_thread() -> (Arc<Mailbox>, std::thread::JoinHandle<()>) {
+        let mb = Arc::new(Mailbox::default());
+        let conv = {
+            let mb = mb.clone();
+            std::thread::spawn(move || mb.convert_frames())
+        };
+        (mb, conv)
+    }
+
     fn take_frame(mb: &Mailbox) -> PreparedFrame {
         for _ in 0..50 {
             if let Some(Work::Frame(f)) = mb.take(Duration::from_millis(100)) {
@@ -828,11 +836,7 @@ mod tests {
 
     #[test]
     fn frames_are_converted_one_ahead_and_the_newest_is_never_lost() {
-        let mb = Arc::new(Mailbox::default());
-        let conv = {
-            let mb = mb.clone();
-            std::thread::spawn(move || mb.convert_frames())
-        };
+        let (mb, conv) = mailbox_with_conversion_thread();
         mb.put_frame(frame(4, "a"));
         let a = take_frame(&mb);
         assert_eq!(a.header.frame_id, "a");
@@ -858,11 +862,7 @@ mod tests {
 
     #[test]
     fn a_frame_that_cannot_be_converted_arrives_as_its_error_and_commands_go_first() {
-        let mb = Arc::new(Mailbox::default());
-        let conv = {
-            let mb = mb.clone();
-            std::thread::spawn(move || mb.convert_frames())
-        };
+        let (mb, conv) = mailbox_with_conversion_thread();
         let mut bad = Image { width: 4, height: 2, encoding: "rgb8".into(), step: 12, ..Default::default() };
         bad.data = vec![0; 5];
         mb.put_frame(Frame::Raw(bad));
@@ -880,11 +880,7 @@ mod tests {
 
     #[test]
     fn conversion_waits_until_inference_is_about_to_need_the_frame() {
-        let mb = Arc::new(Mailbox::default());
-        let conv = {
-            let mb = mb.clone();
-            std::thread::spawn(move || mb.convert_frames())
-        };
+        let (mb, conv) = mailbox_with_conversion_thread();
         // Inspections take ~400 ms and conversion ~0: once a frame is handed out, the next one
         // is converted near the end of its inspection, not at once, however soon it arrives.
         mb.inspection_done(400.0);
