@@ -324,8 +324,12 @@ pub fn load(dir: &Path, device: Device) -> Result<LoadedModel> {
             let weights = dir.join(backbone_file(cfg.backbone.kind));
             let backbone = Backbone::new(&weights, &cfg.backbone, device).map_err(|e| damaged(&weights, e))?;
             let bank_path = dir.join("memory_bank.safetensors");
-            let bank = patchcore::load_memory_bank(&bank_path, device).map_err(|e| damaged(&bank_path, e))?;
-            AnomalyModel::PatchCore(PatchCore::new(backbone, bank, cfg).map_err(|e| damaged(&bank_path, e))?)
+            let (bank, retrieval) = patchcore::load_memory_bank(&bank_path, device).map_err(|e| damaged(&bank_path, e))?;
+            // A setting that does not fit this bank is a model.json to fix, not a damaged file.
+            AnomalyModel::PatchCore(PatchCore::new(backbone, bank, retrieval, cfg).map_err(|e| match e {
+                Error::Config(reason) => Error::model(dir.join("model.json"), reason),
+                other => damaged(&bank_path, other),
+            })?)
         }
         (Method::Draem, _, Some(cfg)) => {
             let weights = dir.join(DRAEM_WEIGHTS);
@@ -369,7 +373,7 @@ pub fn save_patchcore(
     write_atomically(dir, |tmp| {
         let bb = tmp.join(backbone_file(model.config().backbone.kind));
         std::fs::copy(backbone_source, &bb).map_err(|e| Error::io(backbone_source, e))?;
-        patchcore::save_memory_bank(model.memory_bank(), &tmp.join("memory_bank.safetensors"))?;
+        patchcore::save_memory_bank(model.memory_bank(), model.image_retrieval(), &tmp.join("memory_bank.safetensors"))?;
         let json = serde_json::to_string_pretty(&manifest).expect("manifest serialises");
         let path = tmp.join("model.json");
         std::fs::write(&path, json).map_err(|e| Error::io(&path, e))

@@ -13,6 +13,23 @@ fn cli(args: &[&std::ffi::OsStr]) -> Output {
         .expect("run anomaly_inspector")
 }
 
+/// `anomaly_inspector eval --model M --data D --json J --device cpu` plus `extra` arguments.
+fn eval(model: &Path, data: &Path, json: &Path, extra: &[&str]) -> Output {
+    let mut args: Vec<&std::ffi::OsStr> = vec![
+        "eval".as_ref(),
+        "--model".as_ref(),
+        model.as_os_str(),
+        "--data".as_ref(),
+        data.as_os_str(),
+        "--json".as_ref(),
+        json.as_os_str(),
+        "--device".as_ref(),
+        "cpu".as_ref(),
+    ];
+    args.extend(extra.iter().map(|a| std::ffi::OsStr::new(*a)));
+    cli(&args)
+}
+
 fn check(out: &Output, what: &str) {
     assert!(
         out.status.success(),
@@ -58,17 +75,7 @@ fn eval_reports_metrics_on_synthetic_data() {
     check(&out, "fit");
 
     let json = tmp.path().join("report/eval.json");
-    let out = cli(&[
-        "eval".as_ref(),
-        "--model".as_ref(),
-        &os(&model),
-        "--data".as_ref(),
-        &os(&data),
-        "--json".as_ref(),
-        &os(&json),
-        "--device".as_ref(),
-        "cpu".as_ref(),
-    ]);
+    let out = eval(&model, &data, &json, &[]);
     check(&out, "eval");
     let stderr = String::from_utf8_lossy(&out.stderr);
     eprintln!("{stderr}");
@@ -161,19 +168,7 @@ fn eval_reports_metrics_on_synthetic_data() {
     assert_eq!(unchanged, after, "--dry-run changed the model");
 
     // --limit-per-type takes the first N images of every test folder.
-    let out = cli(&[
-        "eval".as_ref(),
-        "--model".as_ref(),
-        &os(&model),
-        "--data".as_ref(),
-        &os(&data),
-        "--json".as_ref(),
-        &os(&json),
-        "--device".as_ref(),
-        "cpu".as_ref(),
-        "--limit-per-type".as_ref(),
-        "1".as_ref(),
-    ]);
+    let out = eval(&model, &data, &json, &["--limit-per-type", "1"]);
     check(&out, "eval --limit-per-type 1");
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
@@ -187,17 +182,7 @@ fn eval_reports_metrics_on_synthetic_data() {
 fn eval_of_a_missing_model_names_the_path() {
     let tmp = tempfile::tempdir().unwrap();
     let missing = tmp.path().join("no_such_model");
-    let out = cli(&[
-        "eval".as_ref(),
-        "--model".as_ref(),
-        missing.as_os_str(),
-        "--data".as_ref(),
-        tmp.path().as_os_str(),
-        "--json".as_ref(),
-        tmp.path().join("r.json").as_os_str(),
-        "--device".as_ref(),
-        "cpu".as_ref(),
-    ]);
+    let out = eval(&missing, tmp.path(), &tmp.path().join("r.json"), &[]);
     assert!(!out.status.success(), "eval of a missing model succeeded");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -205,4 +190,61 @@ fn eval_of_a_missing_model_names_the_path() {
         "message does not name the model path:\n{stderr}"
     );
     assert!(!tmp.path().join("r.json").exists());
+}
+
+#[test]
+fn retrieval_model_fits_evaluates_and_refuses_a_bank_without_images() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let cfg = SyntheticConfig { n_train: 20, n_test_good: 3, n_test_per_defect: 2, ..Default::default() };
+    generate_dataset(&data, &cfg).unwrap();
+    let model = tmp.path().join("model");
+    let os = |p: &Path| p.as_os_str().to_owned();
+    let out = cli(&[
+        "fit".as_ref(),
+        "--data".as_ref(),
+        &os(&data),
+        "--out".as_ref(),
+        &os(&model),
+        "--device".as_ref(),
+        "cpu".as_ref(),
+        "--retrieval-images".as_ref(),
+        "4".as_ref(),
+    ]);
+    check(&out, "fit --retrieval-images 4");
+    let manifest_path = model.join("model.json");
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest_path).unwrap()).unwrap();
+    assert_eq!(manifest["patchcore"]["retrieval_images"].as_u64(), Some(4), "{manifest:#}");
+    // 16 images fitted (every 5th held out), each keeping its own rows, each row tagged.
+    let bank_path = model.join("memory_bank.safetensors");
+    let tensors = tch::Tensor::read_safetensors(&bank_path).unwrap();
+    let get = |k: &str| tensors.iter().find(|(n, _)| n == k).map(|(_, t)| t.shallow_clone()).unwrap_or_else(|| panic!("no {k}"));
+    let (bank, owners, descriptors) = (get("memory_bank"), get("image_of_row"), get("image_descriptors"));
+    assert_eq!(descriptors.size()[0], 16);
+    assert_eq!(owners.size(), vec![bank.size()[0]]);
+    assert_eq!(owners.max().int64_value(&[]), 15);
+
+    let json = tmp.path().join("eval.json");
+    let run_eval = || eval(&model, &data, &json, &[]);
+    check(&run_eval(), "eval of a retrieval model");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let image_auroc = unit(&report, "image_auroc");
+    assert!(image_auroc > 0.9, "image AUROC {image_auroc} on easy synthetic data with retrieval");
+    unit(&report, "pixel_auroc");
+
+    // The same bank without the image of each row cannot serve retrieval: a clear error that
+    // names model.json and both ways out.
+    tch::Tensor::write_safetensors(&[("memory_bank", &bank)], &bank_path).unwrap();
+    let out = run_eval();
+    assert!(!out.status.success(), "eval must fail");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("model.json") && stderr.contains("retrieval_images to 0") && stderr.contains("--retrieval-images"),
+        "{stderr}"
+    );
+    // ... and with retrieval switched off it searches the whole bank again.
+    let mut off = manifest.clone();
+    off["patchcore"]["retrieval_images"] = 0.into();
+    std::fs::write(&manifest_path, serde_json::to_string_pretty(&off).unwrap()).unwrap();
+    check(&run_eval(), "eval with retrieval_images 0");
 }

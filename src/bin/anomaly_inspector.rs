@@ -75,6 +75,11 @@ struct FitArgs {
     /// the N nearest k-means cells of the bank (faster on large banks; see README "Speed").
     #[arg(long)]
     knn_probes: Option<usize>,
+    /// Search each frame's patches only among those of the K training images most like it
+    /// (SPADE's image retrieval; each training image keeps its own coreset). 0 = the whole bank
+    /// (default). Faster, and more accurate on Magnetic-Tile (README).
+    #[arg(long)]
+    retrieval_images: Option<usize>,
     /// Dimension of the random projection the coreset is chosen in (at least the feature
     /// dimension: no projection, exact greedy k-center).
     #[arg(long)]
@@ -229,6 +234,9 @@ fn fit(a: FitArgs) -> anyhow::Result<()> {
     if let Some(p) = a.knn_probes {
         cfg.knn_probes = p;
     }
+    if let Some(k) = a.retrieval_images {
+        cfg.retrieval_images = k;
+    }
     if let Some(n) = a.neighbourhood {
         cfg.neighbourhood = n;
     }
@@ -307,6 +315,7 @@ fn fit_draem_command(a: FitArgs) -> anyhow::Result<()> {
     if a.coreset_ratio.is_some()
         || a.coreset_dim.is_some()
         || a.knn_probes.is_some()
+        || a.retrieval_images.is_some()
         || a.neighbourhood.is_some()
         || a.blur_sigma.is_some()
         || a.keep_aspect
@@ -315,7 +324,7 @@ fn fit_draem_command(a: FitArgs) -> anyhow::Result<()> {
         || a.backbone != "efficientnet_lite0"
     {
         bail!(
-            "--backbone, --backbone-weights, --layers, --coreset-ratio, --coreset-dim, --knn-probes, --neighbourhood, \
+            "--backbone, --backbone-weights, --layers, --coreset-ratio, --coreset-dim, --knn-probes, --retrieval-images, --neighbourhood, \
              --blur-sigma and --keep-aspect are PatchCore options; DRAEM trains its own networks"
         );
     }

@@ -42,10 +42,7 @@ impl MemoryBank {
     }
 
     /// Greedy k-center coreset (PatchCore paper, Alg. 1) of `features` `[N, D]`, keeping `n`
-    /// rows. Distances are computed in a `projection_dim` Gaussian random projection (the paper's
-    /// Johnson-Lindenstrauss trick), which keeps the selection cheap for wide features. On the
-    /// CPU the exact selection is found with triangle-inequality pruning ([`coreset`]); on a GPU
-    /// each step is one mat-vec over all rows. `on_step(done, total)` reports progress.
+    /// rows ([`coreset_rows`]).
     pub fn coreset(
         features: &Tensor,
         n: i64,
@@ -53,37 +50,16 @@ impl MemoryBank {
         seed: u64,
         on_step: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
-        let total = features.size()[0];
-        if n >= total {
-            return Self::new(features.shallow_clone());
+        let rows = coreset_rows(features, n, projection_dim, seed, on_step)?;
+        Self::new(features.f_index_select(0, &rows)?)
+    }
+
+    /// The bank of the given rows only (`rows`: `[R]` int64, R >= 1), sharing nothing.
+    pub fn subset(&self, rows: &Tensor) -> Result<Self> {
+        if rows.numel() == 0 {
+            return Err(Error::Config("a memory bank subset needs at least one row".into()));
         }
-        let _guard = tch::no_grad_guard();
-        let device = features.device();
-        let dim = features.size()[1];
-        let projected = if dim > projection_dim {
-            tch::manual_seed(seed as i64);
-            let proj = Tensor::f_randn([dim, projection_dim], (Kind::Float, Device::Cpu))?
-                .f_div_scalar((projection_dim as f64).sqrt())?
-                .f_to_device(device)?;
-            features.f_matmul(&proj)?
-        } else {
-            features.shallow_clone()
-        };
-        // Start from a seeded random row, as the paper does.
-        let start = (seed % total as u64) as i64;
-        let selected = if device == Device::Cpu {
-            let pdim = projected.size()[1] as usize;
-            let points = Vec::<f32>::try_from(projected.f_to_kind(Kind::Float)?.f_contiguous()?.f_view([-1])?)?;
-            let anchors = coreset::sample_rows(total as usize, coreset::anchor_count(total as usize), seed);
-            coreset::greedy_k_center(&points, pdim, n as usize, start as usize, &anchors, on_step)
-                .into_iter()
-                .map(|i| i as i64)
-                .collect()
-        } else {
-            greedy_on_device(&projected, n, start, on_step)?
-        };
-        let index = Tensor::f_from_slice(&selected)?.f_to_device(device)?;
-        Self::new(features.f_index_select(0, &index)?)
+        Ok(Self { features: self.features.f_index_select(0, rows)?, sq_norms: self.sq_norms.f_index_select(0, rows)? })
     }
 
     /// Number of stored patches.
@@ -167,6 +143,78 @@ impl MemoryBank {
     }
 }
 
+/// SPADE's image retrieval (Cohen and Hoshen 2020) over a memory bank built image by image:
+/// which training image each bank row came from, and each training image's descriptor (the
+/// mean and standard deviation of its patch features, standardised over the training images).
+/// A frame's patches are then compared only with the rows of the training images most like it.
+#[derive(Debug)]
+pub struct ImageRetrieval {
+    /// `[M]` int64: the training image (0..I) of each bank row.
+    image_of_row: Tensor,
+    /// `[I, 2D]` standardised descriptors of the training images.
+    descriptors: Tensor,
+    /// `[2D]` mean and standard deviation of the raw descriptors over the training images.
+    mean: Tensor,
+    std: Tensor,
+}
+
+impl ImageRetrieval {
+    /// Wraps the parts (as [`ImageRetrieval::fit`] made them or a model file holds them) for a
+    /// bank of `bank_rows` rows, checking that they fit together.
+    pub fn new(image_of_row: Tensor, raw_descriptors: &Tensor, bank_rows: i64) -> Result<Self> {
+        let (rows, desc) = (image_of_row.size(), raw_descriptors.size());
+        if rows != [bank_rows] || desc.len() != 2 || desc[0] < 1 {
+            return Err(Error::Config(format!(
+                "image retrieval needs [{bank_rows}] row owners and [I, 2D] descriptors, got {rows:?} and {desc:?}"
+            )));
+        }
+        let image_of_row = image_of_row.f_to_kind(Kind::Int64)?;
+        let (lo, hi) = (image_of_row.f_min()?.f_int64_value(&[])?, image_of_row.f_max()?.f_int64_value(&[])?);
+        if lo < 0 || hi >= desc[0] {
+            return Err(Error::Config(format!("bank rows name training images {lo}..={hi}, but there are {} descriptors", desc[0])));
+        }
+        let raw = raw_descriptors.f_to_kind(Kind::Float)?;
+        let mean = raw.f_mean_dim(0, false, Kind::Float)?;
+        // Population std, floored: a descriptor dimension that never varies must not divide by 0.
+        let std = raw.f_std_dim(0, false, false)?.f_clamp_min(1e-6)?;
+        let descriptors = raw.f_sub(&mean)?.f_div(&std)?;
+        Ok(Self { image_of_row, descriptors, mean, std })
+    }
+
+    /// Number of training images.
+    pub fn n_images(&self) -> i64 {
+        self.descriptors.size()[0]
+    }
+
+    /// `[M]` training image of each bank row.
+    pub fn image_of_row(&self) -> &Tensor {
+        &self.image_of_row
+    }
+
+    /// `[I, 2D]` raw (unstandardised) descriptors, as stored in a model file.
+    pub fn raw_descriptors(&self) -> Result<Tensor> {
+        Ok(self.descriptors.f_mul(&self.std)?.f_add(&self.mean)?)
+    }
+
+    /// Bank rows of the `k` training images whose descriptors are nearest to that of one
+    /// frame's patch features `[P, D]`: `[R]` int64 row indices.
+    pub fn rows_for(&self, patches: &Tensor, k: usize) -> Result<Tensor> {
+        let q = image_descriptor(patches)?.f_sub(&self.mean)?.f_div(&self.std)?.f_unsqueeze(0)?;
+        let d = Tensor::f_cdist(&q, &self.descriptors, 2.0, None)?.f_view([-1])?;
+        let (_, images) = d.f_topk((k as i64).min(self.n_images()), 0, false, false)?;
+        let owned = self.image_of_row.f_unsqueeze(1)?.f_eq_tensor(&images.f_unsqueeze(0)?)?.f_any_dim(1, false)?;
+        Ok(owned.f_nonzero()?.f_view([-1])?)
+    }
+}
+
+/// One image's descriptor for [`ImageRetrieval`]: its patch features `[P, D]` -> `[2D]`, the
+/// mean and the standard deviation of each feature over the image (texture statistics).
+pub fn image_descriptor(patches: &Tensor) -> Result<Tensor> {
+    let mean = patches.f_mean_dim(0, false, Kind::Float)?;
+    let std = patches.f_std_dim(0, false, false)?;
+    Ok(Tensor::f_cat(&[mean, std], 0)?)
+}
+
 /// A fitted PatchCore model: backbone + memory bank. An unfitted one cannot exist: get one
 /// from [`PatchCore::fit`] or from a saved model ([`crate::model_file`]).
 #[derive(Debug)]
@@ -177,6 +225,8 @@ pub struct PatchCore {
     blur: Option<Tensor>,
     /// Approximate search index, when `config.knn_probes > 0` and the bank is on the CPU.
     index: Option<BankIndex>,
+    /// Rows by training image, when the bank was fitted image by image (`retrieval_images`).
+    retrieval: Option<ImageRetrieval>,
 }
 
 /// Why a fit went as it did: sizes and timings for logs and the model file.
@@ -211,16 +261,24 @@ pub enum FitProgress {
 }
 
 impl PatchCore {
-    /// Assembles a model from its parts (used by the model loader).
-    pub fn new(backbone: Backbone, bank: MemoryBank, config: &PatchCoreConfig) -> Result<Self> {
+    /// Assembles a model from its parts (used by the model loader). `retrieval` must be there
+    /// when `config.retrieval_images > 0`.
+    pub fn new(backbone: Backbone, bank: MemoryBank, retrieval: Option<ImageRetrieval>, config: &PatchCoreConfig) -> Result<Self> {
         config.validate()?;
+        if config.retrieval_images > 0 && retrieval.is_none() {
+            return Err(Error::Config(format!(
+                "retrieval_images is {} but this memory bank was fitted as one whole, without the training \
+                 image of each row: set retrieval_images to 0, or re-fit with --retrieval-images",
+                config.retrieval_images
+            )));
+        }
         let blur = gaussian_kernel(config.blur_sigma, bank.features.device())?;
         let index = if config.knn_probes > 0 && bank.features.device() == Device::Cpu {
             Some(BankIndex::new(&bank.features, config.knn_probes, config.seed)?)
         } else {
             None
         };
-        Ok(Self { backbone, bank, config: config.clone(), blur, index })
+        Ok(Self { backbone, bank, config: config.clone(), blur, index, retrieval })
     }
 
     /// Fits a memory bank on defect-free images given as normalised batches `[B, 3, H, W]`.
@@ -234,38 +292,75 @@ impl PatchCore {
         config.validate()?;
         let _guard = tch::no_grad_guard();
         let t0 = std::time::Instant::now();
+        let by_image = config.retrieval_images > 0;
+        // Whole-bank fit: every image's patches, thinned together at the end. Image by image
+        // (retrieval): each image's own coreset, in selection order, and its descriptor.
         let mut feats = Vec::new();
+        let mut descriptors = Vec::new();
         let mut n_images = 0;
+        let mut n_patches = 0;
+        let mut coreset_seconds = 0.0;
         for batch in batches {
             let batch = batch?;
-            let n = batch.size()[0] as usize;
-            let emb = embed(&backbone, &batch, config.neighbourhood)?;
-            feats.push(flatten_patches(&emb)?);
-            n_images += n;
-            progress(FitProgress::Images(n));
+            let n = batch.size()[0];
+            let patches = flatten_patches(&embed(&backbone, &batch, config.neighbourhood)?)?;
+            n_patches += patches.size()[0];
+            if by_image {
+                let per_image = patches.size()[0] / n;
+                let t = std::time::Instant::now();
+                for j in 0..n {
+                    let own = patches.f_narrow(0, j * per_image, per_image)?;
+                    descriptors.push(image_descriptor(&own)?);
+                    let keep = ((per_image as f64 * config.coreset_ratio).ceil() as i64).max(1);
+                    let seed = config.seed.wrapping_add(n_images as u64 + j as u64);
+                    let rows = coreset_rows(&own, keep, config.coreset_projection_dim, seed, &mut |_, _| {})?;
+                    feats.push(own.f_index_select(0, &rows)?);
+                }
+                coreset_seconds += t.elapsed().as_secs_f64();
+            } else {
+                feats.push(patches);
+            }
+            n_images += n as usize;
+            progress(FitProgress::Images(n as usize));
         }
         if feats.is_empty() {
             return Err(Error::Config("no training images: PatchCore needs at least one good image".into()));
         }
-        let all = Tensor::f_cat(&feats, 0)?;
-        drop(feats);
-        let extract_seconds = t0.elapsed().as_secs_f64();
-        let n_patches = all.size()[0];
-        let keep = ((n_patches as f64 * config.coreset_ratio).ceil() as i64)
-            .clamp(1, config.max_bank_size as i64);
-        let t1 = std::time::Instant::now();
-        let bank = MemoryBank::coreset(&all, keep, config.coreset_projection_dim, config.seed, &mut |done, total| {
-            progress(FitProgress::Coreset { done, total })
-        })?;
+        let (bank, retrieval) = if by_image {
+            // Over the row limit, every image keeps the same prefix of its selection order
+            // (a prefix of a greedy k-center selection is itself one).
+            let cap = (config.max_bank_size / feats.len()).max(1) as i64;
+            let mut owners = Vec::new();
+            for (i, f) in feats.iter_mut().enumerate() {
+                if f.size()[0] > cap {
+                    *f = f.f_narrow(0, 0, cap)?;
+                }
+                owners.extend(std::iter::repeat_n(i as i64, f.size()[0] as usize));
+            }
+            let bank = MemoryBank::new(Tensor::f_cat(&feats, 0)?)?;
+            let owners = Tensor::f_from_slice(&owners)?.f_to_device(bank.features.device())?;
+            let retrieval = ImageRetrieval::new(owners, &Tensor::f_stack(&descriptors, 0)?, bank.len())?;
+            (bank, Some(retrieval))
+        } else {
+            let all = Tensor::f_cat(&feats, 0)?;
+            drop(feats);
+            let keep = ((n_patches as f64 * config.coreset_ratio).ceil() as i64).clamp(1, config.max_bank_size as i64);
+            let t1 = std::time::Instant::now();
+            let bank = MemoryBank::coreset(&all, keep, config.coreset_projection_dim, config.seed, &mut |done, total| {
+                progress(FitProgress::Coreset { done, total })
+            })?;
+            coreset_seconds = t1.elapsed().as_secs_f64();
+            (bank, None)
+        };
         let summary = FitSummary {
             n_images,
             n_patches,
             bank_size: bank.len(),
             feature_dim: bank.dim(),
-            extract_seconds,
-            coreset_seconds: t1.elapsed().as_secs_f64(),
+            extract_seconds: t0.elapsed().as_secs_f64() - coreset_seconds,
+            coreset_seconds,
         };
-        Ok((Self::new(backbone, bank, config)?, summary))
+        Ok((Self::new(backbone, bank, retrieval, config)?, summary))
     }
 
     /// The model's configuration.
@@ -278,18 +373,44 @@ impl PatchCore {
         &self.bank
     }
 
+    /// The training image of each bank row, when the bank was fitted image by image.
+    pub fn image_retrieval(&self) -> Option<&ImageRetrieval> {
+        self.retrieval.as_ref()
+    }
+
     /// The feature extractor.
     pub fn backbone(&self) -> &Backbone {
         &self.backbone
     }
 
-    /// Nearest bank row of each patch feature `[Q, D]`, exact or approximate as configured
-    /// (`knn_probes`): (`[Q, 1]` distances, `[Q, 1]` int64 indices).
-    pub fn nearest_patches(&self, patches: &Tensor) -> Result<(Tensor, Tensor)> {
-        match &self.index {
-            Some(index) => index.nearest(patches),
-            None => self.bank.nearest(patches, 1),
+    /// Nearest bank row of each patch feature of `n_frames` frames, `[n_frames*P, D]`, as
+    /// configured: exact, approximate (`knn_probes`) or among each frame's most similar
+    /// training images (`retrieval_images`): (`[Q, 1]` distances, `[Q, 1]` int64 bank indices).
+    pub fn nearest_patches(&self, patches: &Tensor, n_frames: i64) -> Result<(Tensor, Tensor)> {
+        match (&self.retrieval, &self.index) {
+            (Some(retrieval), _) if self.config.retrieval_images > 0 => {
+                self.nearest_in_similar_images(retrieval, patches, n_frames.max(1))
+            }
+            (_, Some(index)) => index.nearest(patches),
+            _ => self.bank.nearest(patches, 1),
         }
+    }
+
+    /// [`Self::nearest_patches`] with SPADE's retrieval: the patches `[N*P, D]` of `n` frames, each
+    /// frame's searched only among the rows of its `retrieval_images` most similar training
+    /// images: (`[N*P, 1]` distances, `[N*P, 1]` indices into the whole bank).
+    fn nearest_in_similar_images(&self, retrieval: &ImageRetrieval, patches: &Tensor, n: i64) -> Result<(Tensor, Tensor)> {
+        let per_frame = patches.size()[0] / n;
+        let mut dists = Vec::with_capacity(n as usize);
+        let mut indices = Vec::with_capacity(n as usize);
+        for i in 0..n {
+            let own = patches.f_narrow(0, i * per_frame, per_frame)?;
+            let rows = retrieval.rows_for(&own, self.config.retrieval_images)?;
+            let (d, local) = self.bank.subset(&rows)?.nearest(&own, 1)?;
+            dists.push(d);
+            indices.push(rows.f_index_select(0, &local.f_view([-1])?)?.f_view([-1, 1])?);
+        }
+        Ok((Tensor::f_cat(&dists, 0)?, Tensor::f_cat(&indices, 0)?))
     }
 
     /// Scores a normalised batch `[N, 3, H, W]`: image scores `[N]` (reweighted maximum patch
@@ -304,7 +425,7 @@ impl PatchCore {
         let emb = embed(&self.backbone, x, self.config.neighbourhood)?;
         let (fh, fw) = (emb.size()[2], emb.size()[3]);
         let patches = flatten_patches(&emb)?; // [N*fh*fw, D]
-        let (dist, idx) = self.nearest_patches(&patches)?;
+        let (dist, idx) = self.nearest_patches(&patches, n)?;
         let patch_scores = dist.f_view([n, fh * fw])?;
         let nearest_idx = idx.f_view([n, fh * fw])?;
 
@@ -335,6 +456,51 @@ impl PatchCore {
         };
         Ok(ModelOutput { image_scores, anomaly_maps: maps })
     }
+}
+
+/// Rows of `features` `[N, D]` chosen by greedy k-center (PatchCore paper, Alg. 1), `[min(n, N)]`
+/// int64 in selection order (so any prefix is itself a coreset). Distances are computed in a
+/// `projection_dim` Gaussian random projection (the paper's Johnson-Lindenstrauss trick), which
+/// keeps the selection cheap for wide features. On the CPU the exact selection is found with
+/// triangle-inequality pruning ([`coreset`]); on a GPU each step is one mat-vec over all rows.
+/// `on_step(done, total)` reports progress.
+pub fn coreset_rows(
+    features: &Tensor,
+    n: i64,
+    projection_dim: i64,
+    seed: u64,
+    on_step: &mut dyn FnMut(usize, usize),
+) -> Result<Tensor> {
+    let total = features.size()[0];
+    let device = features.device();
+    if n >= total {
+        return Ok(Tensor::f_arange(total, (Kind::Int64, device))?);
+    }
+    let _guard = tch::no_grad_guard();
+    let dim = features.size()[1];
+    let projected = if dim > projection_dim {
+        tch::manual_seed(seed as i64);
+        let proj = Tensor::f_randn([dim, projection_dim], (Kind::Float, Device::Cpu))?
+            .f_div_scalar((projection_dim as f64).sqrt())?
+            .f_to_device(device)?;
+        features.f_matmul(&proj)?
+    } else {
+        features.shallow_clone()
+    };
+    // Start from a seeded random row, as the paper does.
+    let start = (seed % total as u64) as i64;
+    let selected: Vec<i64> = if device == Device::Cpu {
+        let pdim = projected.size()[1] as usize;
+        let points = Vec::<f32>::try_from(projected.f_to_kind(Kind::Float)?.f_contiguous()?.f_view([-1])?)?;
+        let anchors = coreset::sample_rows(total as usize, coreset::anchor_count(total as usize), seed);
+        coreset::greedy_k_center(&points, pdim, n as usize, start as usize, &anchors, on_step)
+            .into_iter()
+            .map(|i| i as i64)
+            .collect()
+    } else {
+        greedy_on_device(&projected, n, start, on_step)?
+    };
+    Ok(Tensor::f_from_slice(&selected)?.f_to_device(device)?)
 }
 
 /// Plain greedy k-center with one mat-vec per step over `[N, D]` points on their device (the
@@ -416,21 +582,35 @@ fn blur(maps: &Tensor, kernel: &Tensor) -> Result<Tensor> {
     Ok(out.f_conv2d(&ky, None::<Tensor>, [1, 1], [0, 0], [1, 1], 1)?)
 }
 
-/// Writes the memory bank to a safetensors file (key `memory_bank`).
-pub fn save_memory_bank(bank: &MemoryBank, path: &Path) -> Result<()> {
+/// Writes the memory bank to a safetensors file (key `memory_bank`; with image retrieval also
+/// `image_of_row` and `image_descriptors`).
+pub fn save_memory_bank(bank: &MemoryBank, retrieval: Option<&ImageRetrieval>, path: &Path) -> Result<()> {
     let cpu = bank.features.f_to_device(Device::Cpu)?;
-    Tensor::write_safetensors(&[("memory_bank", &cpu)], path)?;
+    let mut tensors = vec![("memory_bank", cpu)];
+    if let Some(r) = retrieval {
+        tensors.push(("image_of_row", r.image_of_row.f_to_device(Device::Cpu)?));
+        tensors.push(("image_descriptors", r.raw_descriptors()?.f_to_device(Device::Cpu)?));
+    }
+    Tensor::write_safetensors(&tensors, path)?;
     Ok(())
 }
 
-/// Reads a memory bank written by [`save_memory_bank`] onto `device`.
-pub fn load_memory_bank(path: &Path, device: Device) -> Result<MemoryBank> {
+/// Reads a memory bank written by [`save_memory_bank`] onto `device`, with its image retrieval
+/// when the file has one (banks fitted as one whole, and older files, have none).
+pub fn load_memory_bank(path: &Path, device: Device) -> Result<(MemoryBank, Option<ImageRetrieval>)> {
     let tensors = Tensor::read_safetensors(path).map_err(|e| Error::model(path, format!("cannot read memory bank: {e}")))?;
-    let (_, t) = tensors
-        .into_iter()
-        .find(|(k, _)| k == "memory_bank")
-        .ok_or_else(|| Error::model(path, "no 'memory_bank' tensor in file"))?;
-    MemoryBank::new(t.f_to_device(device)?)
+    let take = |key: &str| tensors.iter().find(|(k, _)| k == key).map(|(_, t)| t.shallow_clone());
+    let features = take("memory_bank").ok_or_else(|| Error::model(path, "no 'memory_bank' tensor in file"))?;
+    let bank = MemoryBank::new(features.f_to_device(device)?)?;
+    let retrieval = match (take("image_of_row"), take("image_descriptors")) {
+        (Some(rows), Some(desc)) => Some(
+            ImageRetrieval::new(rows.f_to_device(device)?, &desc.f_to_device(device)?, bank.len())
+                .map_err(|e| Error::model(path, e.to_string()))?,
+        ),
+        (None, None) => None,
+        _ => return Err(Error::model(path, "image retrieval needs both 'image_of_row' and 'image_descriptors'")),
+    };
+    Ok((bank, retrieval))
 }
 
 #[cfg(test)]
@@ -501,11 +681,87 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bank.safetensors");
         let bank = MemoryBank::new(Tensor::randn([10, 4], (Kind::Float, Device::Cpu))).unwrap();
-        save_memory_bank(&bank, &path).unwrap();
-        let back = load_memory_bank(&path, Device::Cpu).unwrap();
+        save_memory_bank(&bank, None, &path).unwrap();
+        let (back, retrieval) = load_memory_bank(&path, Device::Cpu).unwrap();
+        assert!(retrieval.is_none());
         assert!(back.features().equal(bank.features()));
         std::fs::write(&path, b"not a safetensors file").unwrap();
         let err = load_memory_bank(&path, Device::Cpu).unwrap_err().to_string();
         assert!(err.contains("cannot read memory bank"), "{err}");
+    }
+
+    /// Four training images of two kinds (rows 0..4 from images 0, 1 of kind A; rows 4..8 from
+    /// images 2, 3 of kind B: features offset by 5 and twice as spread), two bank rows per image.
+    fn two_kinds() -> (Tensor, Tensor, ImageRetrieval) {
+        tch::manual_seed(5);
+        let images: Vec<Tensor> = (0..4)
+            .map(|i| if i < 2 { kind_a(50) } else { kind_b(50) })
+            .collect();
+        let descriptors = Tensor::stack(&images.iter().map(|p| image_descriptor(p).unwrap()).collect::<Vec<_>>(), 0);
+        let owners = Tensor::from_slice(&[0i64, 0, 1, 1, 2, 2, 3, 3]);
+        let retrieval = ImageRetrieval::new(owners, &descriptors, 8).unwrap();
+        (descriptors, kind_b(40), retrieval)
+    }
+
+    fn kind_a(n: i64) -> Tensor {
+        Tensor::randn([n, 6], (Kind::Float, Device::Cpu))
+    }
+
+    fn kind_b(n: i64) -> Tensor {
+        Tensor::randn([n, 6], (Kind::Float, Device::Cpu)) * 2.0 + 5.0
+    }
+
+    #[test]
+    fn retrieval_searches_only_the_rows_of_similar_images() {
+        let (descriptors, query_b, retrieval) = two_kinds();
+        assert_eq!(retrieval.n_images(), 4);
+        assert_eq!(Vec::<i64>::try_from(retrieval.rows_for(&query_b, 2).unwrap()).unwrap(), vec![4, 5, 6, 7]);
+        let query_a = kind_a(40);
+        assert_eq!(Vec::<i64>::try_from(retrieval.rows_for(&query_a, 2).unwrap()).unwrap(), vec![0, 1, 2, 3]);
+        // more images asked for than there are: all rows
+        assert_eq!(retrieval.rows_for(&query_a, 10).unwrap().size(), vec![8]);
+        // the stored (raw) descriptors come back as they went in
+        assert!(retrieval.raw_descriptors().unwrap().allclose(&descriptors, 1e-4, 1e-4, false));
+    }
+
+    #[test]
+    fn retrieval_refuses_parts_that_do_not_fit_the_bank() {
+        let (descriptors, _, _) = two_kinds();
+        let err = ImageRetrieval::new(Tensor::from_slice(&[0i64, 1, 2]), &descriptors, 8).unwrap_err().to_string();
+        assert!(err.contains("[8] row owners"), "{err}");
+        let err = ImageRetrieval::new(Tensor::from_slice(&[0i64, 0, 1, 1, 2, 2, 3, 4]), &descriptors, 8).unwrap_err().to_string();
+        assert!(err.contains("0..=4") && err.contains("4 descriptors"), "{err}");
+    }
+
+    #[test]
+    fn retrieval_round_trips_through_the_bank_file() {
+        let (_, query_b, retrieval) = two_kinds();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bank.safetensors");
+        let bank = MemoryBank::new(Tensor::randn([8, 6], (Kind::Float, Device::Cpu))).unwrap();
+        save_memory_bank(&bank, Some(&retrieval), &path).unwrap();
+        let (back, back_retrieval) = load_memory_bank(&path, Device::Cpu).unwrap();
+        let back_retrieval = back_retrieval.expect("retrieval saved with the bank");
+        assert!(back.features().equal(bank.features()));
+        assert!(back_retrieval.image_of_row().equal(retrieval.image_of_row()));
+        assert!(back_retrieval.rows_for(&query_b, 2).unwrap().equal(&retrieval.rows_for(&query_b, 2).unwrap()));
+        // one of the two retrieval tensors alone is a damaged file
+        let rows = retrieval.image_of_row().shallow_clone();
+        Tensor::write_safetensors(&[("memory_bank", bank.features()), ("image_of_row", &rows)], &path).unwrap();
+        let err = load_memory_bank(&path, Device::Cpu).unwrap_err().to_string();
+        assert!(err.contains("needs both"), "{err}");
+    }
+
+    #[test]
+    fn a_bank_subset_keeps_the_rows_and_their_norms() {
+        let bank = MemoryBank::new(Tensor::randn([10, 4], (Kind::Float, Device::Cpu))).unwrap();
+        let rows = Tensor::from_slice(&[7i64, 2]);
+        let sub = bank.subset(&rows).unwrap();
+        assert!(sub.features().equal(&bank.features().index_select(0, &rows)));
+        let q = bank.features().get(2).unsqueeze(0);
+        let (d, i) = sub.nearest(&q, 1).unwrap();
+        assert_eq!(i.int64_value(&[0, 0]), 1);
+        assert!(d.double_value(&[0, 0]) < 1e-3);
+        assert!(bank.subset(&Tensor::from_slice::<i64>(&[])).is_err());
     }
 }
