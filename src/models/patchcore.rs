@@ -568,6 +568,15 @@ fn gaussian_kernel(sigma: f64, device: Device) -> Result<Option<Tensor>> {
     Ok(Some(Tensor::f_from_slice(&xs)?.f_to_device(device)?))
 }
 
+/// The smoothing PatchCore applies to its maps: Gaussian of `sigma` pixels on `[N, 1, H, W]`
+/// (returned unchanged for sigma 0).
+pub fn gaussian_blur(maps: &Tensor, sigma: f64) -> Result<Tensor> {
+    match gaussian_kernel(sigma, maps.device())? {
+        Some(kernel) => blur(maps, &kernel),
+        None => Ok(maps.shallow_clone()),
+    }
+}
+
 /// Separable Gaussian blur of `[N, 1, H, W]` with reflect padding (no dark borders).
 fn blur(maps: &Tensor, kernel: &Tensor) -> Result<Tensor> {
     let k = kernel.size()[0];
