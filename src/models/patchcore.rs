@@ -159,7 +159,7 @@ pub struct ImageRetrieval {
 }
 
 impl ImageRetrieval {
-    /// Wraps the parts (as [`ImageRetrieval::fit`] made them or a model file holds them) for a
+    /// Wraps the parts (as [`PatchCore::fit`] made them or a model file holds them) for a
     /// bank of `bank_rows` rows, checking that they fit together.
     pub fn new(image_of_row: Tensor, raw_descriptors: &Tensor, bank_rows: i64) -> Result<Self> {
         let (rows, desc) = (image_of_row.size(), raw_descriptors.size());
