@@ -15,9 +15,9 @@ use std::path::PathBuf;
 use anomaly_inspector::dataset::{load_mask, MvtecDataset};
 use anomaly_inspector::metrics::{auroc, pixel_metrics, PixelScores, AUPRO_FPR_LIMIT};
 use anomaly_inspector::models::backbone::Backbone;
-use anomaly_inspector::models::patchcore::{coreset_rows, embed, flatten_patches, gaussian_blur, ImageRetrieval};
+use anomaly_inspector::models::patchcore::{embed, flatten_patches, gaussian_blur};
 use anomaly_inspector::preprocess::Preprocessor;
-use anomaly_inspector::{imaging, MemoryBank, PatchCoreConfig};
+use anomaly_inspector::{imaging, PatchCore, PatchCoreConfig};
 use tch::{Device, Kind, Tensor};
 
 const SIDE: i64 = 256;
@@ -39,28 +39,20 @@ fn main() -> anyhow::Result<()> {
     };
     let votes = std::env::var_os("VOTES").is_some();
     let _guard = tch::no_grad_guard();
-    let cfg = PatchCoreConfig::default();
+    // The bank `fit --retrieval-images` builds, without its row limit (every image keeps its 10 %).
+    let cfg = PatchCoreConfig { retrieval_images: 1, max_bank_size: usize::MAX, ..PatchCoreConfig::default() };
     let backbone = Backbone::new(&anomaly_inspector::config::default_backbone_weights(), &cfg.backbone, Device::Cpu)?;
     let pre = Preprocessor::new(&cfg.preprocess, Device::Cpu)?;
     let data = MvtecDataset::open(&root)?;
     let (fit, _) = anomaly_inspector::training::split_holdout(&data.train_good, 5);
+    let frames = fit.iter().map(|p| Ok(pre.frame(&imaging::load(p)?)?));
+    let (model, _) = PatchCore::fit(backbone, frames, &cfg, |_| {})?;
+    let (bank, retrieval) = (model.memory_bank(), model.image_retrieval().expect("fitted image by image"));
+    let owners = retrieval.image_of_row();
     let features = |p: &PathBuf| -> anyhow::Result<(Tensor, (i64, i64))> {
-        let e = embed(&backbone, &pre.frame(&imaging::load(p)?)?, cfg.neighbourhood)?;
+        let e = embed(model.backbone(), &pre.frame(&imaging::load(p)?)?, cfg.neighbourhood)?;
         Ok((flatten_patches(&e)?, (e.size()[2], e.size()[3])))
     };
-
-    let (mut rows, mut owners, mut descriptors) = (Vec::new(), Vec::new(), Vec::new());
-    for (i, p) in fit.iter().enumerate() {
-        let (f, _) = features(p)?;
-        descriptors.push(anomaly_inspector::models::patchcore::image_descriptor(&f)?);
-        let keep = (f.size()[0] as f64 * cfg.coreset_ratio).ceil() as i64;
-        let own = coreset_rows(&f, keep, cfg.coreset_projection_dim, i as u64, &mut |_, _| {})?;
-        owners.extend(std::iter::repeat_n(i as i64, keep as usize));
-        rows.push(f.index_select(0, &own));
-    }
-    let bank = MemoryBank::new(Tensor::cat(&rows, 0))?;
-    let owners = Tensor::from_slice(&owners);
-    let retrieval = ImageRetrieval::new(owners.shallow_clone(), &Tensor::stack(&descriptors, 0), bank.len())?;
     eprintln!("{} training images, bank {} x {}", fit.len(), bank.len(), bank.dim());
 
     let variants: Vec<usize> = std::iter::once(0).chain(ks).collect();
