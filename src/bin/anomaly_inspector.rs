@@ -71,6 +71,10 @@ struct FitArgs {
     /// Fraction of patches kept in the memory bank.
     #[arg(long)]
     coreset_ratio: Option<f64>,
+    /// Upper bound on memory-bank rows, whatever the ratio gives (default 40000; bounds memory
+    /// and the search's cost).
+    #[arg(long)]
+    max_bank_size: Option<usize>,
     /// Nearest-neighbour search the model will use: 0 = exact (default), N = approximate over
     /// the N nearest k-means cells of the bank (faster on large banks; see README "Speed").
     #[arg(long)]
@@ -92,6 +96,11 @@ struct FitArgs {
     /// favours large, low-contrast defects over small sharp ones.
     #[arg(long)]
     blur_sigma: Option<f64>,
+    /// PatchCore: a second, wide smoothing in network-input pixels (default 32; 0 = off): each
+    /// pixel scores at least the smoothed mean around it, so large low-contrast defects fill in
+    /// while small sharp ones keep their peaks.
+    #[arg(long)]
+    coarse_blur_sigma: Option<f64>,
     /// Seed for every random choice.
     #[arg(long)]
     seed: Option<u64>,
@@ -228,6 +237,9 @@ fn fit(a: FitArgs) -> anyhow::Result<()> {
     if let Some(r) = a.coreset_ratio {
         cfg.coreset_ratio = r;
     }
+    if let Some(n) = a.max_bank_size {
+        cfg.max_bank_size = n;
+    }
     if let Some(d) = a.coreset_dim {
         cfg.coreset_projection_dim = d;
     }
@@ -242,6 +254,9 @@ fn fit(a: FitArgs) -> anyhow::Result<()> {
     }
     if let Some(s) = a.blur_sigma {
         cfg.blur_sigma = s;
+    }
+    if let Some(s) = a.coarse_blur_sigma {
+        cfg.coarse_blur_sigma = s;
     }
     if let Some(s) = a.seed {
         cfg.seed = s;
@@ -313,19 +328,21 @@ fn fit(a: FitArgs) -> anyhow::Result<()> {
 /// overridden by the options given.
 fn fit_draem_command(a: FitArgs) -> anyhow::Result<()> {
     if a.coreset_ratio.is_some()
+        || a.max_bank_size.is_some()
         || a.coreset_dim.is_some()
         || a.knn_probes.is_some()
         || a.retrieval_images.is_some()
         || a.neighbourhood.is_some()
         || a.blur_sigma.is_some()
+        || a.coarse_blur_sigma.is_some()
         || a.keep_aspect
         || a.layers.is_some()
         || a.backbone_weights.is_some()
         || a.backbone != "efficientnet_lite0"
     {
         bail!(
-            "--backbone, --backbone-weights, --layers, --coreset-ratio, --coreset-dim, --knn-probes, --retrieval-images, --neighbourhood, \
-             --blur-sigma and --keep-aspect are PatchCore options; DRAEM trains its own networks"
+            "--backbone, --backbone-weights, --layers, --coreset-ratio, --max-bank-size, --coreset-dim, --knn-probes, --retrieval-images, \
+             --neighbourhood, --blur-sigma, --coarse-blur-sigma and --keep-aspect are PatchCore options; DRAEM trains its own networks"
         );
     }
     let data = MvtecDataset::open(&a.data)?;

@@ -421,7 +421,8 @@ impl PatchCore {
     }
 
     /// Scores a normalised batch `[N, 3, H, W]`: image scores `[N]` (reweighted maximum patch
-    /// distance) and anomaly maps `[N, 1, H, W]` (upsampled, Gaussian-smoothed patch distances).
+    /// distance) and anomaly maps `[N, 1, H, W]` (upsampled, Gaussian-smoothed patch distances;
+    /// with `coarse_blur_sigma`, nowhere below their wide smoothing).
     pub fn forward(&self, x: &Tensor) -> Result<ModelOutput> {
         let _guard = tch::no_grad_guard();
         let size = x.size();
@@ -454,11 +455,14 @@ impl PatchCore {
         }
         let image_scores = Tensor::f_from_slice(&image_scores)?;
 
-        let maps = patch_scores
-            .f_view([n, 1, fh, fw])?
-            .f_upsample_bilinear2d([h, w], false, None, None)?;
+        let grid = patch_scores.f_view([n, 1, fh, fw])?;
+        let maps = grid.f_upsample_bilinear2d([h, w], false, None, None)?;
         let maps = match &self.blur {
             Some(kernel) => blur(&maps, kernel)?,
+            None => maps,
+        };
+        let maps = match coarse_map(&grid, self.config.coarse_blur_sigma, h, w)? {
+            Some(coarse) => maps.f_maximum(&coarse)?,
             None => maps,
         };
         Ok(ModelOutput { image_scores, anomaly_maps: maps })
@@ -584,6 +588,18 @@ pub fn gaussian_blur(maps: &Tensor, sigma: f64) -> Result<Tensor> {
     }
 }
 
+/// The wide smoothing of `coarse_blur_sigma` (input pixels): patch scores `[N, 1, fh, fw]` of
+/// an `h x w` input -> `[N, 1, h, w]`, or None when `sigma_px` is 0. Blurred on the patch grid,
+/// then upsampled: the same map within interpolation, at a 64th of the cost of a 257-tap blur
+/// at 256x256.
+pub fn coarse_map(grid: &Tensor, sigma_px: f64, h: i64, w: i64) -> Result<Option<Tensor>> {
+    let fh = grid.size()[2];
+    match gaussian_kernel(sigma_px * fh as f64 / h as f64, grid.device())? {
+        Some(kernel) => Ok(Some(blur(grid, &kernel)?.f_upsample_bilinear2d([h, w], false, None, None)?)),
+        None => Ok(None),
+    }
+}
+
 /// Separable Gaussian blur of `[N, 1, H, W]` with reflect padding (no dark borders).
 fn blur(maps: &Tensor, kernel: &Tensor) -> Result<Tensor> {
     let k = kernel.size()[0];
@@ -690,6 +706,26 @@ mod tests {
         let out = blur(&spike, &k).unwrap();
         let flat_idx = out.view([-1]).argmax(0, false).int64_value(&[]);
         assert_eq!(flat_idx, 20 * 50 + 25);
+    }
+
+    #[test]
+    fn coarse_map_fills_a_wide_plateau_but_not_a_spike() {
+        assert!(coarse_map(&Tensor::zeros([1, 1, 32, 32], (Kind::Float, Device::Cpu)), 0.0, 256, 256).unwrap().is_none());
+        // A flat grid stays flat (the blur keeps the level).
+        let flat = coarse_map(&Tensor::full([1, 1, 32, 32], 3.0, (Kind::Float, Device::Cpu)), 32.0, 256, 256).unwrap().unwrap();
+        assert_eq!(flat.size(), [1, 1, 256, 256]);
+        assert!((flat - 3.0).abs().max().double_value(&[]) < 1e-4);
+        // A plateau of +1 over the lower half of a 32x32 grid (stride 8): 32 input pixels = 4 cells.
+        let plateau = Tensor::zeros([1, 1, 32, 32], (Kind::Float, Device::Cpu));
+        let _ = plateau.narrow(2, 16, 16).fill_(1.0);
+        let m = coarse_map(&plateau, 32.0, 256, 256).unwrap().unwrap();
+        assert!(m.double_value(&[0, 0, 230, 128]) > 0.95, "deep inside the plateau");
+        assert!(m.double_value(&[0, 0, 25, 128]) < 0.05, "far outside it");
+        // One high patch is spread out: its peak falls well below the fine map's.
+        let spike = Tensor::zeros([1, 1, 32, 32], (Kind::Float, Device::Cpu));
+        let _ = spike.get(0).get(0).get(16).get(16).fill_(10.0);
+        let m = coarse_map(&spike, 32.0, 256, 256).unwrap().unwrap();
+        assert!(m.max().double_value(&[]) < 1.0, "peak {}", m.max().double_value(&[]));
     }
 
     #[test]
