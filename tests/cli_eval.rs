@@ -248,3 +248,34 @@ fn retrieval_model_fits_evaluates_and_refuses_a_bank_without_images() {
     std::fs::write(&manifest_path, serde_json::to_string_pretty(&off).unwrap()).unwrap();
     check(&run_eval(), "eval with retrieval_images 0");
 }
+
+#[test]
+fn fit_options_cap_the_bank_and_switch_the_coarse_map_off() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let cfg = SyntheticConfig { n_train: 10, n_test_good: 1, n_test_per_defect: 1, ..Default::default() };
+    generate_dataset(&data, &cfg).unwrap();
+    let model = tmp.path().join("model");
+    let os = |p: &Path| p.as_os_str().to_owned();
+    let out = cli(&[
+        "fit".as_ref(),
+        "--data".as_ref(),
+        &os(&data),
+        "--out".as_ref(),
+        &os(&model),
+        "--device".as_ref(),
+        "cpu".as_ref(),
+        "--max-bank-size".as_ref(),
+        "150".as_ref(),
+        "--coarse-blur-sigma".as_ref(),
+        "0".as_ref(),
+    ]);
+    check(&out, "fit --max-bank-size 150 --coarse-blur-sigma 0");
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(model.join("model.json")).unwrap()).unwrap();
+    assert_eq!(manifest["patchcore"]["max_bank_size"].as_u64(), Some(150), "{manifest:#}");
+    assert_eq!(manifest["patchcore"]["coarse_blur_sigma"].as_f64(), Some(0.0), "{manifest:#}");
+    // 8 images fitted would give far more than 150 rows at the default ratio.
+    let tensors = tch::Tensor::read_safetensors(model.join("memory_bank.safetensors")).unwrap();
+    let bank = tensors.iter().find(|(n, _)| n == "memory_bank").map(|(_, t)| t.shallow_clone()).unwrap();
+    assert_eq!(bank.size()[0], 150);
+}
