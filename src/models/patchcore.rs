@@ -590,8 +590,8 @@ pub fn gaussian_blur(maps: &Tensor, sigma: f64) -> Result<Tensor> {
 
 /// The wide smoothing of `coarse_blur_sigma` (input pixels): patch scores `[N, 1, fh, fw]` of
 /// an `h x w` input -> `[N, 1, h, w]`, or None when `sigma_px` is 0. Blurred on the patch grid,
-/// then upsampled: the same map within interpolation, at a 64th of the cost of a 257-tap blur
-/// at 256x256.
+/// then upsampled: the same map within interpolation, from 64 times fewer pixels (stride 8) with
+/// an 8 times shorter kernel than a blur at full size.
 pub fn coarse_map(grid: &Tensor, sigma_px: f64, h: i64, w: i64) -> Result<Option<Tensor>> {
     let fh = grid.size()[2];
     match gaussian_kernel(sigma_px * fh as f64 / h as f64, grid.device())? {
