@@ -13,6 +13,14 @@ fn cli(args: &[&std::ffi::OsStr]) -> Output {
         .expect("run anomaly_inspector")
 }
 
+/// `anomaly_inspector fit --data D --out M --device cpu` plus `extra` arguments.
+fn fit(data: &Path, model: &Path, extra: &[&str]) -> Output {
+    let mut args: Vec<&std::ffi::OsStr> =
+        vec!["fit".as_ref(), "--data".as_ref(), data.as_os_str(), "--out".as_ref(), model.as_os_str(), "--device".as_ref(), "cpu".as_ref()];
+    args.extend(extra.iter().map(|a| std::ffi::OsStr::new(*a)));
+    cli(&args)
+}
+
 /// `anomaly_inspector eval --model M --data D --json J --device cpu` plus `extra` arguments.
 fn eval(model: &Path, data: &Path, json: &Path, extra: &[&str]) -> Output {
     let mut args: Vec<&std::ffi::OsStr> = vec![
@@ -63,16 +71,7 @@ fn eval_reports_metrics_on_synthetic_data() {
     let model = tmp.path().join("model");
     let os = |p: &Path| p.as_os_str().to_owned();
 
-    let out = cli(&[
-        "fit".as_ref(),
-        "--data".as_ref(),
-        &os(&data),
-        "--out".as_ref(),
-        &os(&model),
-        "--device".as_ref(),
-        "cpu".as_ref(),
-    ]);
-    check(&out, "fit");
+    check(&fit(&data, &model, &[]), "fit");
 
     let json = tmp.path().join("report/eval.json");
     let out = eval(&model, &data, &json, &[]);
@@ -199,19 +198,7 @@ fn retrieval_model_fits_evaluates_and_refuses_a_bank_without_images() {
     let cfg = SyntheticConfig { n_train: 20, n_test_good: 3, n_test_per_defect: 2, ..Default::default() };
     generate_dataset(&data, &cfg).unwrap();
     let model = tmp.path().join("model");
-    let os = |p: &Path| p.as_os_str().to_owned();
-    let out = cli(&[
-        "fit".as_ref(),
-        "--data".as_ref(),
-        &os(&data),
-        "--out".as_ref(),
-        &os(&model),
-        "--device".as_ref(),
-        "cpu".as_ref(),
-        "--retrieval-images".as_ref(),
-        "4".as_ref(),
-    ]);
-    check(&out, "fit --retrieval-images 4");
+    check(&fit(&data, &model, &["--retrieval-images", "4"]), "fit --retrieval-images 4");
     let manifest_path = model.join("model.json");
     let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest_path).unwrap()).unwrap();
     assert_eq!(manifest["patchcore"]["retrieval_images"].as_u64(), Some(4), "{manifest:#}");
@@ -256,20 +243,7 @@ fn fit_options_cap_the_bank_and_switch_the_coarse_map_off() {
     let cfg = SyntheticConfig { n_train: 10, n_test_good: 1, n_test_per_defect: 1, ..Default::default() };
     generate_dataset(&data, &cfg).unwrap();
     let model = tmp.path().join("model");
-    let os = |p: &Path| p.as_os_str().to_owned();
-    let out = cli(&[
-        "fit".as_ref(),
-        "--data".as_ref(),
-        &os(&data),
-        "--out".as_ref(),
-        &os(&model),
-        "--device".as_ref(),
-        "cpu".as_ref(),
-        "--max-bank-size".as_ref(),
-        "150".as_ref(),
-        "--coarse-blur-sigma".as_ref(),
-        "0".as_ref(),
-    ]);
+    let out = fit(&data, &model, &["--max-bank-size", "150", "--coarse-blur-sigma", "0"]);
     check(&out, "fit --max-bank-size 150 --coarse-blur-sigma 0");
     let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(model.join("model.json")).unwrap()).unwrap();
     assert_eq!(manifest["patchcore"]["max_bank_size"].as_u64(), Some(150), "{manifest:#}");
