@@ -45,7 +45,7 @@ fn main() -> anyhow::Result<()> {
         let (w, h) = img.dimensions();
         let e = embed(model.backbone(), &pre.frame(&img)?, cfg.neighbourhood)?;
         let (fh, fw) = (e.size()[2], e.size()[3]);
-        let grid = model.nearest_patches(&flatten_patches(&e)?, 1)?.0.view([1, 1, fh, fw]);
+        let grid = model.patch_scores(&flatten_patches(&e)?, 1)?.0.view([1, 1, fh, fw]);
         let up = grid.upsample_bilinear2d([SIDE, SIDE], false, None, None);
         let mask: Vec<bool> = match &sample.mask {
             Some(m) if sample.defect.is_some() => {

@@ -96,10 +96,10 @@ pub fn bench_engine(inspector: &Inspector, frame: &RgbImage, png: &[u8], iterati
             let network = median_ms(iterations, || patches().map(|t| sync(&t, device)))?;
             let q = patches()?;
             let bank = m.memory_bank();
-            let knn = median_ms(iterations, || m.nearest_patches(&q, 1).map(|(d, _)| sync(&d, device)))?;
+            let knn = median_ms(iterations, || m.patch_scores(&q, 1).map(|(d, _)| sync(&d, device)))?;
             let floor = median_ms(iterations, || {
                 let q = patches()?;
-                m.nearest_patches(&q, 1).map(|(d, _)| sync(&d, device))
+                m.patch_scores(&q, 1).map(|(d, _)| sync(&d, device))
             })?;
             (network, knn, floor, Some((bank.len(), bank.dim())))
         }

@@ -324,7 +324,7 @@ pub fn load(dir: &Path, device: Device) -> Result<LoadedModel> {
             let weights = dir.join(backbone_file(cfg.backbone.kind));
             let backbone = Backbone::new(&weights, &cfg.backbone, device).map_err(|e| damaged(&weights, e))?;
             let bank_path = dir.join("memory_bank.safetensors");
-            let (bank, retrieval) = patchcore::load_memory_bank(&bank_path, device).map_err(|e| damaged(&bank_path, e))?;
+            let (bank, retrieval) = patchcore::load_memory_bank(&bank_path, device, cfg.density_neighbors).map_err(|e| damaged(&bank_path, e))?;
             // A setting that does not fit this bank is a model.json to fix, not a damaged file.
             AnomalyModel::PatchCore(PatchCore::new(backbone, bank, retrieval, cfg).map_err(|e| match e {
                 Error::Config(reason) => Error::model(dir.join("model.json"), reason),

@@ -237,19 +237,33 @@ fn retrieval_model_fits_evaluates_and_refuses_a_bank_without_images() {
 }
 
 #[test]
-fn fit_options_cap_the_bank_and_switch_the_coarse_map_off() {
+fn fit_options_cap_the_bank_and_switch_the_coarse_map_and_density_off() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let cfg = SyntheticConfig { n_train: 10, n_test_good: 1, n_test_per_defect: 1, ..Default::default() };
     generate_dataset(&data, &cfg).unwrap();
+    let bank_file = |model: &std::path::Path| tch::Tensor::read_safetensors(model.join("memory_bank.safetensors")).unwrap();
+    let manifest = |model: &std::path::Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(model.join("model.json")).unwrap()).unwrap()
+    };
     let model = tmp.path().join("model");
-    let out = fit(&data, &model, &["--max-bank-size", "150", "--coarse-blur-sigma", "0"]);
-    check(&out, "fit --max-bank-size 150 --coarse-blur-sigma 0");
-    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(model.join("model.json")).unwrap()).unwrap();
-    assert_eq!(manifest["patchcore"]["max_bank_size"].as_u64(), Some(150), "{manifest:#}");
-    assert_eq!(manifest["patchcore"]["coarse_blur_sigma"].as_f64(), Some(0.0), "{manifest:#}");
+    let args = ["--max-bank-size", "150", "--coarse-blur-sigma", "0", "--density-neighbors", "0"];
+    check(&fit(&data, &model, &args), "fit --max-bank-size 150 --coarse-blur-sigma 0 --density-neighbors 0");
+    let m = manifest(&model);
+    assert_eq!(m["patchcore"]["max_bank_size"].as_u64(), Some(150), "{m:#}");
+    assert_eq!(m["patchcore"]["coarse_blur_sigma"].as_f64(), Some(0.0), "{m:#}");
+    assert_eq!(m["patchcore"]["density_neighbors"].as_i64(), Some(0), "{m:#}");
     // 8 images fitted would give far more than 150 rows at the default ratio.
-    let tensors = tch::Tensor::read_safetensors(model.join("memory_bank.safetensors")).unwrap();
+    let tensors = bank_file(&model);
     let bank = tensors.iter().find(|(n, _)| n == "memory_bank").map(|(_, t)| t.shallow_clone()).unwrap();
     assert_eq!(bank.size()[0], 150);
+    assert_eq!(tensors.len(), 1, "raw distances: no spacing saved");
+    // The default keeps the bank's spacing beside it, one value per row, all positive.
+    let model = tmp.path().join("model_default");
+    check(&fit(&data, &model, &["--max-bank-size", "150"]), "fit --max-bank-size 150");
+    assert_eq!(manifest(&model)["patchcore"]["density_neighbors"].as_i64(), Some(5));
+    let tensors = bank_file(&model);
+    let spacing = tensors.iter().find(|(n, _)| n == "spacing_k5").map(|(_, t)| t.shallow_clone()).expect("spacing_k5 saved");
+    assert_eq!(spacing.size(), [150]);
+    assert!(spacing.min().double_value(&[]) > 0.0);
 }

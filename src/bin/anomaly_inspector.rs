@@ -101,6 +101,10 @@ struct FitArgs {
     /// while small sharp ones keep their peaks.
     #[arg(long)]
     coarse_blur_sigma: Option<f64>,
+    /// PatchCore: divide each patch distance by the bank's local spacing at its nearest row, the
+    /// distance from that row to its K-th nearest other row (default 5; 0 = the paper's raw distances).
+    #[arg(long, value_name = "K")]
+    density_neighbors: Option<i64>,
     /// Seed for every random choice.
     #[arg(long)]
     seed: Option<u64>,
@@ -258,6 +262,9 @@ fn fit(a: FitArgs) -> anyhow::Result<()> {
     if let Some(s) = a.coarse_blur_sigma {
         cfg.coarse_blur_sigma = s;
     }
+    if let Some(k) = a.density_neighbors {
+        cfg.density_neighbors = k;
+    }
     if let Some(s) = a.seed {
         cfg.seed = s;
     }
@@ -335,6 +342,7 @@ fn fit_draem_command(a: FitArgs) -> anyhow::Result<()> {
         || a.neighbourhood.is_some()
         || a.blur_sigma.is_some()
         || a.coarse_blur_sigma.is_some()
+        || a.density_neighbors.is_some()
         || a.keep_aspect
         || a.layers.is_some()
         || a.backbone_weights.is_some()
@@ -342,7 +350,7 @@ fn fit_draem_command(a: FitArgs) -> anyhow::Result<()> {
     {
         bail!(
             "--backbone, --backbone-weights, --layers, --coreset-ratio, --max-bank-size, --coreset-dim, --knn-probes, --retrieval-images, \
-             --neighbourhood, --blur-sigma, --coarse-blur-sigma and --keep-aspect are PatchCore options; DRAEM trains its own networks"
+             --neighbourhood, --blur-sigma, --coarse-blur-sigma, --density-neighbors and --keep-aspect are PatchCore options; DRAEM trains its own networks"
         );
     }
     let data = MvtecDataset::open(&a.data)?;

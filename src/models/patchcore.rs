@@ -4,6 +4,10 @@
 //! computed on defect-free images and thinned by greedy k-center coreset selection. A test
 //! patch's anomaly score is its distance to the nearest bank entry; the image score is the
 //! largest patch score, reweighted by how isolated that nearest entry is in the bank.
+//!
+//! Optionally (`density_neighbors`, on by default) a distance is divided by the local spacing of
+//! the bank at the nearest entry, in the spirit of Breunig et al.'s local outlier factor
+//! (SIGMOD 2000): the scale of "normal" differs between tight and loose clusters of patches.
 use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
@@ -27,6 +31,9 @@ pub struct MemoryBank {
     features: Tensor,
     /// `[M]` squared norms of the rows, computed once for every search.
     sq_norms: Tensor,
+    /// `(k, [M] spacing)` once [`MemoryBank::spacing`] has been computed or loaded, so that a
+    /// saved model does not pay for it again.
+    spacing: Option<(i64, Tensor)>,
 }
 
 impl MemoryBank {
@@ -38,7 +45,7 @@ impl MemoryBank {
         }
         let features = features.f_to_kind(Kind::Float)?.f_contiguous()?;
         let sq_norms = features.f_pow_tensor_scalar(2)?.f_sum_dim_intlist(1, false, Kind::Float)?;
-        Ok(Self { features, sq_norms })
+        Ok(Self { features, sq_norms, spacing: None })
     }
 
     /// Greedy k-center coreset (PatchCore paper, Alg. 1) of `features` `[N, D]`, keeping `n`
@@ -59,7 +66,45 @@ impl MemoryBank {
         if rows.numel() == 0 {
             return Err(Error::Config("a memory bank subset needs at least one row".into()));
         }
-        Ok(Self { features: self.features.f_index_select(0, rows)?, sq_norms: self.sq_norms.f_index_select(0, rows)? })
+        Ok(Self {
+            features: self.features.f_index_select(0, rows)?,
+            sq_norms: self.sq_norms.f_index_select(0, rows)?,
+            spacing: None,
+        })
+    }
+
+    /// `[M]` local spacing of the bank: each row's distance to its `k`-th nearest other row
+    /// (k >= 1; the last other row when the bank is smaller). Floored at a tenth of the mean
+    /// spacing, so that duplicated rows (a bank of a featureless part) cannot divide by zero; a
+    /// bank of one row, or of identical rows, has spacing 1 everywhere (raw distances).
+    pub fn spacing(&self, k: i64) -> Result<Tensor> {
+        if let Some((cached_k, spacing)) = &self.spacing {
+            if *cached_k == k {
+                return Ok(spacing.shallow_clone());
+            }
+        }
+        if k < 1 {
+            return Err(Error::Config(format!("bank spacing needs k >= 1, got {k}")));
+        }
+        // The row itself is among its own k + 1 nearest (at distance 0, or tied with a duplicate),
+        // so the last of them is the k-th nearest other row.
+        let (d, _) = self.nearest(&self.features, k + 1)?;
+        let kth = d.f_select(1, d.size()[1] - 1)?.f_contiguous()?;
+        let floor = 0.1 * kth.f_mean(Kind::Float)?.f_double_value(&[])?;
+        if self.len() < 2 || !(floor > 0.0) {
+            return Ok(kth.f_ones_like()?);
+        }
+        Ok(kth.f_clamp_min(floor)?)
+    }
+
+    /// Keeps `spacing` `[M]` (from [`MemoryBank::spacing`] with this `k`, or a saved bank) for
+    /// later calls and for [`save_memory_bank`].
+    fn keep_spacing(&mut self, k: i64, spacing: Tensor) -> Result<()> {
+        if spacing.size() != [self.len()] {
+            return Err(Error::Config(format!("bank spacing must be [{}], got {:?}", self.len(), spacing.size())));
+        }
+        self.spacing = Some((k, spacing));
+        Ok(())
     }
 
     /// Number of stored patches.
@@ -234,6 +279,8 @@ pub struct PatchCore {
     index: Option<BankIndex>,
     /// Rows by training image, when the bank was fitted image by image (`retrieval_images`).
     retrieval: Option<ImageRetrieval>,
+    /// `[M]` local spacing of the bank, the divisor of patch distances (`density_neighbors > 0`).
+    spacing: Option<Tensor>,
 }
 
 /// Why a fit went as it did: sizes and timings for logs and the model file.
@@ -270,7 +317,7 @@ pub enum FitProgress {
 impl PatchCore {
     /// Assembles a model from its parts (used by the model loader). `retrieval` must be there
     /// when `config.retrieval_images > 0`.
-    pub fn new(backbone: Backbone, bank: MemoryBank, retrieval: Option<ImageRetrieval>, config: &PatchCoreConfig) -> Result<Self> {
+    pub fn new(backbone: Backbone, mut bank: MemoryBank, retrieval: Option<ImageRetrieval>, config: &PatchCoreConfig) -> Result<Self> {
         config.validate()?;
         if config.retrieval_images > 0 && retrieval.is_none() {
             return Err(Error::Config(format!(
@@ -285,7 +332,14 @@ impl PatchCore {
         } else {
             None
         };
-        Ok(Self { backbone, bank, config: config.clone(), blur, index, retrieval })
+        let spacing = if config.density_neighbors > 0 {
+            let spacing = bank.spacing(config.density_neighbors)?;
+            bank.keep_spacing(config.density_neighbors, spacing.shallow_clone())?;
+            Some(spacing)
+        } else {
+            None
+        };
+        Ok(Self { backbone, bank, config: config.clone(), blur, index, retrieval, spacing })
     }
 
     /// Fits a memory bank on defect-free images given as normalised batches `[B, 3, H, W]`.
@@ -403,6 +457,17 @@ impl PatchCore {
         }
     }
 
+    /// Anomaly scores of patch features `[n_frames*P, D]`: the distance to the nearest bank row
+    /// ([`Self::nearest_patches`]), divided by the bank's spacing there when `density_neighbors > 0`:
+    /// (`[Q, 1]` scores, `[Q, 1]` int64 bank indices).
+    pub fn patch_scores(&self, patches: &Tensor, n_frames: i64) -> Result<(Tensor, Tensor)> {
+        let (dist, idx) = self.nearest_patches(patches, n_frames)?;
+        match &self.spacing {
+            Some(spacing) => Ok((dist.f_div(&spacing.f_index_select(0, &idx.f_view([-1])?)?.f_view([-1, 1])?)?, idx)),
+            None => Ok((dist, idx)),
+        }
+    }
+
     /// [`Self::nearest_patches`] with SPADE's retrieval: the patches `[N*P, D]` of `n` frames, each
     /// frame's searched only among the rows of its `retrieval_images` most similar training
     /// images: (`[N*P, 1]` distances, `[N*P, 1]` indices into the whole bank).
@@ -433,11 +498,12 @@ impl PatchCore {
         let emb = embed(&self.backbone, x, self.config.neighbourhood)?;
         let (fh, fw) = (emb.size()[2], emb.size()[3]);
         let patches = flatten_patches(&emb)?; // [N*fh*fw, D]
-        let (dist, idx) = self.nearest_patches(&patches, n)?;
-        let patch_scores = dist.f_view([n, fh * fw])?;
+        let (scores, idx) = self.patch_scores(&patches, n)?;
+        let patch_scores = scores.f_view([n, fh * fw])?;
         let nearest_idx = idx.f_view([n, fh * fw])?;
 
-        // Image score: the paper's reweighting of the most anomalous patch (Eq. 7).
+        // Image score: the paper's reweighting of the most anomalous patch (Eq. 7). The weight
+        // comes from raw distances (how isolated m* is); the score it weighs may be normalised.
         let (max_scores, argmax) = patch_scores.f_max_dim(1, false)?;
         let mut image_scores = Vec::with_capacity(n as usize);
         for i in 0..n {
@@ -614,11 +680,21 @@ fn blur(maps: &Tensor, kernel: &Tensor) -> Result<Tensor> {
     Ok(out.f_conv2d(&ky, None::<Tensor>, [1, 1], [0, 0], [1, 1], 1)?)
 }
 
+/// Key of the bank's spacing for `k` in a bank file: the `k` is in the name, so that a model.json
+/// edited to another `density_neighbors` computes its own instead of using a stale one.
+fn spacing_key(k: i64) -> String {
+    format!("spacing_k{k}")
+}
+
 /// Writes the memory bank to a safetensors file (key `memory_bank`; with image retrieval also
-/// `image_of_row` and `image_descriptors`).
+/// `image_of_row` and `image_descriptors`; with density normalisation `spacing_k<k>`).
 pub fn save_memory_bank(bank: &MemoryBank, retrieval: Option<&ImageRetrieval>, path: &Path) -> Result<()> {
     let cpu = bank.features.f_to_device(Device::Cpu)?;
+    let spacing_key = bank.spacing.as_ref().map(|(k, _)| spacing_key(*k));
     let mut tensors = vec![("memory_bank", cpu)];
+    if let (Some(key), Some((_, spacing))) = (&spacing_key, &bank.spacing) {
+        tensors.push((key.as_str(), spacing.f_to_device(Device::Cpu)?));
+    }
     if let Some(r) = retrieval {
         tensors.push(("image_of_row", r.image_of_row.f_to_device(Device::Cpu)?));
         tensors.push(("image_descriptors", r.raw_descriptors()?.f_to_device(Device::Cpu)?));
@@ -628,12 +704,17 @@ pub fn save_memory_bank(bank: &MemoryBank, retrieval: Option<&ImageRetrieval>, p
 }
 
 /// Reads a memory bank written by [`save_memory_bank`] onto `device`, with its image retrieval
-/// when the file has one (banks fitted as one whole, and older files, have none).
-pub fn load_memory_bank(path: &Path, device: Device) -> Result<(MemoryBank, Option<ImageRetrieval>)> {
+/// when the file has one (banks fitted as one whole, and older files, have none) and its spacing
+/// for `density_neighbors` when saved (otherwise [`PatchCore::new`] computes it).
+pub fn load_memory_bank(path: &Path, device: Device, density_neighbors: i64) -> Result<(MemoryBank, Option<ImageRetrieval>)> {
     let tensors = Tensor::read_safetensors(path).map_err(|e| Error::model(path, format!("cannot read memory bank: {e}")))?;
     let take = |key: &str| tensors.iter().find(|(k, _)| k == key).map(|(_, t)| t.shallow_clone());
     let features = take("memory_bank").ok_or_else(|| Error::model(path, "no 'memory_bank' tensor in file"))?;
-    let bank = MemoryBank::new(features.f_to_device(device)?)?;
+    let mut bank = MemoryBank::new(features.f_to_device(device)?)?;
+    if let Some(spacing) = take(&spacing_key(density_neighbors)).filter(|_| density_neighbors > 0) {
+        let spacing = spacing.f_to_kind(Kind::Float)?.f_to_device(device)?;
+        bank.keep_spacing(density_neighbors, spacing).map_err(|e| Error::model(path, e.to_string()))?;
+    }
     let retrieval = match (take("image_of_row"), take("image_descriptors")) {
         (Some(rows), Some(desc)) => Some(
             ImageRetrieval::new(rows.f_to_device(device)?, &desc.f_to_device(device)?, bank.len())
@@ -728,17 +809,90 @@ mod tests {
         assert!(m.max().double_value(&[]) < 1.0, "peak {}", m.max().double_value(&[]));
     }
 
+    /// A bank of four 1-D points at 0, 1, 3 and 7.
+    fn line_bank() -> MemoryBank {
+        MemoryBank::new(Tensor::from_slice(&[0.0f32, 1.0, 3.0, 7.0]).view([4, 1])).unwrap()
+    }
+
+    #[test]
+    fn spacing_is_the_distance_to_the_kth_other_row() {
+        let bank = line_bank();
+        let s = |k| Vec::<f32>::try_from(bank.spacing(k).unwrap()).unwrap();
+        assert_eq!(s(1), [1.0, 1.0, 2.0, 4.0]);
+        assert_eq!(s(2), [3.0, 2.0, 3.0, 6.0]);
+        assert_eq!(s(9), [7.0, 6.0, 4.0, 7.0], "k beyond the bank: the farthest other row");
+        assert!(bank.spacing(0).is_err());
+        // Three duplicates: their spacing 0 is floored at a tenth of the mean (1.25).
+        let dup = MemoryBank::new(Tensor::from_slice(&[2.0f32, 2.0, 2.0, 7.0]).view([4, 1])).unwrap();
+        assert_eq!(Vec::<f32>::try_from(dup.spacing(1).unwrap()).unwrap(), [0.125, 0.125, 0.125, 5.0]);
+        let same = MemoryBank::new(Tensor::ones([3, 2], (Kind::Float, Device::Cpu))).unwrap();
+        assert_eq!(Vec::<f32>::try_from(same.spacing(1).unwrap()).unwrap(), [1.0, 1.0, 1.0]);
+    }
+
+    #[test]
+    fn spacing_round_trips_through_the_bank_file_under_its_k() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bank.safetensors");
+        let mut bank = line_bank();
+        // A stand-in spacing, so that a loaded bank visibly uses the file's and not its own.
+        bank.keep_spacing(2, Tensor::from_slice(&[9.0f32, 8.0, 7.0, 6.0])).unwrap();
+        save_memory_bank(&bank, None, &path).unwrap();
+        let (back, _) = load_memory_bank(&path, Device::Cpu, 2).unwrap();
+        assert_eq!(Vec::<f32>::try_from(back.spacing(2).unwrap()).unwrap(), [9.0, 8.0, 7.0, 6.0]);
+        // Another k (model.json edited) computes its own.
+        let (back, _) = load_memory_bank(&path, Device::Cpu, 1).unwrap();
+        assert_eq!(Vec::<f32>::try_from(back.spacing(1).unwrap()).unwrap(), [1.0, 1.0, 2.0, 4.0]);
+        assert!(bank.keep_spacing(2, Tensor::ones([3], (Kind::Float, Device::Cpu))).is_err(), "wrong length");
+    }
+
+    #[test]
+    fn patch_scores_divide_distances_by_the_spacing_at_the_nearest_row() {
+        let weights = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/efficientnet_lite0.safetensors");
+        if !weights.is_file() {
+            eprintln!("skipping: {} not found (run scripts/setup.sh)", weights.display());
+            return;
+        }
+        tch::manual_seed(11);
+        let config = PatchCoreConfig { density_neighbors: 2, ..PatchCoreConfig::default() };
+        let backbone = Backbone::new(&weights, &config.backbone, Device::Cpu).unwrap();
+        let dim = backbone.feature_channels().iter().sum::<i64>();
+        // Two clusters, one tight and one loose: the same step off each scores differently.
+        let tight = Tensor::randn([20, dim], (Kind::Float, Device::Cpu)) * 0.1;
+        let loose = Tensor::randn([20, dim], (Kind::Float, Device::Cpu)) * 2.0 + 50.0;
+        let bank = MemoryBank::new(Tensor::cat(&[tight, loose], 0)).unwrap();
+        let model = PatchCore::new(backbone, bank, None, &config).unwrap();
+        let step = Tensor::full([1, dim], 3.0 / (dim as f64).sqrt(), (Kind::Float, Device::Cpu));
+        let queries = Tensor::cat(&[step.shallow_clone(), step + 50.0], 0);
+        let (raw, idx) = model.nearest_patches(&queries, 1).unwrap();
+        let (scores, same_idx) = model.patch_scores(&queries, 1).unwrap();
+        assert!(idx.equal(&same_idx));
+        let spacing = model.memory_bank().spacing(2).unwrap().index_select(0, &idx.view([-1])).view([-1, 1]);
+        assert!(scores.allclose(&(&raw / &spacing), 1e-5, 1e-6, false));
+        // Raw, the query by the loose cluster is the farther; relative to the spacing, the one off
+        // the tight cluster is the more anomalous.
+        let (r, s) = (Vec::<f32>::try_from(raw.view([-1])).unwrap(), Vec::<f32>::try_from(scores.view([-1])).unwrap());
+        assert!(r[0] < r[1] && s[0] > 2.0 * s[1], "raw {r:?}, normalised {s:?}");
+        let plain = PatchCore::new(
+            Backbone::new(&weights, &config.backbone, Device::Cpu).unwrap(),
+            MemoryBank::new(model.memory_bank().features().shallow_clone()).unwrap(),
+            None,
+            &PatchCoreConfig { density_neighbors: 0, ..config },
+        )
+        .unwrap();
+        assert!(plain.patch_scores(&queries, 1).unwrap().0.equal(&raw), "0 = the paper's raw distances");
+    }
+
     #[test]
     fn memory_bank_round_trips_through_a_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bank.safetensors");
         let bank = MemoryBank::new(Tensor::randn([10, 4], (Kind::Float, Device::Cpu))).unwrap();
         save_memory_bank(&bank, None, &path).unwrap();
-        let (back, retrieval) = load_memory_bank(&path, Device::Cpu).unwrap();
+        let (back, retrieval) = load_memory_bank(&path, Device::Cpu, 0).unwrap();
         assert!(retrieval.is_none());
         assert!(back.features().equal(bank.features()));
         std::fs::write(&path, b"not a safetensors file").unwrap();
-        let err = load_memory_bank(&path, Device::Cpu).unwrap_err().to_string();
+        let err = load_memory_bank(&path, Device::Cpu, 0).unwrap_err().to_string();
         assert!(err.contains("cannot read memory bank"), "{err}");
     }
 
@@ -793,7 +947,7 @@ mod tests {
         let path = dir.path().join("bank.safetensors");
         let bank = MemoryBank::new(Tensor::randn([8, 6], (Kind::Float, Device::Cpu))).unwrap();
         save_memory_bank(&bank, Some(&retrieval), &path).unwrap();
-        let (back, back_retrieval) = load_memory_bank(&path, Device::Cpu).unwrap();
+        let (back, back_retrieval) = load_memory_bank(&path, Device::Cpu, 0).unwrap();
         let back_retrieval = back_retrieval.expect("retrieval saved with the bank");
         assert!(back.features().equal(bank.features()));
         assert!(back_retrieval.image_of_row().equal(retrieval.image_of_row()));
@@ -801,7 +955,7 @@ mod tests {
         // one of the two retrieval tensors alone is a damaged file
         let rows = retrieval.image_of_row().shallow_clone();
         Tensor::write_safetensors(&[("memory_bank", bank.features()), ("image_of_row", &rows)], &path).unwrap();
-        let err = load_memory_bank(&path, Device::Cpu).unwrap_err().to_string();
+        let err = load_memory_bank(&path, Device::Cpu, 0).unwrap_err().to_string();
         assert!(err.contains("needs both"), "{err}");
     }
 
