@@ -31,8 +31,8 @@ pub struct MemoryBank {
     features: Tensor,
     /// `[M]` squared norms of the rows, computed once for every search.
     sq_norms: Tensor,
-    /// `(k, [M] spacing)` once [`MemoryBank::spacing`] has been computed or loaded, so that a
-    /// saved model does not pay for it again.
+    /// `(k, [M] spacing)` when scores are divided by the spacing: computed once by
+    /// [`PatchCore::new`] or loaded with the bank, and saved with it.
     spacing: Option<(i64, Tensor)>,
 }
 
@@ -279,8 +279,6 @@ pub struct PatchCore {
     index: Option<BankIndex>,
     /// Rows by training image, when the bank was fitted image by image (`retrieval_images`).
     retrieval: Option<ImageRetrieval>,
-    /// `[M]` local spacing of the bank, the divisor of patch distances (`density_neighbors > 0`).
-    spacing: Option<Tensor>,
 }
 
 /// Why a fit went as it did: sizes and timings for logs and the model file.
@@ -332,14 +330,13 @@ impl PatchCore {
         } else {
             None
         };
-        let spacing = if config.density_neighbors > 0 {
+        if config.density_neighbors > 0 {
             let spacing = bank.spacing(config.density_neighbors)?;
-            bank.keep_spacing(config.density_neighbors, spacing.shallow_clone())?;
-            Some(spacing)
+            bank.keep_spacing(config.density_neighbors, spacing)?;
         } else {
-            None
-        };
-        Ok(Self { backbone, bank, config: config.clone(), blur, index, retrieval, spacing })
+            bank.spacing = None;
+        }
+        Ok(Self { backbone, bank, config: config.clone(), blur, index, retrieval })
     }
 
     /// Fits a memory bank on defect-free images given as normalised batches `[B, 3, H, W]`.
@@ -462,8 +459,8 @@ impl PatchCore {
     /// (`[Q, 1]` scores, `[Q, 1]` int64 bank indices).
     pub fn patch_scores(&self, patches: &Tensor, n_frames: i64) -> Result<(Tensor, Tensor)> {
         let (dist, idx) = self.nearest_patches(patches, n_frames)?;
-        match &self.spacing {
-            Some(spacing) => Ok((dist.f_div(&spacing.f_index_select(0, &idx.f_view([-1])?)?.f_view([-1, 1])?)?, idx)),
+        match &self.bank.spacing {
+            Some((_, spacing)) => Ok((dist.f_div(&spacing.f_index_select(0, &idx.f_view([-1])?)?.f_view([-1, 1])?)?, idx)),
             None => Ok((dist, idx)),
         }
     }
@@ -689,15 +686,13 @@ fn spacing_key(k: i64) -> String {
 /// Writes the memory bank to a safetensors file (key `memory_bank`; with image retrieval also
 /// `image_of_row` and `image_descriptors`; with density normalisation `spacing_k<k>`).
 pub fn save_memory_bank(bank: &MemoryBank, retrieval: Option<&ImageRetrieval>, path: &Path) -> Result<()> {
-    let cpu = bank.features.f_to_device(Device::Cpu)?;
-    let spacing_key = bank.spacing.as_ref().map(|(k, _)| spacing_key(*k));
-    let mut tensors = vec![("memory_bank", cpu)];
-    if let (Some(key), Some((_, spacing))) = (&spacing_key, &bank.spacing) {
-        tensors.push((key.as_str(), spacing.f_to_device(Device::Cpu)?));
+    let mut tensors = vec![("memory_bank".to_string(), bank.features.f_to_device(Device::Cpu)?)];
+    if let Some((k, spacing)) = &bank.spacing {
+        tensors.push((spacing_key(*k), spacing.f_to_device(Device::Cpu)?));
     }
     if let Some(r) = retrieval {
-        tensors.push(("image_of_row", r.image_of_row.f_to_device(Device::Cpu)?));
-        tensors.push(("image_descriptors", r.raw_descriptors()?.f_to_device(Device::Cpu)?));
+        tensors.push(("image_of_row".into(), r.image_of_row.f_to_device(Device::Cpu)?));
+        tensors.push(("image_descriptors".into(), r.raw_descriptors()?.f_to_device(Device::Cpu)?));
     }
     Tensor::write_safetensors(&tensors, path)?;
     Ok(())
