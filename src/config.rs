@@ -137,7 +137,7 @@ pub struct PatchCoreConfig {
     /// its nearest bank row is divided by that row's distance to its k-th nearest other row, so
     /// that a step off a tight cluster of normal patches (a smooth texture) counts as much as a
     /// longer one off a loose cluster (a streaky one), as in the local outlier factor. On
-    /// Magnetic-Tile, 5 raised image AUROC, pixel AUROC and AUPRO (README). Absent from a
+    /// Magnetic-Tile, 5 raised image and pixel AUROC, AUPRO about even (README). Absent from a
     /// model.json written before it existed: 0 there, so that such a model scores as fitted.
     #[serde(default)]
     pub density_neighbors: i64,
