@@ -1,6 +1,6 @@
 //! The `eval` subcommand end to end: fit a model on synthetic data with the CLI, evaluate it,
 //! and check the JSON report; a missing model must fail with a message naming it.
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use anomaly_inspector::dataset::MvtecDataset;
@@ -46,6 +46,30 @@ fn check(out: &Output, what: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A synthetic data set of `n_train` good training images (and `n_test_good` good, `n_per_defect`
+/// per defect type in test/) written under `dir/data`.
+fn synthetic_data(dir: &Path, n_train: usize, n_test_good: usize, n_per_defect: usize) -> PathBuf {
+    let data = dir.join("data");
+    let cfg = SyntheticConfig { n_train, n_test_good, n_test_per_defect: n_per_defect, ..Default::default() };
+    generate_dataset(&data, &cfg).unwrap();
+    data
+}
+
+/// A model directory's `model.json`, parsed.
+fn manifest(model: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(model.join("model.json")).unwrap()).unwrap()
+}
+
+/// The named tensors of a model directory's `memory_bank.safetensors`.
+fn bank_file(model: &Path) -> Vec<(String, tch::Tensor)> {
+    tch::Tensor::read_safetensors(model.join("memory_bank.safetensors")).unwrap()
+}
+
+/// The tensor named `key` among `tensors`.
+fn tensor(tensors: &[(String, tch::Tensor)], key: &str) -> Option<tch::Tensor> {
+    tensors.iter().find(|(n, _)| n == key).map(|(_, t)| t.shallow_clone())
 }
 
 fn unit(report: &serde_json::Value, key: &str) -> f64 {
@@ -194,18 +218,16 @@ fn eval_of_a_missing_model_names_the_path() {
 #[test]
 fn retrieval_model_fits_evaluates_and_refuses_a_bank_without_images() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("data");
-    let cfg = SyntheticConfig { n_train: 20, n_test_good: 3, n_test_per_defect: 2, ..Default::default() };
-    generate_dataset(&data, &cfg).unwrap();
+    let data = synthetic_data(tmp.path(), 20, 3, 2);
     let model = tmp.path().join("model");
     check(&fit(&data, &model, &["--retrieval-images", "4"]), "fit --retrieval-images 4");
     let manifest_path = model.join("model.json");
-    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest_path).unwrap()).unwrap();
+    let manifest = manifest(&model);
     assert_eq!(manifest["patchcore"]["retrieval_images"].as_u64(), Some(4), "{manifest:#}");
     // 16 images fitted (every 5th held out), each keeping its own rows, each row tagged.
     let bank_path = model.join("memory_bank.safetensors");
-    let tensors = tch::Tensor::read_safetensors(&bank_path).unwrap();
-    let get = |k: &str| tensors.iter().find(|(n, _)| n == k).map(|(_, t)| t.shallow_clone()).unwrap_or_else(|| panic!("no {k}"));
+    let tensors = bank_file(&model);
+    let get = |k: &str| tensor(&tensors, k).unwrap_or_else(|| panic!("no {k}"));
     let (bank, owners, descriptors) = (get("memory_bank"), get("image_of_row"), get("image_descriptors"));
     assert_eq!(descriptors.size()[0], 16);
     assert_eq!(owners.size(), vec![bank.size()[0]]);
@@ -239,13 +261,7 @@ fn retrieval_model_fits_evaluates_and_refuses_a_bank_without_images() {
 #[test]
 fn fit_options_cap_the_bank_and_switch_the_coarse_map_and_density_off() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("data");
-    let cfg = SyntheticConfig { n_train: 10, n_test_good: 1, n_test_per_defect: 1, ..Default::default() };
-    generate_dataset(&data, &cfg).unwrap();
-    let bank_file = |model: &std::path::Path| tch::Tensor::read_safetensors(model.join("memory_bank.safetensors")).unwrap();
-    let manifest = |model: &std::path::Path| -> serde_json::Value {
-        serde_json::from_str(&std::fs::read_to_string(model.join("model.json")).unwrap()).unwrap()
-    };
+    let data = synthetic_data(tmp.path(), 10, 1, 1);
     let model = tmp.path().join("model");
     let args = ["--max-bank-size", "150", "--coarse-blur-sigma", "0", "--density-neighbors", "0"];
     check(&fit(&data, &model, &args), "fit --max-bank-size 150 --coarse-blur-sigma 0 --density-neighbors 0");
@@ -255,15 +271,14 @@ fn fit_options_cap_the_bank_and_switch_the_coarse_map_and_density_off() {
     assert_eq!(m["patchcore"]["density_neighbors"].as_i64(), Some(0), "{m:#}");
     // 8 images fitted would give far more than 150 rows at the default ratio.
     let tensors = bank_file(&model);
-    let bank = tensors.iter().find(|(n, _)| n == "memory_bank").map(|(_, t)| t.shallow_clone()).unwrap();
-    assert_eq!(bank.size()[0], 150);
+    assert_eq!(tensor(&tensors, "memory_bank").unwrap().size()[0], 150);
     assert_eq!(tensors.len(), 1, "raw distances: no spacing saved");
     // The default keeps the bank's spacing beside it, one value per row, all positive.
     let model = tmp.path().join("model_default");
     check(&fit(&data, &model, &["--max-bank-size", "150"]), "fit --max-bank-size 150");
     assert_eq!(manifest(&model)["patchcore"]["density_neighbors"].as_i64(), Some(5));
     let tensors = bank_file(&model);
-    let spacing = tensors.iter().find(|(n, _)| n == "spacing_k5").map(|(_, t)| t.shallow_clone()).expect("spacing_k5 saved");
+    let spacing = tensor(&tensors, "spacing_k5").expect("spacing_k5 saved");
     assert_eq!(spacing.size(), [150]);
     assert!(spacing.min().double_value(&[]) > 0.0);
 }

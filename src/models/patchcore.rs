@@ -842,11 +842,7 @@ mod tests {
 
     #[test]
     fn patch_scores_divide_distances_by_the_spacing_at_the_nearest_row() {
-        let weights = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/efficientnet_lite0.safetensors");
-        if !weights.is_file() {
-            eprintln!("skipping: {} not found (run scripts/setup.sh)", weights.display());
-            return;
-        }
+        let Some(weights) = crate::models::backbone::lite0_weights_for_tests() else { return };
         tch::manual_seed(11);
         let config = PatchCoreConfig { density_neighbors: 2, ..PatchCoreConfig::default() };
         let backbone = Backbone::new(&weights, &config.backbone, Device::Cpu).unwrap();

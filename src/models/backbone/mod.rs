@@ -228,6 +228,19 @@ impl Backbone {
     }
 }
 
+/// The set-up's EfficientNet-Lite0 weights, for tests that need the real network; `None` (with a
+/// note on stderr, so the test can return early) on a checkout where `scripts/setup.sh` has not run.
+#[cfg(test)]
+pub(crate) fn lite0_weights_for_tests() -> Option<std::path::PathBuf> {
+    let weights = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/efficientnet_lite0.safetensors");
+    if weights.is_file() {
+        Some(weights)
+    } else {
+        eprintln!("skipping: {} not found (run scripts/setup.sh)", weights.display());
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -338,11 +351,7 @@ mod tests {
 
     #[test]
     fn efficientnet_backbone_when_weights_present() {
-        let weights = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/efficientnet_lite0.safetensors");
-        if !weights.is_file() {
-            eprintln!("skipping: {} not found (run scripts/setup.sh)", weights.display());
-            return;
-        }
+        let Some(weights) = lite0_weights_for_tests() else { return };
         let backbone =
             Backbone::new(&weights, &cfg(BackboneKind::EfficientnetLite0, &["stage5", "stage3"]), Device::Cpu).unwrap();
         assert_eq!(backbone.feature_channels(), [112, 40]);
