@@ -110,7 +110,11 @@ impl Default for PreprocessConfig {
 pub struct PatchCoreConfig {
     /// Feature extractor and layers.
     pub backbone: BackboneConfig,
-    /// Input size and normalisation.
+    /// Input size and normalisation. By default the aspect ratio is kept (at most 256x256's
+    /// area), so that a texture keeps its scale in every image, whatever the part's outline;
+    /// on Magnetic-Tile this raised pixel AUROC and AUPRO against a stretch (README). A
+    /// model.json that names no `resize` (written before it existed) stretches, as fitted.
+    #[serde(default)]
     pub preprocess: PreprocessConfig,
     /// Side of the local neighbourhood averaged around each patch (paper: 3).
     pub neighbourhood: i64,
@@ -141,6 +145,21 @@ pub struct PatchCoreConfig {
     /// model.json written before it existed: 0 there, so that such a model scores as fitted.
     #[serde(default)]
     pub density_neighbors: i64,
+    /// Feature-guided smoothing of each frame's patch scores before the map is drawn (0 = off):
+    /// each patch takes the mean score of the patches of the same frame that look like it, each
+    /// weighed by exp(-|f_p - f_q|^2 / (2 b^2 m)) with b this bandwidth and m the frame's median
+    /// squared feature distance, and by the Gaussian of `guided_sigma` on their distance. A
+    /// defect region of one texture (uneven surface, say) then scores as a whole, its plain
+    /// patches lifted by its most anomalous ones, without spreading into the different-looking
+    /// normal surface around it (a bilateral filter, guided by the patch features instead of
+    /// intensity). The image score is left as the paper's. On Magnetic-Tile, 0.45 raised pixel
+    /// AUROC, AUPRO about even (README). Absent from a model.json written before it existed: 0
+    /// there, so that such a model's maps stay as fitted.
+    #[serde(default)]
+    pub guided_bandwidth: f64,
+    /// Spatial reach (input pixels) of the feature-guided smoothing: the standard deviation of
+    /// the Gaussian on the distance between two patches.
+    pub guided_sigma: f64,
     /// Seed of every random choice (projection, coreset start), for reproducible models.
     pub seed: u64,
     /// Nearest-neighbour search at inference: 0 = exact; N > 0 = approximate on the CPU, over
@@ -160,7 +179,7 @@ impl Default for PatchCoreConfig {
     fn default() -> Self {
         Self {
             backbone: BackboneConfig::default(),
-            preprocess: PreprocessConfig::default(),
+            preprocess: PreprocessConfig { resize: Resize::KeepAspect, ..PreprocessConfig::default() },
             neighbourhood: 3,
             coreset_ratio: 0.1,
             max_bank_size: 40_000,
@@ -169,6 +188,8 @@ impl Default for PatchCoreConfig {
             blur_sigma: 4.0,
             coarse_blur_sigma: 32.0,
             density_neighbors: 5,
+            guided_bandwidth: 0.45,
+            guided_sigma: 48.0,
             seed: 0,
             knn_probes: 0,
             retrieval_images: 0,
@@ -208,6 +229,12 @@ impl PatchCoreConfig {
         }
         if !(0..=1024).contains(&self.density_neighbors) {
             return Err(Error::Config(format!("density_neighbors {}: must be in 0..=1024 (0 = off)", self.density_neighbors)));
+        }
+        if !(self.guided_bandwidth >= 0.0 && self.guided_bandwidth <= 100.0) {
+            return Err(Error::Config(format!("guided_bandwidth {}: must be in 0..=100 (0 = off)", self.guided_bandwidth)));
+        }
+        if !(self.guided_sigma > 0.0 && self.guided_sigma <= 4096.0) {
+            return Err(Error::Config(format!("guided_sigma {}: must be in (0, 4096] input pixels", self.guided_sigma)));
         }
         Ok(())
     }
@@ -425,6 +452,9 @@ mod tests {
         let old: PatchCoreConfig = serde_json::from_str(r#"{"blur_sigma": 4.0, "coreset_ratio": 0.1}"#).unwrap();
         assert_eq!(old.coarse_blur_sigma, 0.0, "an older model's maps and thresholds stay as fitted");
         assert_eq!(old.density_neighbors, 0, "an older model's scores and thresholds stay as fitted");
+        assert_eq!(old.guided_bandwidth, 0.0, "an older model's maps stay as fitted");
+        assert_eq!(PatchCoreConfig::default().preprocess.resize, Resize::KeepAspect);
+        assert_eq!(old.preprocess.resize, Resize::Stretch, "an older model.json has its preprocess, stretch if it names none");
         assert_eq!(old.neighbourhood, PatchCoreConfig::default().neighbourhood, "other absent keys take the defaults");
         let json = serde_json::to_string(&PatchCoreConfig::default()).unwrap();
         assert_eq!(serde_json::from_str::<PatchCoreConfig>(&json).unwrap(), PatchCoreConfig::default());
@@ -432,6 +462,10 @@ mod tests {
         assert!(bad.validate().unwrap_err().to_string().contains("coarse_blur_sigma"));
         let bad = PatchCoreConfig { density_neighbors: -1, ..PatchCoreConfig::default() };
         assert!(bad.validate().unwrap_err().to_string().contains("density_neighbors"));
+        let bad = PatchCoreConfig { guided_bandwidth: f64::NAN, ..PatchCoreConfig::default() };
+        assert!(bad.validate().unwrap_err().to_string().contains("guided_bandwidth"));
+        let bad = PatchCoreConfig { guided_sigma: 0.0, ..PatchCoreConfig::default() };
+        assert!(bad.validate().unwrap_err().to_string().contains("guided_sigma"));
     }
 
     #[test]

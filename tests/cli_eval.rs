@@ -259,16 +259,18 @@ fn retrieval_model_fits_evaluates_and_refuses_a_bank_without_images() {
 }
 
 #[test]
-fn fit_options_cap_the_bank_and_switch_the_coarse_map_and_density_off() {
+fn fit_options_cap_the_bank_and_switch_the_coarse_map_density_and_guided_smoothing_off() {
     let tmp = tempfile::tempdir().unwrap();
     let data = synthetic_data(tmp.path(), 10, 1, 1);
     let model = tmp.path().join("model");
-    let args = ["--max-bank-size", "150", "--coarse-blur-sigma", "0", "--density-neighbors", "0"];
-    check(&fit(&data, &model, &args), "fit --max-bank-size 150 --coarse-blur-sigma 0 --density-neighbors 0");
+    let args = ["--max-bank-size", "150", "--coarse-blur-sigma", "0", "--density-neighbors", "0", "--guided-bandwidth", "0", "--guided-sigma", "20"];
+    check(&fit(&data, &model, &args), "fit --max-bank-size 150 --coarse-blur-sigma 0 --density-neighbors 0 --guided-bandwidth 0");
     let m = manifest(&model);
     assert_eq!(m["patchcore"]["max_bank_size"].as_u64(), Some(150), "{m:#}");
     assert_eq!(m["patchcore"]["coarse_blur_sigma"].as_f64(), Some(0.0), "{m:#}");
     assert_eq!(m["patchcore"]["density_neighbors"].as_i64(), Some(0), "{m:#}");
+    assert_eq!(m["patchcore"]["guided_bandwidth"].as_f64(), Some(0.0), "{m:#}");
+    assert_eq!(m["patchcore"]["guided_sigma"].as_f64(), Some(20.0), "{m:#}");
     // 8 images fitted would give far more than 150 rows at the default ratio.
     let tensors = bank_file(&model);
     assert_eq!(tensor(&tensors, "memory_bank").unwrap().size()[0], 150);
@@ -277,6 +279,7 @@ fn fit_options_cap_the_bank_and_switch_the_coarse_map_and_density_off() {
     let model = tmp.path().join("model_default");
     check(&fit(&data, &model, &["--max-bank-size", "150"]), "fit --max-bank-size 150");
     assert_eq!(manifest(&model)["patchcore"]["density_neighbors"].as_i64(), Some(5));
+    assert_eq!(manifest(&model)["patchcore"]["guided_bandwidth"].as_f64(), Some(0.45));
     let tensors = bank_file(&model);
     let spacing = tensor(&tensors, "spacing_k5").expect("spacing_k5 saved");
     assert_eq!(spacing.size(), [150]);

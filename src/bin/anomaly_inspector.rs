@@ -64,10 +64,14 @@ struct FitArgs {
     /// Network input size in pixels (square).
     #[arg(long)]
     image_size: Option<u32>,
-    /// PatchCore: keep each image's aspect ratio instead of stretching it to the square input
-    /// (scaled down to at most the input's area): for parts cut to different shapes.
-    #[arg(long)]
+    /// PatchCore: keep each image's aspect ratio, scaled down to at most the input's area (the
+    /// default; the flag stays for scripts that name it).
+    #[arg(long, conflicts_with = "stretch")]
     keep_aspect: bool,
+    /// PatchCore: stretch each image to the square input instead (the paper's and anomalib's
+    /// input; the default before December 2026).
+    #[arg(long)]
+    stretch: bool,
     /// Fraction of patches kept in the memory bank.
     #[arg(long)]
     coreset_ratio: Option<f64>,
@@ -105,6 +109,14 @@ struct FitArgs {
     /// distance from that row to its K-th nearest other row (default 5; 0 = the paper's raw distances).
     #[arg(long, value_name = "K")]
     density_neighbors: Option<i64>,
+    /// PatchCore: smooth each frame's patch scores among the patches that look alike (default
+    /// 0.45, the feature bandwidth relative to the frame's median feature distance; 0 = off), so
+    /// that a defect region of one texture scores as a whole.
+    #[arg(long, value_name = "B")]
+    guided_bandwidth: Option<f64>,
+    /// PatchCore: spatial reach of that smoothing, in network-input pixels (default 48).
+    #[arg(long, value_name = "PX")]
+    guided_sigma: Option<f64>,
     /// Seed for every random choice.
     #[arg(long)]
     seed: Option<u64>,
@@ -238,6 +250,9 @@ fn fit(a: FitArgs) -> anyhow::Result<()> {
     if a.keep_aspect {
         cfg.preprocess.resize = anomaly_inspector::Resize::KeepAspect;
     }
+    if a.stretch {
+        cfg.preprocess.resize = anomaly_inspector::Resize::Stretch;
+    }
     if let Some(r) = a.coreset_ratio {
         cfg.coreset_ratio = r;
     }
@@ -264,6 +279,12 @@ fn fit(a: FitArgs) -> anyhow::Result<()> {
     }
     if let Some(k) = a.density_neighbors {
         cfg.density_neighbors = k;
+    }
+    if let Some(b) = a.guided_bandwidth {
+        cfg.guided_bandwidth = b;
+    }
+    if let Some(s) = a.guided_sigma {
+        cfg.guided_sigma = s;
     }
     if let Some(s) = a.seed {
         cfg.seed = s;
@@ -343,14 +364,18 @@ fn fit_draem_command(a: FitArgs) -> anyhow::Result<()> {
         || a.blur_sigma.is_some()
         || a.coarse_blur_sigma.is_some()
         || a.density_neighbors.is_some()
+        || a.guided_bandwidth.is_some()
+        || a.guided_sigma.is_some()
         || a.keep_aspect
+        || a.stretch
         || a.layers.is_some()
         || a.backbone_weights.is_some()
         || a.backbone != "efficientnet_lite0"
     {
         bail!(
             "--backbone, --backbone-weights, --layers, --coreset-ratio, --max-bank-size, --coreset-dim, --knn-probes, --retrieval-images, \
-             --neighbourhood, --blur-sigma, --coarse-blur-sigma, --density-neighbors and --keep-aspect are PatchCore options; DRAEM trains its own networks"
+             --neighbourhood, --blur-sigma, --coarse-blur-sigma, --density-neighbors, --guided-bandwidth, --guided-sigma, \
+             --keep-aspect and --stretch are PatchCore options; DRAEM trains its own networks"
         );
     }
     let data = MvtecDataset::open(&a.data)?;

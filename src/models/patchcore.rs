@@ -8,6 +8,11 @@
 //! Optionally (`density_neighbors`, on by default) a distance is divided by the local spacing of
 //! the bank at the nearest entry, in the spirit of Breunig et al.'s local outlier factor
 //! (SIGMOD 2000): the scale of "normal" differs between tight and loose clusters of patches.
+//!
+//! Optionally (`guided_bandwidth`, on by default) the map is drawn from patch scores smoothed
+//! among the frame's own similar-looking patches, a bilateral filter (Tomasi and Manduchi, ICCV
+//! 1998) guided by the patch features as in non-local means (Buades et al., CVPR 2005): a defect
+//! of one texture then scores as a whole, not only at its most anomalous patches.
 use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
@@ -483,8 +488,9 @@ impl PatchCore {
     }
 
     /// Scores a normalised batch `[N, 3, H, W]`: image scores `[N]` (reweighted maximum patch
-    /// distance) and anomaly maps `[N, 1, H, W]` (upsampled, Gaussian-smoothed patch distances;
-    /// with `coarse_blur_sigma`, nowhere below their wide smoothing).
+    /// distance) and anomaly maps `[N, 1, H, W]` (patch distances, with `guided_bandwidth`
+    /// smoothed among similar patches, then upsampled and Gaussian-smoothed; with
+    /// `coarse_blur_sigma`, nowhere below their wide smoothing).
     pub fn forward(&self, x: &Tensor) -> Result<ModelOutput> {
         let _guard = tch::no_grad_guard();
         let size = x.size();
@@ -518,7 +524,13 @@ impl PatchCore {
         }
         let image_scores = Tensor::f_from_slice(&image_scores)?;
 
-        let grid = patch_scores.f_view([n, 1, fh, fw])?;
+        let map_scores = if self.config.guided_bandwidth > 0.0 {
+            let sigma_cells = self.config.guided_sigma * fh as f64 / h as f64;
+            guided_smoothing(&patch_scores, &patches, fw, self.config.guided_bandwidth, sigma_cells)?
+        } else {
+            patch_scores
+        };
+        let grid = map_scores.f_view([n, 1, fh, fw])?;
         let maps = grid.f_upsample_bilinear2d([h, w], false, None, None)?;
         let maps = match &self.blur {
             Some(kernel) => blur(&maps, kernel)?,
@@ -663,6 +675,56 @@ pub fn coarse_map(grid: &Tensor, sigma_px: f64, h: i64, w: i64) -> Result<Option
     }
 }
 
+/// Feature-guided smoothing of patch scores (`guided_bandwidth`, its doc has the weights):
+/// scores `[N, P]` of N frames of P = fh*fw patches, rows of width `fw`, with the frames' patch
+/// features `[N*P, D]` -> `[N, P]`, each score the weighted mean of its own frame's. `sigma_cells`
+/// is the spatial reach in patch-grid cells. Written here because the bilateral filters of
+/// imageproc and OpenCV take an intensity image as their guide, not a D-dimensional feature per
+/// pixel. Weights are built in blocks of query rows, so memory stays near 4M floats per block
+/// whatever the image size.
+pub fn guided_smoothing(scores: &Tensor, patches: &Tensor, fw: i64, bandwidth: f64, sigma_cells: f64) -> Result<Tensor> {
+    let (n, p) = (scores.size()[0], scores.size()[1]);
+    let device = patches.device();
+    let cell = Tensor::f_arange(p, (Kind::Float, device))?;
+    let ys = cell.f_div_scalar(fw as f64)?.f_floor()?;
+    let xs = cell.f_remainder(fw as f64)?;
+    let block = (4_000_000 / p).max(1);
+    let mut frames = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let f = patches.f_narrow(0, i * p, p)?;
+        let s = scores.f_get(i)?.f_to_kind(Kind::Float)?.f_unsqueeze(1)?; // [P, 1]
+        let sq = f.f_mul(&f)?.f_sum_dim_intlist(1, false, Kind::Float)?; // [P]
+        let sq_dist = |rows: &Tensor| -> Result<Tensor> {
+            let fr = f.f_index_select(0, rows)?;
+            let cross = fr.f_matmul(&f.f_transpose(0, 1)?)?;
+            let d = sq.f_index_select(0, rows)?.f_unsqueeze(1)?.f_add(&sq.f_unsqueeze(0)?)?.f_sub(&cross.f_mul_scalar(2.0)?)?;
+            Ok(d.f_clamp_min(0.0)?)
+        };
+        // The bandwidth is relative to how different this frame's patches are from each other
+        // (the median over up to 1024 evenly spaced rows), so one setting suits any texture.
+        let step = ((p + 1023) / 1024).max(1);
+        let sample = Tensor::f_arange_start_step(0, p, step, (Kind::Int64, device))?;
+        let median = sq_dist(&sample)?.f_median()?.f_double_value(&[])?.max(1e-12);
+        let feature_scale = -1.0 / (2.0 * bandwidth * bandwidth * median);
+        let space_scale = -1.0 / (2.0 * sigma_cells * sigma_cells);
+        let mut smoothed = Vec::new();
+        let mut start = 0;
+        while start < p {
+            let len = block.min(p - start);
+            let rows = Tensor::f_arange_start(start, start + len, (Kind::Int64, device))?;
+            let dy = ys.f_index_select(0, &rows)?.f_unsqueeze(1)?.f_sub(&ys.f_unsqueeze(0)?)?;
+            let dx = xs.f_index_select(0, &rows)?.f_unsqueeze(1)?.f_sub(&xs.f_unsqueeze(0)?)?;
+            let space = dy.f_mul(&dy)?.f_add(&dx.f_mul(&dx)?)?;
+            // Each row's own weight is exp(0) = 1, so the sums below are never zero.
+            let w = sq_dist(&rows)?.f_mul_scalar(feature_scale)?.f_add(&space.f_mul_scalar(space_scale)?)?.f_exp()?;
+            smoothed.push(w.f_matmul(&s)?.f_div(&w.f_sum_dim_intlist(1, true, Kind::Float)?)?);
+            start += len;
+        }
+        frames.push(Tensor::f_cat(&smoothed, 0)?.f_view([1, p])?);
+    }
+    Ok(Tensor::f_cat(&frames, 0)?.f_to_kind(scores.kind())?)
+}
+
 /// Separable Gaussian blur of `[N, 1, H, W]` with reflect padding (no dark borders).
 fn blur(maps: &Tensor, kernel: &Tensor) -> Result<Tensor> {
     let k = kernel.size()[0];
@@ -782,6 +844,55 @@ mod tests {
         let out = blur(&spike, &k).unwrap();
         let flat_idx = out.view([-1]).argmax(0, false).int64_value(&[]);
         assert_eq!(flat_idx, 20 * 50 + 25);
+    }
+
+    /// One 64x64 frame: a 16x16 region of one texture (feature near e0) in a background of
+    /// another (near e1), the region scoring 0.3 with a 4x4 hot spot of 1.0, the background 0.
+    fn textured_frame() -> (Tensor, Tensor) {
+        tch::manual_seed(5);
+        let opts = (Kind::Float, Device::Cpu);
+        let inside = |y: i64, x: i64| (20..36).contains(&y) && (20..36).contains(&x);
+        let hot = |y: i64, x: i64| (26..30).contains(&y) && (26..30).contains(&x);
+        let mut feats = Vec::new();
+        let mut scores = Vec::new();
+        for y in 0..64 {
+            for x in 0..64 {
+                feats.extend_from_slice(if inside(y, x) { &[1.0f32, 0.0, 0.0, 0.0] } else { &[0.0, 1.0, 0.0, 0.0] });
+                scores.push(if hot(y, x) { 1.0f32 } else if inside(y, x) { 0.3 } else { 0.0 });
+            }
+        }
+        let feats = Tensor::from_slice(&feats).view([4096, 4]) + Tensor::randn([4096, 4], opts) * 0.05;
+        (Tensor::from_slice(&scores).view([1, 4096]), feats)
+    }
+
+    #[test]
+    fn guided_smoothing_fills_a_region_of_one_texture_without_spreading_out_of_it() {
+        let (scores, feats) = textured_frame();
+        let out = guided_smoothing(&scores, &feats, 64, 0.4, 6.0).unwrap();
+        assert_eq!(out.size(), [1, 4096]);
+        let grid = out.view([64, 64]);
+        let region = grid.narrow(0, 20, 16).narrow(1, 20, 16);
+        // The region's plain patches rise towards the hot spot, the hot spot falls towards them:
+        // the region scores more as a whole.
+        let corner = region.double_value(&[0, 0]);
+        assert!(corner > 0.31, "region corner {corner}");
+        assert!(region.max().double_value(&[]) < 0.95, "hot spot {}", region.max().double_value(&[]));
+        // A background patch right next to the region looks nothing like it and stays near 0,
+        // where a Gaussian of the same reach would lift it.
+        let beside = grid.double_value(&[28, 19]);
+        assert!(beside.abs() < 1e-3, "background beside the region {beside}");
+        assert!(grid.narrow(0, 0, 16).abs().max().double_value(&[]) < 1e-3);
+    }
+
+    #[test]
+    fn guided_smoothing_keeps_frames_apart() {
+        let (scores, feats) = textured_frame();
+        let alone = guided_smoothing(&scores, &feats, 64, 0.4, 6.0).unwrap();
+        // A second frame, the same features but scoring 5 everywhere, changes nothing in the first
+        // (and, flat, stays flat itself).
+        let both = guided_smoothing(&Tensor::cat(&[&scores, &scores.full_like(5.0)], 0), &Tensor::cat(&[&feats, &feats], 0), 64, 0.4, 6.0).unwrap();
+        assert!((both.get(0) - alone.get(0)).abs().max().double_value(&[]) < 1e-5);
+        assert!((both.get(1) - 5.0).abs().max().double_value(&[]) < 1e-4);
     }
 
     #[test]
