@@ -3,8 +3,11 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod common;
+
 use anomaly_inspector::dataset::MvtecDataset;
 use anomaly_inspector::synthetic::{generate_dataset, SyntheticConfig};
+use common::manifest;
 
 fn cli(args: &[&std::ffi::OsStr]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_anomaly_inspector"))
@@ -55,11 +58,6 @@ fn synthetic_data(dir: &Path, n_train: usize, n_test_good: usize, n_per_defect: 
     let cfg = SyntheticConfig { n_train, n_test_good, n_test_per_defect: n_per_defect, ..Default::default() };
     generate_dataset(&data, &cfg).unwrap();
     data
-}
-
-/// A model directory's `model.json`, parsed.
-fn manifest(model: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(model.join("model.json")).unwrap()).unwrap()
 }
 
 /// The named tensors of a model directory's `memory_bank.safetensors`.
@@ -170,12 +168,10 @@ fn eval_reports_metrics_on_synthetic_data() {
         };
         (row("image"), row("pixel"))
     };
-    let before: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(model.join("model.json")).unwrap()).unwrap();
+    let before = manifest(&model);
     let (image, pixel) = calibrate(false);
     assert!(image[3] >= image[2] && pixel[3] >= pixel[2], "F1-optimal must not be worse: {image:?} {pixel:?}");
-    let after: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(model.join("model.json")).unwrap()).unwrap();
+    let after = manifest(&model);
     assert!(after["calibration"]["method"].as_str().unwrap().starts_with("F1-optimal"), "{after:#}");
     assert!((after["calibration"]["image_threshold"].as_f64().unwrap() - image[1]).abs() < 1e-3 * image[1].abs().max(1.0));
     assert_eq!(after["patchcore"], before["patchcore"]);
@@ -186,8 +182,7 @@ fn eval_reports_metrics_on_synthetic_data() {
     let (again, _) = calibrate(true);
     assert!((again[0] - image[1]).abs() < 1e-3 * image[1].abs().max(1.0), "{again:?} vs {image:?}");
     assert!((again[2] - image[3]).abs() < 1e-6, "F1 at the calibrated threshold {again:?} vs {image:?}");
-    let unchanged: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(model.join("model.json")).unwrap()).unwrap();
+    let unchanged = manifest(&model);
     assert_eq!(unchanged, after, "--dry-run changed the model");
 
     // --limit-per-type takes the first N images of every test folder.

@@ -121,16 +121,14 @@ fn keep_aspect_models_take_images_of_any_shape() {
         let (w, h) = if i % 2 == 0 { (200, 120) } else { (120, 200) };
         image::imageops::crop_imm(&img, 0, 0, w, h).to_image().save(shaped.join(format!("train/good/{i}.png"))).unwrap();
     }
-    let manifest = |model: &Path| -> serde_json::Value {
-        serde_json::from_str(&std::fs::read_to_string(model.join("model.json")).unwrap()).unwrap()
-    };
     // Keeping the aspect is PatchCore's default; --stretch asks for the paper's square input.
     let model = tmp.path().join("model");
     run_ok(cli().args(["fit", "--device", "cpu", "--data"]).arg(&shaped).arg("--out").arg(&model));
-    assert_eq!(manifest(&model)["patchcore"]["preprocess"]["resize"], "keep_aspect", "{:#}", manifest(&model));
+    let m = common::manifest(&model);
+    assert_eq!(m["patchcore"]["preprocess"]["resize"], "keep_aspect", "{m:#}");
     let stretched = tmp.path().join("stretched");
     run_ok(cli().args(["fit", "--device", "cpu", "--stretch", "--data"]).arg(&shaped).arg("--out").arg(&stretched));
-    assert_eq!(manifest(&stretched)["patchcore"]["preprocess"]["resize"], "stretch");
+    assert_eq!(common::manifest(&stretched)["patchcore"]["preprocess"]["resize"], "stretch");
 
     let wide = tmp.path().join("in/wide.png");
     std::fs::create_dir_all(wide.parent().unwrap()).unwrap();

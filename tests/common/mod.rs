@@ -9,6 +9,11 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// A model directory's `model.json`, parsed.
+pub fn manifest(model: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(model.join("model.json")).unwrap()).unwrap()
+}
+
 /// The venv's Python, with a clear message when the set-up has not run.
 pub fn python() -> PathBuf {
     let py = root().join(".venv/bin/python");
