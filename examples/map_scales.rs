@@ -9,11 +9,11 @@
 use std::path::PathBuf;
 
 use anomaly_inspector::dataset::{load_mask, MvtecDataset};
+use anomaly_inspector::imaging;
 use anomaly_inspector::metrics::{pixel_metrics, PixelScores, AUPRO_FPR_LIMIT};
 use anomaly_inspector::model_file::{self, AnomalyModel};
 use anomaly_inspector::models::patchcore::{coarse_map, embed, flatten_patches, gaussian_blur};
 use anomaly_inspector::preprocess::Preprocessor;
-use anomaly_inspector::imaging;
 use tch::Device;
 
 const SIDE: i64 = 256;

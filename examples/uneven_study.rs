@@ -65,10 +65,12 @@ fn main() -> anyhow::Result<()> {
         let (f, (fh, fw)) = features(&sample.path)?;
         let (w, h) = imaging::load(&sample.path)?.dimensions();
         let mask: Vec<bool> = match (&sample.defect, &sample.mask) {
-            (Some(_), Some(m)) => image::imageops::resize(&load_mask(m, w, h)?, SIDE as u32, SIDE as u32, image::imageops::FilterType::Nearest)
-                .pixels()
-                .map(|p| p.0[0] > 0)
-                .collect(),
+            (Some(_), Some(m)) => {
+                image::imageops::resize(&load_mask(m, w, h)?, SIDE as u32, SIDE as u32, image::imageops::FilterType::Nearest)
+                    .pixels()
+                    .map(|p| p.0[0] > 0)
+                    .collect()
+            }
             _ => vec![false; (SIDE * SIDE) as usize],
         };
         let (whole, nearest) = bank.nearest(&f, 1)?;
@@ -91,7 +93,8 @@ fn main() -> anyhow::Result<()> {
             };
             let score = dist.max().double_value(&[]);
             image_scores[v].push((score as f32, group != 0));
-            let map = gaussian_blur(&dist.view([1, 1, fh, fw]).upsample_bilinear2d([SIDE, SIDE], false, None, None), cfg.blur_sigma)?;
+            let map =
+                gaussian_blur(&dist.view([1, 1, fh, fw]).upsample_bilinear2d([SIDE, SIDE], false, None, None), cfg.blur_sigma)?;
             let median = dist.median().double_value(&[]);
             for (m, mode) in modes.iter().enumerate() {
                 let map = match mode {
@@ -104,7 +107,10 @@ fn main() -> anyhow::Result<()> {
         }
     }
 
-    println!("search ({}) | map | image AUROC | pixel AUROC | AUPRO | pixel AUROC per type", if votes { "votes" } else { "descriptors" });
+    println!(
+        "search ({}) | map | image AUROC | pixel AUROC | AUPRO | pixel AUROC per type",
+        if votes { "votes" } else { "descriptors" }
+    );
     for (v, &k) in variants.iter().enumerate() {
         let (scores, labels): (Vec<f32>, Vec<bool>) = image_scores[v].iter().copied().unzip();
         let image_auroc = auroc(&scores, &labels)?;

@@ -325,7 +325,11 @@ impl DraemConfig {
     /// Adam 1e-4, about 700 epochs of an MVTec AD category. Needs a GPU (hours on one).
     pub fn paper() -> Self {
         Self {
-            preprocess: PreprocessConfig { image_size: [256, 256], normalization: Normalization::Imagenet, resize: Resize::Stretch },
+            preprocess: PreprocessConfig {
+                image_size: [256, 256],
+                normalization: Normalization::Imagenet,
+                resize: Resize::Stretch,
+            },
             base_width: 128,
             steps: 20_000,
             batch_size: 8,
@@ -436,7 +440,8 @@ mod tests {
         assert_eq!(DraemConfig::paper().base_width, 128);
         assert_eq!(DraemConfig::paper().discriminative_width(), 64);
         assert_eq!(DraemConfig::paper().lr, 1e-4);
-        let partial: DraemConfig = serde_json::from_str(r#"{"base_width": 8, "anomaly_source": {"folder": "/textures"}}"#).unwrap();
+        let partial: DraemConfig =
+            serde_json::from_str(r#"{"base_width": 8, "anomaly_source": {"folder": "/textures"}}"#).unwrap();
         assert_eq!(partial.base_width, 8);
         assert_eq!(partial.steps, DraemConfig::default().steps);
         assert_eq!(partial.anomaly_source, AnomalySource::Folder("/textures".into()));

@@ -50,14 +50,9 @@ pub struct MvtecDataset {
 /// Whether `path` names an image file by its extension; hidden files (`.DS_Store`,
 /// `._x.png` from macOS archives) are not images.
 pub fn is_image(path: &Path) -> bool {
-    let hidden = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .is_some_and(|n| n.starts_with('.'));
-    let ext_ok = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)));
+    let hidden = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'));
+    let ext_ok =
+        path.extension().and_then(|e| e.to_str()).is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)));
     !hidden && ext_ok && path.is_file()
 }
 
@@ -81,10 +76,7 @@ impl MvtecDataset {
     pub fn open(root: &Path) -> Result<Self> {
         let layout = "expected the MVTec AD layout: train/good/*.png|jpg (required), \
                       test/<good|defect>/*.png|jpg and ground_truth/<defect>/<name>_mask.png (optional)";
-        let dataset_err = |reason: String| Error::Dataset {
-            path: root.to_path_buf(),
-            reason,
-        };
+        let dataset_err = |reason: String| Error::Dataset { path: root.to_path_buf(), reason };
         if !root.is_dir() {
             return Err(dataset_err(format!("not a directory; {layout}")));
         }
@@ -104,11 +96,7 @@ impl MvtecDataset {
         let test_dir = root.join("test");
         if test_dir.is_dir() {
             for type_dir in list_sorted(&test_dir, Path::is_dir)? {
-                let Some(kind) = type_dir
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .map(str::to_owned)
-                else {
+                let Some(kind) = type_dir.file_name().and_then(|n| n.to_str()).map(str::to_owned) else {
                     continue;
                 };
                 if kind.starts_with('.') {
@@ -117,19 +105,11 @@ impl MvtecDataset {
                 let defect = (kind != "good").then_some(kind);
                 for path in list_sorted(&type_dir, is_image)? {
                     let mask = defect.as_deref().and_then(|d| find_mask(root, d, &path));
-                    test.push(TestSample {
-                        path,
-                        defect: defect.clone(),
-                        mask,
-                    });
+                    test.push(TestSample { path, defect: defect.clone(), mask });
                 }
             }
         }
-        Ok(Self {
-            root: root.to_path_buf(),
-            train_good,
-            test,
-        })
+        Ok(Self { root: root.to_path_buf(), train_good, test })
     }
 
     /// The defect types present in the test set, sorted.
@@ -155,10 +135,7 @@ impl MvtecDataset {
 fn find_mask(root: &Path, defect: &str, image: &Path) -> Option<PathBuf> {
     let stem = image.file_stem()?.to_str()?;
     let dir = root.join("ground_truth").join(defect);
-    [format!("{stem}_mask.png"), format!("{stem}.png")]
-        .into_iter()
-        .map(|name| dir.join(name))
-        .find(|p| p.is_file())
+    [format!("{stem}_mask.png"), format!("{stem}.png")].into_iter().map(|name| dir.join(name)).find(|p| p.is_file())
 }
 
 /// Loads a ground-truth mask as 0/255 at `width` x `height` (nearest-neighbour resizing keeps
@@ -168,16 +145,10 @@ fn find_mask(root: &Path, defect: &str, image: &Path) -> Option<PathBuf> {
 /// 0/1) counts every non-zero pixel instead.
 pub fn load_mask(path: &Path, width: u32, height: u32) -> Result<GrayImage> {
     if width == 0 || height == 0 {
-        return Err(Error::BadImage(format!(
-            "mask size {width}x{height}: both sides must be at least 1"
-        )));
+        return Err(Error::BadImage(format!("mask size {width}x{height}: both sides must be at least 1")));
     }
     let mut mask = crate::imaging::load_gray(path)?;
-    let cut = if mask.pixels().all(|p| p.0[0] <= 1) {
-        1
-    } else {
-        128
-    };
+    let cut = if mask.pixels().all(|p| p.0[0] <= 1) { 1 } else { 128 };
     for p in mask.pixels_mut() {
         p.0[0] = if p.0[0] >= cut { 255 } else { 0 };
     }
@@ -193,9 +164,7 @@ mod tests {
 
     fn touch_png(path: &Path, w: u32, h: u32, value: u8) {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        image::GrayImage::from_pixel(w, h, image::Luma([value]))
-            .save(path)
-            .unwrap();
+        image::GrayImage::from_pixel(w, h, image::Luma([value])).save(path).unwrap();
     }
 
     #[test]
@@ -215,37 +184,18 @@ mod tests {
 
         let ds = MvtecDataset::open(r).unwrap();
         assert_eq!(ds.root, r);
-        assert_eq!(
-            ds.train_good,
-            vec![r.join("train/good/000.PNG"), r.join("train/good/001.png")]
-        );
-        let names: Vec<_> = ds
-            .test
-            .iter()
-            .map(|s| s.path.strip_prefix(r).unwrap().to_path_buf())
-            .collect();
+        assert_eq!(ds.train_good, vec![r.join("train/good/000.PNG"), r.join("train/good/001.png")]);
+        let names: Vec<_> = ds.test.iter().map(|s| s.path.strip_prefix(r).unwrap().to_path_buf()).collect();
         assert_eq!(
             names,
-            [
-                "test/crack/000.png",
-                "test/good/000.png",
-                "test/scratch/000.png",
-                "test/scratch/001.png"
-            ]
-            .map(PathBuf::from)
+            ["test/crack/000.png", "test/good/000.png", "test/scratch/000.png", "test/scratch/001.png"].map(PathBuf::from)
         );
         assert_eq!(ds.test[0].defect.as_deref(), Some("crack"));
         assert_eq!(ds.test[0].mask, Some(r.join("ground_truth/crack/000.png")));
         assert!(!ds.test[1].is_anomalous() && ds.test[1].mask.is_none());
-        assert_eq!(
-            ds.test[2].mask,
-            Some(r.join("ground_truth/scratch/000_mask.png"))
-        );
+        assert_eq!(ds.test[2].mask, Some(r.join("ground_truth/scratch/000_mask.png")));
         assert!(ds.test[3].is_anomalous() && ds.test[3].mask.is_none());
-        assert_eq!(
-            ds.defect_types(),
-            vec!["crack".to_string(), "scratch".to_string()]
-        );
+        assert_eq!(ds.defect_types(), vec!["crack".to_string(), "scratch".to_string()]);
         assert_eq!((ds.n_test_good(), ds.n_test_anomalous()), (1, 3));
         // Deterministic.
         assert_eq!(MvtecDataset::open(r).unwrap(), ds);
@@ -272,10 +222,7 @@ mod tests {
             match MvtecDataset::open(r) {
                 Err(Error::Dataset { path, reason }) => {
                     assert_eq!(path, r);
-                    assert!(
-                        reason.contains(needle) && reason.contains("train/good/*.png|jpg"),
-                        "{reason}"
-                    );
+                    assert!(reason.contains(needle) && reason.contains("train/good/*.png|jpg"), "{reason}");
                 }
                 other => panic!("{other:?}"),
             }
@@ -310,10 +257,7 @@ mod tests {
         labels.save(&path).unwrap();
         assert_eq!(load_mask(&path, 2, 1).unwrap().as_raw(), &vec![0, 255]);
         assert!(matches!(load_mask(&path, 0, 1), Err(Error::BadImage(_))));
-        assert!(matches!(
-            load_mask(&dir.path().join("none.png"), 2, 1),
-            Err(Error::Io { .. })
-        ));
+        assert!(matches!(load_mask(&dir.path().join("none.png"), 2, 1), Err(Error::Io { .. })));
     }
 
     #[test]
@@ -326,11 +270,7 @@ mod tests {
         let ds = MvtecDataset::open(root).unwrap();
         assert!(ds.train_good.len() > 100);
         assert!(ds.n_test_good() > 0 && ds.n_test_anomalous() > 0);
-        assert!(ds
-            .test
-            .iter()
-            .filter(|s| s.is_anomalous())
-            .all(|s| s.mask.is_some()));
+        assert!(ds.test.iter().filter(|s| s.is_anomalous()).all(|s| s.mask.is_some()));
         let sample = ds.test.iter().find(|s| s.is_anomalous()).unwrap();
         let img = crate::imaging::load(&sample.path).unwrap();
         let mask = load_mask(sample.mask.as_ref().unwrap(), img.width(), img.height()).unwrap();

@@ -25,7 +25,9 @@ pub mod training;
 #[cfg(feature = "ros")]
 pub mod ros;
 
-pub use config::{BackboneConfig, BackboneKind, DeviceChoice, Normalization, PatchCoreConfig, PostprocessConfig, PreprocessConfig, Resize};
+pub use config::{
+    BackboneConfig, BackboneKind, DeviceChoice, Normalization, PatchCoreConfig, PostprocessConfig, PreprocessConfig, Resize,
+};
 pub use error::{Error, Result};
 pub use imaging::{PixelEncoding, RawImage};
 pub use inspector::{Inspection, Inspector};

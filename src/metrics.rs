@@ -132,10 +132,7 @@ impl PixelScores {
 
     /// An empty set with room for `pixels` pixels.
     pub fn with_capacity(pixels: usize) -> Self {
-        Self {
-            pixels: Vec::with_capacity(pixels),
-            ..Self::default()
-        }
+        Self { pixels: Vec::with_capacity(pixels), ..Self::default() }
     }
 
     /// Adds one image: its anomaly `map` and ground-truth `mask` (`true` = defect), both
@@ -143,22 +140,13 @@ impl PixelScores {
     /// Refuses mismatched sizes and NaN scores (leaving the set unchanged).
     pub fn add_image(&mut self, map: &[f32], mask: &[bool], width: u32) -> Result<()> {
         if map.len() != mask.len() {
-            return Err(Error::Config(format!(
-                "pixel metrics: anomaly map has {} pixels, mask {}",
-                map.len(),
-                mask.len()
-            )));
+            return Err(Error::Config(format!("pixel metrics: anomaly map has {} pixels, mask {}", map.len(), mask.len())));
         }
         if width == 0 || map.len() % width as usize != 0 {
-            return Err(Error::Config(format!(
-                "pixel metrics: {} pixels do not make rows of width {width}",
-                map.len()
-            )));
+            return Err(Error::Config(format!("pixel metrics: {} pixels do not make rows of width {width}", map.len())));
         }
         if map.iter().any(|s| s.is_nan()) {
-            return Err(Error::Config(
-                "pixel metrics: the anomaly map holds NaN scores".into(),
-            ));
+            return Err(Error::Config("pixel metrics: the anomaly map holds NaN scores".into()));
         }
         let height = (map.len() / width as usize) as u32;
         let offset = self.region_sizes.len() as u32;
@@ -171,10 +159,8 @@ impl PixelScores {
                 Luma([if defect { 255 } else { 0 }])
             });
             let padded = connected_components(&gray, Connectivity::Eight, Luma([0u8]));
-            let labels: Vec<u32> = (1..=height)
-                .flat_map(|y| (1..=width).map(move |x| (x, y)))
-                .map(|(x, y)| padded.get_pixel(x, y).0[0])
-                .collect();
+            let labels: Vec<u32> =
+                (1..=height).flat_map(|y| (1..=width).map(move |x| (x, y))).map(|(x, y)| padded.get_pixel(x, y).0[0]).collect();
             let n = labels.iter().copied().max().unwrap_or(0) as usize;
             self.region_sizes.resize(offset as usize + n, 0);
             for &l in labels.iter().filter(|&&l| l > 0) {
@@ -194,8 +180,7 @@ impl PixelScores {
                 }
             };
             // -0.0 and 0.0 are the same score; keep the sort from separating them.
-            self.pixels
-                .push((if score == 0.0 { 0.0 } else { score }, region));
+            self.pixels.push((if score == 0.0 { 0.0 } else { score }, region));
         }
         Ok(())
     }
@@ -263,9 +248,7 @@ pub struct PixelMetrics {
 /// of good images can serve in every per-defect-type evaluation.
 pub fn pixel_metrics(sets: &[&SortedPixelScores], fpr_limit: f64) -> Result<PixelMetrics> {
     if !(fpr_limit > 0.0 && fpr_limit <= 1.0) {
-        return Err(Error::Config(format!(
-            "AUPRO FPR limit {fpr_limit}: must be in (0, 1]"
-        )));
+        return Err(Error::Config(format!("AUPRO FPR limit {fpr_limit}: must be in (0, 1]")));
     }
     let n_neg: u64 = sets.iter().map(|s| s.0.n_negative).sum();
     let n_pos: u64 = sets.iter().map(|s| s.0.n_positive()).sum();
@@ -277,16 +260,10 @@ pub fn pixel_metrics(sets: &[&SortedPixelScores], fpr_limit: f64) -> Result<Pixe
     }
     let steps = merge_desc(sets).map(|(score, set, region)| {
         let step = if region == 0 {
-            PixelStep {
-                counts: Counts { pos: 0, neg: 1 },
-                overlap: 0.0,
-            }
+            PixelStep { counts: Counts { pos: 0, neg: 1 }, overlap: 0.0 }
         } else {
             let size = sets[set].0.region_sizes[region as usize - 1];
-            PixelStep {
-                counts: Counts { pos: 1, neg: 0 },
-                overlap: 1.0 / f64::from(size),
-            }
+            PixelStep { counts: Counts { pos: 1, neg: 0 }, overlap: 1.0 / f64::from(size) }
         };
         (score, step)
     });
@@ -298,10 +275,7 @@ pub fn pixel_metrics(sets: &[&SortedPixelScores], fpr_limit: f64) -> Result<Pixe
         roc.add(step.counts);
         fp += step.counts.neg;
         overlap += step.overlap;
-        pro.to(
-            fp as f64 / n_neg as f64,
-            (overlap / n_regions as f64).min(1.0),
-        );
+        pro.to(fp as f64 / n_neg as f64, (overlap / n_regions as f64).min(1.0));
     }
     Ok(PixelMetrics {
         auroc: roc.value(n_pos, n_neg),
@@ -320,11 +294,7 @@ type SortedLabelled = (Vec<(f32, bool)>, u64, u64);
 /// Checks (scores, labels) and returns them sorted by descending score with the class counts.
 fn sorted_labelled(scores: &[f32], labels: &[bool], what: &str) -> Result<SortedLabelled> {
     if scores.len() != labels.len() {
-        return Err(Error::Config(format!(
-            "{what}: {} scores but {} labels",
-            scores.len(),
-            labels.len()
-        )));
+        return Err(Error::Config(format!("{what}: {} scores but {} labels", scores.len(), labels.len())));
     }
     if scores.iter().any(|s| s.is_nan()) {
         return Err(Error::Config(format!("{what}: NaN among the scores")));
@@ -332,15 +302,9 @@ fn sorted_labelled(scores: &[f32], labels: &[bool], what: &str) -> Result<Sorted
     let n_pos = labels.iter().filter(|&&l| l).count() as u64;
     let n_neg = labels.len() as u64 - n_pos;
     if n_pos == 0 || n_neg == 0 {
-        return Err(Error::Config(format!(
-            "{what} needs both classes; got {n_pos} anomalous and {n_neg} good samples"
-        )));
+        return Err(Error::Config(format!("{what} needs both classes; got {n_pos} anomalous and {n_neg} good samples")));
     }
-    let mut sorted: Vec<(f32, bool)> = scores
-        .iter()
-        .zip(labels)
-        .map(|(&s, &l)| (if s == 0.0 { 0.0 } else { s }, l))
-        .collect();
+    let mut sorted: Vec<(f32, bool)> = scores.iter().zip(labels).map(|(&s, &l)| (if s == 0.0 { 0.0 } else { s }, l)).collect();
     sorted.sort_unstable_by(|a, b| b.0.total_cmp(&a.0));
     Ok((sorted, n_pos, n_neg))
 }
@@ -354,10 +318,7 @@ struct Counts {
 
 impl Counts {
     fn of(label: bool) -> Self {
-        Counts {
-            pos: u64::from(label),
-            neg: u64::from(!label),
-        }
+        Counts { pos: u64::from(label), neg: u64::from(!label) }
     }
 }
 
@@ -390,9 +351,7 @@ struct TieGroups<I: Iterator> {
 
 impl<I: Iterator> TieGroups<I> {
     fn new(inner: I) -> Self {
-        Self {
-            inner: inner.peekable(),
-        }
+        Self { inner: inner.peekable() }
     }
 }
 
@@ -449,13 +408,7 @@ struct ProArea {
 
 impl ProArea {
     fn new(limit: f64) -> Self {
-        Self {
-            limit,
-            x: 0.0,
-            y: 0.0,
-            area: 0.0,
-            done: false,
-        }
+        Self { limit, x: 0.0, y: 0.0, area: 0.0, done: false }
     }
 
     /// Extends the curve to (`x`, `y`); `x` never decreases.
@@ -495,15 +448,10 @@ impl Ord for Key {
 }
 
 /// `(score, set index, region)` of every pixel of `sets`, highest score first (k-way merge).
-fn merge_desc<'a>(
-    sets: &'a [&'a SortedPixelScores],
-) -> impl Iterator<Item = (f32, usize, u32)> + 'a {
+fn merge_desc<'a>(sets: &'a [&'a SortedPixelScores]) -> impl Iterator<Item = (f32, usize, u32)> + 'a {
     let mut next = vec![0usize; sets.len()];
-    let mut heap: BinaryHeap<(Key, Reverse<usize>)> = sets
-        .iter()
-        .enumerate()
-        .filter_map(|(i, s)| s.0.pixels.first().map(|p| (Key(p.0), Reverse(i))))
-        .collect();
+    let mut heap: BinaryHeap<(Key, Reverse<usize>)> =
+        sets.iter().enumerate().filter_map(|(i, s)| s.0.pixels.first().map(|p| (Key(p.0), Reverse(i)))).collect();
     std::iter::from_fn(move || {
         let (Key(score), Reverse(i)) = heap.pop()?;
         let pixels = &sets[i].0.pixels;
@@ -556,10 +504,7 @@ mod tests {
         assert_eq!(auroc(&[0.5, 0.2, 0.5, 0.8], &labels).unwrap(), 0.875);
         // -0.0 == 0.0, infinities are ordinary scores.
         assert_eq!(auroc(&[0.0, -0.0, -0.0, 0.0], &labels).unwrap(), 0.5);
-        assert_eq!(
-            auroc(&[f32::NEG_INFINITY, 1.0, f32::INFINITY, 2.0], &labels).unwrap(),
-            1.0
-        );
+        assert_eq!(auroc(&[f32::NEG_INFINITY, 1.0, f32::INFINITY, 2.0], &labels).unwrap(), 1.0);
     }
 
     #[test]
@@ -583,10 +528,7 @@ mod tests {
             b.add_image(&scores[k..], &labels[k..], 1).unwrap();
             let m2 = pixel_metrics(&[&a.into_sorted(), &b.into_sorted()], 0.3).unwrap();
             assert!(close(m2.auroc, fast));
-            assert_eq!(
-                (m2.n_pixels, m2.n_positive),
-                (n as u64, labels.iter().filter(|&&l| l).count() as u64)
-            );
+            assert_eq!((m2.n_pixels, m2.n_positive), (n as u64, labels.iter().filter(|&&l| l).count() as u64));
         }
     }
 
@@ -640,10 +582,7 @@ mod tests {
         // A good image (all zero) adds only negatives: still perfect.
         let good_map = vec![0.0f32; 16];
         let good_mask = vec![false; 16];
-        assert!(close(
-            aupro(&[&perfect, &good_map], &[&mask, &good_mask], &[4, 4], 0.3).unwrap(),
-            1.0
-        ));
+        assert!(close(aupro(&[&perfect, &good_map], &[&mask, &good_mask], &[4, 4], 0.3).unwrap(), 1.0));
 
         // A scores 1, background 0.5, B 0: curve (0,0) -> (0, 0.5) [A] -> (1, 0.5) [13 neg]
         // -> (1, 1) [B]. Mean PRO over FPR 0..0.3 is 0.5.
@@ -663,10 +602,7 @@ mod tests {
         assert!(close(aupro(&[&tied], &[&mask], &[4], 0.3).unwrap(), 0.575));
         // Reversed map: PRO stays 0 until every negative is taken -> 0.
         let reversed = map_from(&mask, |_, m| if m { 0.0 } else { 1.0 });
-        assert!(close(
-            aupro(&[&reversed], &[&mask], &[4], 0.3).unwrap(),
-            0.0
-        ));
+        assert!(close(aupro(&[&reversed], &[&mask], &[4], 0.3).unwrap(), 0.0));
     }
 
     #[test]
@@ -688,10 +624,7 @@ mod tests {
             map[i] = s;
         }
         assert!(close(aupro(&[&map], &[&mask], &[4], 0.3).unwrap(), 0.5125));
-        assert!(close(
-            aupro(&[&map], &[&mask], &[4], 1.0).unwrap(),
-            81.0 / 96.0
-        ));
+        assert!(close(aupro(&[&map], &[&mask], &[4], 1.0).unwrap(), 81.0 / 96.0));
         // The limit exactly on a curve point (3/12 = 0.25): 0.125 / 0.25.
         assert!(close(aupro(&[&map], &[&mask], &[4], 0.25).unwrap(), 0.5));
     }
@@ -714,8 +647,7 @@ mod tests {
         assert_eq!((p.n_regions(), p.n_negative()), (3, 14));
         // 1x1 and one-row images (imageproc alone panics on a 1x1 defect).
         p.add_image(&[0.5], &[true], 1).unwrap();
-        p.add_image(&[0.5, 0.5, 0.5], &[true, false, true], 3)
-            .unwrap();
+        p.add_image(&[0.5, 0.5, 0.5], &[true, false, true], 3).unwrap();
         assert_eq!(p.region_sizes, vec![2, 1, 3, 1, 1, 1]);
         assert_eq!((p.n_positive(), p.n_negative()), (9, 15));
     }

@@ -74,9 +74,7 @@ impl Calibration {
     pub fn from_good_scores(image_scores: &[f32], pixel_maxima: &[f32], margin: f32) -> Result<Self> {
         let (i, p) = (three_sigma_or_max(image_scores), three_sigma_or_max(pixel_maxima));
         if !(i > 0.0 && p > 0.0) {
-            return Err(Error::Config(
-                "calibration needs held-out good images with finite, positive scores".into(),
-            ));
+            return Err(Error::Config("calibration needs held-out good images with finite, positive scores".into()));
         }
         Ok(Self {
             image_threshold: i * margin,
@@ -104,10 +102,8 @@ impl Calibration {
                  ones (test/good/ and test/<defect>/ with ground_truth/ masks)"
             ))
         };
-        let (image_f1, image_threshold) =
-            crate::metrics::f1_max(image_scores, image_defective).map_err(|e| need(e, "image"))?;
-        let (pixel_f1, pixel_threshold) =
-            crate::metrics::f1_max(pixel_scores, pixel_defective).map_err(|e| need(e, "pixel"))?;
+        let (image_f1, image_threshold) = crate::metrics::f1_max(image_scores, image_defective).map_err(|e| need(e, "image"))?;
+        let (pixel_f1, pixel_threshold) = crate::metrics::f1_max(pixel_scores, pixel_defective).map_err(|e| need(e, "pixel"))?;
         if !(image_threshold > 0.0 && image_threshold.is_finite() && pixel_threshold > 0.0 && pixel_threshold.is_finite()) {
             return Err(Error::Config(format!(
                 "F1-optimal thresholds {image_threshold} (image) and {pixel_threshold} (pixel) are not positive, finite \
@@ -283,7 +279,9 @@ pub fn read_manifest(dir: &Path) -> Result<ModelManifest> {
     if version != FORMAT_VERSION as u64 {
         return Err(Error::model(
             &path,
-            format!("format version {version}, but this build reads version {FORMAT_VERSION}; re-fit the model with this version"),
+            format!(
+                "format version {version}, but this build reads version {FORMAT_VERSION}; re-fit the model with this version"
+            ),
         ));
     }
     let manifest: ModelManifest =
@@ -324,7 +322,8 @@ pub fn load(dir: &Path, device: Device) -> Result<LoadedModel> {
             let weights = dir.join(backbone_file(cfg.backbone.kind));
             let backbone = Backbone::new(&weights, &cfg.backbone, device).map_err(|e| damaged(&weights, e))?;
             let bank_path = dir.join("memory_bank.safetensors");
-            let (bank, retrieval) = patchcore::load_memory_bank(&bank_path, device, cfg.density_neighbors).map_err(|e| damaged(&bank_path, e))?;
+            let (bank, retrieval) =
+                patchcore::load_memory_bank(&bank_path, device, cfg.density_neighbors).map_err(|e| damaged(&bank_path, e))?;
             // A setting that does not fit this bank is a model.json to fix, not a damaged file.
             AnomalyModel::PatchCore(PatchCore::new(backbone, bank, retrieval, cfg).map_err(|e| match e {
                 Error::Config(reason) => Error::model(dir.join("model.json"), reason),
@@ -546,13 +545,8 @@ mod tests {
 
     #[test]
     fn manifest_carries_exactly_the_method_settings() {
-        let training = TrainingInfo {
-            data: "d".into(),
-            patchcore: None,
-            draem: None,
-            created_unix: 0,
-            written_by: "test".into(),
-        };
+        let training =
+            TrainingInfo { data: "d".into(), patchcore: None, draem: None, created_unix: 0, written_by: "test".into() };
         let calibration = Calibration { image_threshold: 1.0, pixel_threshold: 1.0, method: "m".into(), n_images: 1 };
         let mut m = ModelManifest {
             format: FORMAT.into(),
@@ -622,8 +616,11 @@ mod tests {
         let err = write_atomically(&target, |_| Err(Error::Config("boom".into())));
         assert!(err.is_err());
         assert_eq!(std::fs::read_to_string(target.join("a")).unwrap(), "2", "good model replaced by a failed write");
-        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().contains(".tmp-")).collect();
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+            .collect();
         assert!(leftovers.is_empty());
     }
 }

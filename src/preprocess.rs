@@ -90,7 +90,9 @@ impl Preprocessor {
     pub fn batch(&self, images: &[RgbImage]) -> Result<Tensor> {
         let frames = images.iter().map(|im| self.frame(im)).collect::<Result<Vec<_>>>()?;
         if frames.windows(2).any(|f| f[0].size() != f[1].size()) {
-            return Err(Error::Config("frames of different input sizes (resize keep_aspect) cannot be batched; use batches of 1".into()));
+            return Err(Error::Config(
+                "frames of different input sizes (resize keep_aspect) cannot be batched; use batches of 1".into(),
+            ));
         }
         Ok(Tensor::f_cat(&frames, 0)?)
     }

@@ -46,13 +46,7 @@ pub struct SyntheticConfig {
 
 impl Default for SyntheticConfig {
     fn default() -> Self {
-        Self {
-            seed: 7,
-            size: 256,
-            n_train: 80,
-            n_test_good: 6,
-            n_test_per_defect: 6,
-        }
+        Self { seed: 7, size: 256, n_train: 80, n_test_good: 6, n_test_per_defect: 6 }
     }
 }
 
@@ -113,11 +107,7 @@ impl FromStr for DefectKind {
         Self::ALL
             .into_iter()
             .find(|k| k.name().eq_ignore_ascii_case(s.trim()))
-            .ok_or_else(|| {
-                Error::Config(format!(
-                    "defect kind '{s}': use scratch, dent, spot or stain"
-                ))
-            })
+            .ok_or_else(|| Error::Config(format!("defect kind '{s}': use scratch, dent, spot or stain")))
     }
 }
 
@@ -182,12 +172,7 @@ struct Defect {
 
 impl Defect {
     fn new(n: usize) -> Self {
-        Self {
-            delta: vec![0.0; n],
-            colour: vec![[0.0; 3]; n],
-            texture_gain: vec![1.0; n],
-            body: vec![0.0; n],
-        }
+        Self { delta: vec![0.0; n], colour: vec![[0.0; 3]; n], texture_gain: vec![1.0; n], body: vec![0.0; n] }
     }
 }
 
@@ -205,13 +190,7 @@ fn smooth_knots(knots: &[f32], pos: f32) -> f32 {
 /// A field of streaks along the brushing direction: across it, a new random value every
 /// `across` pixels (linearly interpolated); along it, values that drift smoothly over
 /// `along` pixels, so each streak fades in and out like real brushing marks.
-fn streak_field(
-    rng: &mut ChaCha8Rng,
-    size: usize,
-    angle: f32,
-    across: f32,
-    along: f32,
-) -> Vec<f32> {
+fn streak_field(rng: &mut ChaCha8Rng, size: usize, angle: f32, across: f32, along: f32) -> Vec<f32> {
     let (c, s) = (angle.cos(), angle.sin());
     // The rotated coordinates of the image corners bound the grid.
     let extent = size as f32 * 1.5 + 4.0;
@@ -224,11 +203,7 @@ fn streak_field(
         let p = p.clamp(0.0, (n - 1) as f32);
         let i = (p.floor() as usize).min(n - 1);
         let t = p - i as f32;
-        (
-            i,
-            (i + 1).min(n - 1),
-            if smooth { t * t * (3.0 - 2.0 * t) } else { t },
-        )
+        (i, (i + 1).min(n - 1), if smooth { t * t * (3.0 - 2.0 * t) } else { t })
     };
     let mut out = Vec::with_capacity(size * size);
     for y in 0..size {
@@ -262,10 +237,7 @@ fn render_surface(seed: u64, index: u64, size: u32) -> Surface {
     // Illumination: a linear fall-off across the part and a broad highlight of the ring light.
     let grad_dir = rng.gen_range(0.0..2.0 * PI);
     let grad_amp = rng.gen_range(4.0f32..10.0);
-    let (hx, hy) = (
-        rng.gen_range(-0.2f32..1.2) * s,
-        rng.gen_range(-0.2f32..1.2) * s,
-    );
+    let (hx, hy) = (rng.gen_range(-0.2f32..1.2) * s, rng.gen_range(-0.2f32..1.2) * s);
     let h_sigma = rng.gen_range(0.45f32..0.9) * s;
     let h_amp = rng.gen_range(6.0f32..14.0);
     let mut shading = Vec::with_capacity(size * size);
@@ -281,20 +253,10 @@ fn render_surface(seed: u64, index: u64, size: u32) -> Surface {
 
     // Brushing: fine dense streaks, broader bands, and a few longer brush lines.
     let fine = streak_field(&mut rng, size, brush_angle, 1.0, 18.0 * k.max(0.5));
-    let bands = streak_field(
-        &mut rng,
-        size,
-        brush_angle,
-        3.5 * k.max(0.5),
-        70.0 * k.max(0.5),
-    );
+    let bands = streak_field(&mut rng, size, brush_angle, 3.5 * k.max(0.5), 70.0 * k.max(0.5));
     let fine_amp = rng.gen_range(3.0f32..4.5);
     let band_amp = rng.gen_range(2.0f32..3.5);
-    let mut texture: Vec<f32> = fine
-        .iter()
-        .zip(&bands)
-        .map(|(f, b)| fine_amp * f + band_amp * b)
-        .collect();
+    let mut texture: Vec<f32> = fine.iter().zip(&bands).map(|(f, b)| fine_amp * f + band_amp * b).collect();
     let n_lines = rng.gen_range(1..=4);
     for _ in 0..n_lines {
         let amp = rng.gen_range(4.0f32..8.0) * if rng.gen_bool(0.6) { -1.0 } else { 1.0 };
@@ -307,15 +269,7 @@ fn render_surface(seed: u64, index: u64, size: u32) -> Surface {
     }
 
     let grain: Vec<f32> = (0..size * size).map(|_| 1.6 * normal(&mut rng)).collect();
-    Surface {
-        size,
-        shading,
-        texture,
-        grain,
-        tint,
-        brush_angle,
-        light,
-    }
+    Surface { size, shading, texture, grain, tint, brush_angle, light }
 }
 
 /// 0 at both ends of 0..1, 1 in the middle; `edge` is the fraction spent fading.
@@ -326,14 +280,7 @@ fn fade(t: f32, edge: f32) -> f32 {
 /// Adds an anti-aliased line from `a` to `b`, `width` pixels wide, whose value at fraction `t`
 /// of its length is `value(t)`. Where it overlaps what is already drawn the larger magnitude
 /// wins, so segments of a polyline do not double up at their joints.
-fn draw_segment(
-    layer: &mut [f32],
-    size: usize,
-    a: (f32, f32),
-    b: (f32, f32),
-    width: f32,
-    value: impl Fn(f32) -> f32,
-) {
+fn draw_segment(layer: &mut [f32], size: usize, a: (f32, f32), b: (f32, f32), width: f32, value: impl Fn(f32) -> f32) {
     let half = width / 2.0;
     let reach = half + 1.0;
     let x0 = (a.0.min(b.0) - reach).floor().max(0.0) as usize;
@@ -379,56 +326,32 @@ fn draw_scratch(rng: &mut ChaCha8Rng, surface: &Surface, defect: &mut Defect) {
     let sign = if rng.gen_bool(0.6) { -1.0 } else { 1.0 };
     let contrast = rng.gen_range(28.0f32..46.0);
     let width = rng.gen_range(1.2f32..2.6) * k.max(0.6);
-    let n_lines = if rng.gen_bool(0.35) {
-        rng.gen_range(2..=3)
-    } else {
-        1
-    };
+    let n_lines = if rng.gen_bool(0.35) { rng.gen_range(2..=3) } else { 1 };
     let mut layer = vec![0.0f32; surface.size * surface.size];
     for line in 0..n_lines {
         // Companion lines: parallel, a few pixels away, shorter and fainter.
         let shift = line as f32 * rng.gen_range(3.0f32..6.0) * k.max(0.6);
         let (ox, oy) = (-dy * shift, dx * shift);
-        let part = if line == 0 {
-            1.0
-        } else {
-            rng.gen_range(0.4f32..0.8)
-        };
-        let strength = if line == 0 {
-            1.0
-        } else {
-            rng.gen_range(0.5f32..0.8)
-        };
-        let start = if line == 0 {
-            0.0
-        } else {
-            rng.gen_range(0.0..1.0 - part)
-        };
+        let part = if line == 0 { 1.0 } else { rng.gen_range(0.4f32..0.8) };
+        let strength = if line == 0 { 1.0 } else { rng.gen_range(0.5f32..0.8) };
+        let start = if line == 0 { 0.0 } else { rng.gen_range(0.0..1.0 - part) };
         let p0 = (cx - dx * len / 2.0 + ox, cy - dy * len / 2.0 + oy);
         let p2 = (cx + dx * len / 2.0 + ox, cy + dy * len / 2.0 + oy);
         let p1 = (cx - dy * bend + ox, cy + dx * bend + oy);
         let bezier = |t: f32| {
             let u = 1.0 - t;
-            (
-                u * u * p0.0 + 2.0 * u * t * p1.0 + t * t * p2.0,
-                u * u * p0.1 + 2.0 * u * t * p1.1 + t * t * p2.1,
-            )
+            (u * u * p0.0 + 2.0 * u * t * p1.0 + t * t * p2.0, u * u * p0.1 + 2.0 * u * t * p1.1 + t * t * p2.1)
         };
         // Depth wanders along the scratch: knots every ~10 pixels.
-        let knots: Vec<f32> = (0..((len * part / 10.0) as usize).max(2) + 1)
-            .map(|_| rng.gen_range(0.55f32..1.0))
-            .collect();
+        let knots: Vec<f32> = (0..((len * part / 10.0) as usize).max(2) + 1).map(|_| rng.gen_range(0.55f32..1.0)).collect();
         let steps = ((len * part) as usize).max(4);
         let w = if line == 0 { width } else { width * 0.8 };
         for i in 0..steps {
             let (t0, t1) = (i as f32 / steps as f32, (i + 1) as f32 / steps as f32);
             let a = bezier(start + part * t0);
             let b = bezier(start + part * t1);
-            let depth =
-                strength * fade(t0, 0.12) * smooth_knots(&knots, t0 * (knots.len() - 1) as f32);
-            draw_segment(&mut layer, surface.size, a, b, w, |_| {
-                sign * contrast * depth
-            });
+            let depth = strength * fade(t0, 0.12) * smooth_knots(&knots, t0 * (knots.len() - 1) as f32);
+            draw_segment(&mut layer, surface.size, a, b, w, |_| sign * contrast * depth);
         }
     }
     for (d, l) in defect.delta.iter_mut().zip(&layer) {
@@ -445,10 +368,7 @@ fn draw_dent(rng: &mut ChaCha8Rng, surface: &Surface, defect: &mut Defect) {
     let b = a * rng.gen_range(0.55f32..1.0);
     let rot = rng.gen_range(0.0..PI);
     let margin = a + 4.0;
-    let (cx, cy) = (
-        uniform(rng, margin, s - margin),
-        uniform(rng, margin, s - margin),
-    );
+    let (cx, cy) = (uniform(rng, margin, s - margin), uniform(rng, margin, s - margin));
     let shade = rng.gen_range(14.0f32..22.0);
     let darken = rng.gen_range(6.0f32..12.0);
     let (cr, sr) = (rot.cos(), rot.sin());
@@ -465,14 +385,8 @@ fn draw_dent(rng: &mut ChaCha8Rng, surface: &Surface, defect: &mut Defect) {
     };
     let (lx, ly) = surface.light;
     let n = surface.size;
-    let (x0, x1) = (
-        ((cx - a - 2.0).max(0.0)) as usize,
-        ((cx + a + 2.0) as usize).min(n - 1),
-    );
-    let (y0, y1) = (
-        ((cy - a - 2.0).max(0.0)) as usize,
-        ((cy + a + 2.0) as usize).min(n - 1),
-    );
+    let (x0, x1) = (((cx - a - 2.0).max(0.0)) as usize, ((cx + a + 2.0) as usize).min(n - 1));
+    let (y0, y1) = (((cy - a - 2.0).max(0.0)) as usize, ((cy + a + 2.0) as usize).min(n - 1));
     for y in y0..=y1 {
         for x in x0..=x1 {
             let (fx, fy) = (x as f32, y as f32);
@@ -498,39 +412,19 @@ fn draw_spots(rng: &mut ChaCha8Rng, surface: &Surface, defect: &mut Defect) {
     let n_spots = rng.gen_range(1..=3);
     let cluster = 14.0 * k.max(0.5);
     let margin = cluster + 10.0 * k.max(0.5) + 2.0;
-    let (cx, cy) = (
-        uniform(rng, margin, s - margin),
-        uniform(rng, margin, s - margin),
-    );
+    let (cx, cy) = (uniform(rng, margin, s - margin), uniform(rng, margin, s - margin));
     let sign = if rng.gen_bool(0.7) { -1.0 } else { 1.0 };
     let n = surface.size;
     for spot in 0..n_spots {
-        let (px, py) = if spot == 0 {
-            (cx, cy)
-        } else {
-            (
-                cx + rng.gen_range(-cluster..cluster),
-                cy + rng.gen_range(-cluster..cluster),
-            )
-        };
+        let (px, py) =
+            if spot == 0 { (cx, cy) } else { (cx + rng.gen_range(-cluster..cluster), cy + rng.gen_range(-cluster..cluster)) };
         let a = rng.gen_range(3.5f32..7.0) * k.max(0.5);
         let b = a * rng.gen_range(0.6f32..1.0);
         let rot = rng.gen_range(0.0..PI);
-        let contrast = rng.gen_range(36.0f32..58.0)
-            * if spot == 0 {
-                1.0
-            } else {
-                rng.gen_range(0.6f32..1.0)
-            };
+        let contrast = rng.gen_range(36.0f32..58.0) * if spot == 0 { 1.0 } else { rng.gen_range(0.6f32..1.0) };
         let (cr, sr) = (rot.cos(), rot.sin());
-        let (x0, x1) = (
-            ((px - a - 2.0).max(0.0)) as usize,
-            ((px + a + 2.0) as usize).min(n - 1),
-        );
-        let (y0, y1) = (
-            ((py - a - 2.0).max(0.0)) as usize,
-            ((py + a + 2.0) as usize).min(n - 1),
-        );
+        let (x0, x1) = (((px - a - 2.0).max(0.0)) as usize, ((px + a + 2.0) as usize).min(n - 1));
+        let (y0, y1) = (((py - a - 2.0).max(0.0)) as usize, ((py + a + 2.0) as usize).min(n - 1));
         for y in y0..=y1 {
             for x in x0..=x1 {
                 let (dx, dy) = (x as f32 - px, y as f32 - py);
@@ -556,72 +450,31 @@ fn draw_stain(rng: &mut ChaCha8Rng, surface: &Surface, defect: &mut Defect) {
     let aspect = rng.gen_range(0.65f32..1.0);
     let rot = rng.gen_range(0.0..PI);
     // The outline wobbles: a few low harmonics of the angle.
-    let harmonics: Vec<(f32, f32, f32)> = (2..=5)
-        .map(|m| {
-            (
-                m as f32,
-                rng.gen_range(0.0f32..0.11),
-                rng.gen_range(0.0..2.0 * PI),
-            )
-        })
-        .collect();
+    let harmonics: Vec<(f32, f32, f32)> =
+        (2..=5).map(|m| (m as f32, rng.gen_range(0.0f32..0.11), rng.gen_range(0.0..2.0 * PI))).collect();
     let max_r = radius * (1.0 + harmonics.iter().map(|h| h.1).sum::<f32>());
     let margin = max_r + 3.0;
-    let (cx, cy) = (
-        uniform(rng, margin, s - margin),
-        uniform(rng, margin, s - margin),
-    );
+    let (cx, cy) = (uniform(rng, margin, s - margin), uniform(rng, margin, s - margin));
     let rust = rng.gen_bool(0.6);
     let (darken, colour) = if rust {
-        (
-            rng.gen_range(6.0f32..12.0),
-            [
-                rng.gen_range(8.0f32..13.0),
-                rng.gen_range(-1.0f32..2.0),
-                rng.gen_range(-16.0f32..-10.0),
-            ],
-        )
+        (rng.gen_range(6.0f32..12.0), [rng.gen_range(8.0f32..13.0), rng.gen_range(-1.0f32..2.0), rng.gen_range(-16.0f32..-10.0)])
     } else {
-        (
-            rng.gen_range(14.0f32..22.0),
-            [
-                rng.gen_range(-5.0f32..-2.0),
-                rng.gen_range(-3.0f32..0.0),
-                rng.gen_range(2.0f32..6.0),
-            ],
-        )
+        (rng.gen_range(14.0f32..22.0), [rng.gen_range(-5.0f32..-2.0), rng.gen_range(-3.0f32..0.0), rng.gen_range(2.0f32..6.0)])
     };
     // Mottling inside: two random plane waves.
     let waves: Vec<(f32, f32, f32)> = (0..2)
-        .map(|_| {
-            (
-                rng.gen_range(0.0..2.0 * PI),
-                rng.gen_range(0.04f32..0.12) / k.max(0.25),
-                rng.gen_range(0.0..2.0 * PI),
-            )
-        })
+        .map(|_| (rng.gen_range(0.0..2.0 * PI), rng.gen_range(0.04f32..0.12) / k.max(0.25), rng.gen_range(0.0..2.0 * PI)))
         .collect();
     let (cr, sr) = (rot.cos(), rot.sin());
     let n = surface.size;
-    let (x0, x1) = (
-        ((cx - max_r - 2.0).max(0.0)) as usize,
-        ((cx + max_r + 2.0) as usize).min(n - 1),
-    );
-    let (y0, y1) = (
-        ((cy - max_r - 2.0).max(0.0)) as usize,
-        ((cy + max_r + 2.0) as usize).min(n - 1),
-    );
+    let (x0, x1) = (((cx - max_r - 2.0).max(0.0)) as usize, ((cx + max_r + 2.0) as usize).min(n - 1));
+    let (y0, y1) = (((cy - max_r - 2.0).max(0.0)) as usize, ((cy + max_r + 2.0) as usize).min(n - 1));
     for y in y0..=y1 {
         for x in x0..=x1 {
             let (dx, dy) = (x as f32 - cx, y as f32 - cy);
             let (u, v) = (dx * cr + dy * sr, (-dx * sr + dy * cr) / aspect);
             let theta = v.atan2(u);
-            let outline = radius
-                * (1.0
-                    + harmonics
-                        .iter()
-                        .map(|&(m, amp, ph)| amp * (m * theta + ph).cos())
-                        .sum::<f32>());
+            let outline = radius * (1.0 + harmonics.iter().map(|&(m, amp, ph)| amp * (m * theta + ph).cos()).sum::<f32>());
             let rho = (u * u + v * v).sqrt() / outline;
             let inside = smoothstep(1.0, 0.7, rho);
             if inside <= 0.0 {
@@ -631,9 +484,7 @@ fn draw_stain(rng: &mut ChaCha8Rng, surface: &Surface, defect: &mut Defect) {
                 + 0.1
                     * waves
                         .iter()
-                        .map(|&(dir, freq, ph)| {
-                            ((x as f32 * dir.cos() + y as f32 * dir.sin()) * freq + ph).sin()
-                        })
+                        .map(|&(dir, freq, ph)| ((x as f32 * dir.cos() + y as f32 * dir.sin()) * freq + ph).sin())
                         .sum::<f32>();
             let rim = (-((rho - 0.88) / 0.08).powi(2)).exp();
             let strength = inside * mottle;
@@ -660,15 +511,11 @@ fn compose(surface: &Surface, defect: Option<&Defect>) -> (RgbImage, GrayImage) 
         let grey = surface.shading[i] + surface.texture[i] * gain + surface.grain[i] + delta;
         let mut rgb = [0u8; 3];
         for c in 0..3 {
-            rgb[c] = (grey * surface.tint[c] + colour[c])
-                .round()
-                .clamp(0.0, 255.0) as u8;
+            rgb[c] = (grey * surface.tint[c] + colour[c]).round().clamp(0.0, 255.0) as u8;
         }
         *px = Rgb(rgb);
         // What the defect adds to each channel (before rounding), largest of the three.
-        let visible = (0..3).fold(0.0f32, |a, c| {
-            a.max((delta * surface.tint[c] + colour[c]).abs())
-        });
+        let visible = (0..3).fold(0.0f32, |a, c| a.max((delta * surface.tint[c] + colour[c]).abs()));
         if visible >= MASK_MIN_DELTA || body >= 0.5 {
             *m = Luma([255]);
         }
@@ -705,15 +552,10 @@ pub fn render_defect(seed: u64, index: u64, size: u32, kind: DefectKind) -> (Rgb
 /// left alone. Every image has its own index in the series, so no two share a surface.
 pub fn generate_dataset(root: &Path, cfg: &SyntheticConfig) -> Result<DatasetSummary> {
     if !(MIN_SIZE..=MAX_SIZE).contains(&cfg.size) {
-        return Err(Error::Config(format!(
-            "synthetic image size {}: use {MIN_SIZE}..={MAX_SIZE}",
-            cfg.size
-        )));
+        return Err(Error::Config(format!("synthetic image size {}: use {MIN_SIZE}..={MAX_SIZE}", cfg.size)));
     }
     if cfg.n_train == 0 {
-        return Err(Error::Config(
-            "synthetic data set needs at least one training image (n_train)".into(),
-        ));
+        return Err(Error::Config("synthetic data set needs at least one training image (n_train)".into()));
     }
     let name = |i: usize, suffix: &str| format!("{i:03}{suffix}.png");
     let mut index = 0u64;
@@ -767,51 +609,26 @@ mod tests {
         }
         let a = tempfile::tempdir().unwrap();
         let b = tempfile::tempdir().unwrap();
-        let cfg = SyntheticConfig {
-            seed: 11,
-            size: 64,
-            n_train: 3,
-            n_test_good: 2,
-            n_test_per_defect: 2,
-        };
+        let cfg = SyntheticConfig { seed: 11, size: 64, n_train: 3, n_test_good: 2, n_test_per_defect: 2 };
         generate_dataset(a.path(), &cfg).unwrap();
         generate_dataset(b.path(), &cfg).unwrap();
         let da = MvtecDataset::open(a.path()).unwrap();
-        for (pa, pb) in da
-            .train_good
-            .iter()
-            .zip(&MvtecDataset::open(b.path()).unwrap().train_good)
-        {
+        for (pa, pb) in da.train_good.iter().zip(&MvtecDataset::open(b.path()).unwrap().train_good) {
             assert_eq!(std::fs::read(pa).unwrap(), std::fs::read(pb).unwrap());
         }
         for s in &da.test {
             let other = b.path().join(s.path.strip_prefix(a.path()).unwrap());
-            assert_eq!(
-                std::fs::read(&s.path).unwrap(),
-                std::fs::read(other).unwrap()
-            );
+            assert_eq!(std::fs::read(&s.path).unwrap(), std::fs::read(other).unwrap());
         }
     }
 
     #[test]
     fn writes_mvtec_layout() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = SyntheticConfig {
-            seed: 1,
-            size: 96,
-            n_train: 4,
-            n_test_good: 2,
-            n_test_per_defect: 2,
-        };
+        let cfg = SyntheticConfig { seed: 1, size: 96, n_train: 4, n_test_good: 2, n_test_per_defect: 2 };
         let summary = generate_dataset(dir.path(), &cfg).unwrap();
-        assert_eq!(
-            summary.defect_types,
-            vec!["scratch", "dent", "spot", "stain"]
-        );
-        assert_eq!(
-            (summary.n_train, summary.n_test_good, summary.n_test_defect),
-            (4, 2, 8)
-        );
+        assert_eq!(summary.defect_types, vec!["scratch", "dent", "spot", "stain"]);
+        assert_eq!((summary.n_train, summary.n_test_good, summary.n_test_defect), (4, 2, 8));
         assert!(dir.path().join("train/good/000.png").is_file());
         assert!(dir.path().join("ground_truth/stain/001_mask.png").is_file());
         let ds = MvtecDataset::open(dir.path()).unwrap();
@@ -822,34 +639,17 @@ mod tests {
             assert_eq!(img.dimensions(), (96, 96));
             let mask = crate::dataset::load_mask(s.mask.as_ref().unwrap(), 96, 96).unwrap();
             let on = mask.pixels().filter(|p| p.0[0] == 255).count();
-            assert!(
-                on > 3 && on < 96 * 96 / 4,
-                "{}: {on} mask pixels",
-                s.path.display()
-            );
+            assert!(on > 3 && on < 96 * 96 / 4, "{}: {on} mask pixels", s.path.display());
         }
-        assert!(matches!(
-            generate_dataset(
-                dir.path(),
-                &SyntheticConfig {
-                    size: 8,
-                    ..cfg.clone()
-                }
-            ),
-            Err(Error::Config(_))
-        ));
-        assert!(matches!(
-            generate_dataset(dir.path(), &SyntheticConfig { n_train: 0, ..cfg }),
-            Err(Error::Config(_))
-        ));
+        assert!(matches!(generate_dataset(dir.path(), &SyntheticConfig { size: 8, ..cfg.clone() }), Err(Error::Config(_))));
+        assert!(matches!(generate_dataset(dir.path(), &SyntheticConfig { n_train: 0, ..cfg }), Err(Error::Config(_))));
     }
 
     #[test]
     fn good_images_differ() {
         let a = render_good(7, 0, 128);
         let b = render_good(7, 1, 128);
-        let mean =
-            |img: &RgbImage| img.pixels().map(|p| p.0[1] as f64).sum::<f64>() / (128.0 * 128.0);
+        let mean = |img: &RgbImage| img.pixels().map(|p| p.0[1] as f64).sum::<f64>() / (128.0 * 128.0);
         let diff = a.pixels().zip(b.pixels()).filter(|(p, q)| p != q).count();
         assert!(diff > 128 * 128 / 2, "only {diff} pixels differ");
         // A plausible metal grey, not saturated.
@@ -870,26 +670,17 @@ mod tests {
                 let mut on = 0;
                 let mut visible_inside = 0;
                 for ((g, b), m) in good.pixels().zip(bad.pixels()).zip(mask.pixels()) {
-                    let d = (0..3)
-                        .map(|c| (g.0[c] as i32 - b.0[c] as i32).abs())
-                        .max()
-                        .unwrap();
+                    let d = (0..3).map(|c| (g.0[c] as i32 - b.0[c] as i32).abs()).max().unwrap();
                     let inside = m.0[0] == 255;
                     assert!(m.0[0] == 0 || inside);
                     // Outside the mask the defect changed nothing visible.
                     // (MASK_MIN_DELTA less a hair, times the tint, plus rounding.)
-                    assert!(
-                        inside || d <= 6,
-                        "{kind} seed {seed}: change {d} outside the mask"
-                    );
+                    assert!(inside || d <= 6, "{kind} seed {seed}: change {d} outside the mask");
                     on += inside as u32;
                     visible_inside += (inside && d >= 5) as u32;
                 }
                 assert!(on >= 6, "{kind} seed {seed}: mask has {on} pixels");
-                assert!(
-                    visible_inside * 2 >= on,
-                    "{kind} seed {seed}: {visible_inside} of {on} visible"
-                );
+                assert!(visible_inside * 2 >= on, "{kind} seed {seed}: {visible_inside} of {on} visible");
             }
         }
     }
@@ -905,9 +696,6 @@ mod tests {
             }
         }
         assert_eq!("Stain".parse::<DefectKind>().unwrap(), DefectKind::Stain);
-        assert!(matches!(
-            "crack".parse::<DefectKind>(),
-            Err(Error::Config(_))
-        ));
+        assert!(matches!("crack".parse::<DefectKind>(), Err(Error::Config(_))));
     }
 }

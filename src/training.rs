@@ -19,7 +19,9 @@ pub mod adam;
 mod draem;
 pub mod losses;
 
-pub use draem::{fit_draem, learning_rate, read_checkpoint_state, CheckpointState, DraemFitReport, DraemTrainOptions, LossRecord};
+pub use draem::{
+    fit_draem, learning_rate, read_checkpoint_state, CheckpointState, DraemFitReport, DraemTrainOptions, LossRecord,
+};
 
 /// Steps of a fit, reported to a progress callback.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,7 +76,11 @@ pub fn split_holdout(images: &[PathBuf], every: usize) -> (Vec<PathBuf>, Vec<Pat
     let mut fit = Vec::new();
     let mut held = Vec::new();
     for (i, p) in images.iter().enumerate() {
-        if (i + 1) % every == 0 { held.push(p.clone()) } else { fit.push(p.clone()) }
+        if (i + 1) % every == 0 {
+            held.push(p.clone())
+        } else {
+            fit.push(p.clone())
+        }
     }
     if held.is_empty() && fit.len() >= 2 {
         held.push(fit.pop().expect("len >= 2"));
@@ -86,10 +92,7 @@ pub fn split_holdout(images: &[PathBuf], every: usize) -> (Vec<PathBuf>, Vec<Pat
 pub fn split_holdout_checked(images: &[PathBuf], every: usize) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
     let (fit, held) = split_holdout(images, every);
     if fit.is_empty() || held.is_empty() {
-        return Err(Error::Config(format!(
-            "need at least 2 good images (one to fit, one to calibrate), got {}",
-            images.len()
-        )));
+        return Err(Error::Config(format!("need at least 2 good images (one to fit, one to calibrate), got {}", images.len())));
     }
     Ok((fit, held))
 }
@@ -174,10 +177,7 @@ fn training_info(data_label: &str) -> TrainingInfo {
         data: data_label.to_string(),
         patchcore: None,
         draem: None,
-        created_unix: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
+        created_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         written_by: format!("anomaly_inspector {}", env!("CARGO_PKG_VERSION")),
     }
 }

@@ -10,16 +10,20 @@ use anomaly_inspector::synthetic::{generate_dataset, SyntheticConfig};
 use common::manifest;
 
 fn cli(args: &[&std::ffi::OsStr]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_anomaly_inspector"))
-        .args(args)
-        .output()
-        .expect("run anomaly_inspector")
+    Command::new(env!("CARGO_BIN_EXE_anomaly_inspector")).args(args).output().expect("run anomaly_inspector")
 }
 
 /// `anomaly_inspector fit --data D --out M --device cpu` plus `extra` arguments.
 fn fit(data: &Path, model: &Path, extra: &[&str]) -> Output {
-    let mut args: Vec<&std::ffi::OsStr> =
-        vec!["fit".as_ref(), "--data".as_ref(), data.as_os_str(), "--out".as_ref(), model.as_os_str(), "--device".as_ref(), "cpu".as_ref()];
+    let mut args: Vec<&std::ffi::OsStr> = vec![
+        "fit".as_ref(),
+        "--data".as_ref(),
+        data.as_os_str(),
+        "--out".as_ref(),
+        model.as_os_str(),
+        "--device".as_ref(),
+        "cpu".as_ref(),
+    ];
     args.extend(extra.iter().map(|a| std::ffi::OsStr::new(*a)));
     cli(&args)
 }
@@ -71,9 +75,7 @@ fn tensor(tensors: &[(String, tch::Tensor)], key: &str) -> Option<tch::Tensor> {
 }
 
 fn unit(report: &serde_json::Value, key: &str) -> f64 {
-    let v = report[key]
-        .as_f64()
-        .unwrap_or_else(|| panic!("{key} missing or not a number: {report:#}"));
+    let v = report[key].as_f64().unwrap_or_else(|| panic!("{key} missing or not a number: {report:#}"));
     assert!((0.0..=1.0).contains(&v), "{key} = {v} outside 0..=1");
     v
 }
@@ -82,12 +84,7 @@ fn unit(report: &serde_json::Value, key: &str) -> f64 {
 fn eval_reports_metrics_on_synthetic_data() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    let cfg = SyntheticConfig {
-        n_train: 20,
-        n_test_good: 3,
-        n_test_per_defect: 2,
-        ..Default::default()
-    };
+    let cfg = SyntheticConfig { n_train: 20, n_test_good: 3, n_test_per_defect: 2, ..Default::default() };
     generate_dataset(&data, &cfg).unwrap();
     let ds = MvtecDataset::open(&data).unwrap();
     let model = tmp.path().join("model");
@@ -100,47 +97,25 @@ fn eval_reports_metrics_on_synthetic_data() {
     check(&out, "eval");
     let stderr = String::from_utf8_lossy(&out.stderr);
     eprintln!("{stderr}");
-    assert!(
-        stderr.contains("image AUROC") && stderr.contains("AUPRO"),
-        "no table on stderr:\n{stderr}"
-    );
+    assert!(stderr.contains("image AUROC") && stderr.contains("AUPRO"), "no table on stderr:\n{stderr}");
 
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     for key in ["image_auroc", "pixel_auroc", "aupro", "image_f1_max"] {
         unit(&report, key);
     }
-    assert_eq!(
-        report["n_images"].as_u64(),
-        Some(ds.test.len() as u64),
-        "{report:#}"
-    );
+    assert_eq!(report["n_images"].as_u64(), Some(ds.test.len() as u64), "{report:#}");
     assert_eq!(report["n_good"].as_u64(), Some(ds.n_test_good() as u64));
     assert_eq!(report["n_failed"].as_u64(), Some(0));
     assert!(report["ms_per_image"].as_f64().is_some_and(|v| v > 0.0));
-    assert!(report["images_per_second"]
-        .as_f64()
-        .is_some_and(|v| v > 0.0));
-    assert!(
-        report["model"].is_string() && report["device"].is_string() && report["data"].is_string()
-    );
+    assert!(report["images_per_second"].as_f64().is_some_and(|v| v > 0.0));
+    assert!(report["model"].is_string() && report["device"].is_string() && report["data"].is_string());
     let image_auroc = unit(&report, "image_auroc");
-    assert!(
-        image_auroc > 0.9,
-        "image AUROC {image_auroc} on easy synthetic data"
-    );
+    assert!(image_auroc > 0.9, "image AUROC {image_auroc} on easy synthetic data");
 
     let per_defect = report["per_defect"].as_object().expect("per_defect object");
-    assert_eq!(
-        per_defect.keys().cloned().collect::<Vec<_>>(),
-        ds.defect_types()
-    );
+    assert_eq!(per_defect.keys().cloned().collect::<Vec<_>>(), ds.defect_types());
     for (name, m) in per_defect {
-        assert_eq!(
-            m["n_images"].as_u64(),
-            Some(cfg.n_test_per_defect as u64),
-            "{name}"
-        );
+        assert_eq!(m["n_images"].as_u64(), Some(cfg.n_test_per_defect as u64), "{name}");
         for key in ["image_auroc", "pixel_auroc", "aupro"] {
             unit(m, key);
         }
@@ -188,12 +163,8 @@ fn eval_reports_metrics_on_synthetic_data() {
     // --limit-per-type takes the first N images of every test folder.
     let out = eval(&model, &data, &json, &["--limit-per-type", "1"]);
     check(&out, "eval --limit-per-type 1");
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    assert_eq!(
-        report["n_images"].as_u64(),
-        Some(1 + ds.defect_types().len() as u64)
-    );
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["n_images"].as_u64(), Some(1 + ds.defect_types().len() as u64));
 }
 
 #[test]
@@ -203,10 +174,7 @@ fn eval_of_a_missing_model_names_the_path() {
     let out = eval(&missing, tmp.path(), &tmp.path().join("r.json"), &[]);
     assert!(!out.status.success(), "eval of a missing model succeeded");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains(&*missing.to_string_lossy()),
-        "message does not name the model path:\n{stderr}"
-    );
+    assert!(stderr.contains(&*missing.to_string_lossy()), "message does not name the model path:\n{stderr}");
     assert!(!tmp.path().join("r.json").exists());
 }
 
@@ -258,7 +226,18 @@ fn fit_options_cap_the_bank_and_switch_the_coarse_map_density_and_guided_smoothi
     let tmp = tempfile::tempdir().unwrap();
     let data = synthetic_data(tmp.path(), 10, 1, 1);
     let model = tmp.path().join("model");
-    let args = ["--max-bank-size", "150", "--coarse-blur-sigma", "0", "--density-neighbors", "0", "--guided-bandwidth", "0", "--guided-sigma", "20"];
+    let args = [
+        "--max-bank-size",
+        "150",
+        "--coarse-blur-sigma",
+        "0",
+        "--density-neighbors",
+        "0",
+        "--guided-bandwidth",
+        "0",
+        "--guided-sigma",
+        "20",
+    ];
     check(&fit(&data, &model, &args), "fit --max-bank-size 150 --coarse-blur-sigma 0 --density-neighbors 0 --guided-bandwidth 0");
     let m = manifest(&model);
     assert_eq!(m["patchcore"]["max_bank_size"].as_u64(), Some(150), "{m:#}");

@@ -44,8 +44,15 @@ fn synth_fit_predict_on_built_in_data() {
     std::fs::write(&corrupt, &png[..png.len() / 3]).unwrap();
     let missing = tmp.path().join("missing.png");
     let stdout = run_ok(
-        cli().args(["predict", "--device", "cpu", "--model"]).arg(&model).arg("--out").arg(&out)
-            .arg(data.join("test/good")).arg(data.join("test/scratch")).arg(&corrupt).arg(&missing),
+        cli()
+            .args(["predict", "--device", "cpu", "--model"])
+            .arg(&model)
+            .arg("--out")
+            .arg(&out)
+            .arg(data.join("test/good"))
+            .arg(data.join("test/scratch"))
+            .arg(&corrupt)
+            .arg(&missing),
     );
     let lines = json_lines(&stdout);
     let n_images = std::fs::read_dir(data.join("test/good")).unwrap().count()
@@ -64,11 +71,18 @@ fn synth_fit_predict_on_built_in_data() {
         let overlay = image::open(l["overlay"].as_str().unwrap()).unwrap();
         assert_eq!((overlay.width(), overlay.height()), (256, 256), "overlay keeps the input size");
         assert_eq!(l["is_anomalous"].as_bool().unwrap(), l["verdict"] == "ANOMALOUS");
-        if l["image"].as_str().unwrap().contains("/good/") { good.push(score) } else { bad.push(score) }
+        if l["image"].as_str().unwrap().contains("/good/") {
+            good.push(score)
+        } else {
+            bad.push(score)
+        }
     }
     assert!(mean(&bad) > mean(&good) + 0.2, "scratches {bad:?} vs good {good:?}");
-    let flagged = lines.iter().filter(|l| l["image"].as_str().is_some_and(|p| p.contains("/scratch/")))
-        .filter(|l| !l["regions"].as_array().unwrap().is_empty()).count();
+    let flagged = lines
+        .iter()
+        .filter(|l| l["image"].as_str().is_some_and(|p| p.contains("/scratch/")))
+        .filter(|l| !l["regions"].as_array().unwrap().is_empty())
+        .count();
     assert!(flagged >= bad.len() - 1, "scratches should come with defect regions");
 }
 
@@ -94,8 +108,13 @@ fn fit_and_predict_on_magnetic_tile() {
     let goods = pick("good", 10);
     let defects: Vec<PathBuf> = ["blowhole", "break", "crack", "uneven"].iter().flat_map(|d| pick(d, 3)).collect();
     let stdout = run_ok(
-        cli().args(["predict", "--device", "cpu", "--model"]).arg(&model).arg("--out").arg(tmp.path().join("pred"))
-            .args(&goods).args(&defects),
+        cli()
+            .args(["predict", "--device", "cpu", "--model"])
+            .arg(&model)
+            .arg("--out")
+            .arg(tmp.path().join("pred"))
+            .args(&goods)
+            .args(&defects),
     );
     let lines = json_lines(&stdout);
     assert_eq!(lines.len(), goods.len() + defects.len());
@@ -135,7 +154,8 @@ fn keep_aspect_models_take_images_of_any_shape() {
     let test_img = image::open(data.join("test/scratch").read_dir().unwrap().next().unwrap().unwrap().path()).unwrap().to_rgb8();
     image::imageops::crop_imm(&test_img, 0, 0, 250, 90).to_image().save(&wide).unwrap();
     let out = tmp.path().join("pred");
-    let lines = json_lines(&run_ok(cli().args(["predict", "--device", "cpu", "--model"]).arg(&model).arg("--out").arg(&out).arg(&wide)));
+    let lines =
+        json_lines(&run_ok(cli().args(["predict", "--device", "cpu", "--model"]).arg(&model).arg("--out").arg(&out).arg(&wide)));
     assert_eq!(lines.len(), 1);
     assert!(lines[0]["score"].as_f64().is_some_and(|s| (0.0..=1.0).contains(&s)), "{}", lines[0]);
     let heatmap = image::open(lines[0]["heatmap"].as_str().unwrap()).unwrap();
@@ -145,7 +165,13 @@ fn keep_aspect_models_take_images_of_any_shape() {
         assert!(r["y"].as_u64().unwrap() + r["height"].as_u64().unwrap() <= 90, "{r}");
     }
     // DRAEM trains on one input size: the option is refused with a reason.
-    let draem = cli().args(["fit", "--method", "draem", "--keep-aspect", "--data"]).arg(&shaped).arg("--out").arg(tmp.path().join("d")).output().unwrap();
+    let draem = cli()
+        .args(["fit", "--method", "draem", "--keep-aspect", "--data"])
+        .arg(&shaped)
+        .arg("--out")
+        .arg(tmp.path().join("d"))
+        .output()
+        .unwrap();
     assert!(!draem.status.success());
     assert!(String::from_utf8_lossy(&draem.stderr).contains("PatchCore options"));
 }

@@ -161,8 +161,7 @@ fn frame() -> impl Strategy<Value = (PixelEncoding, u32, u32, u32, bool, Vec<u8>
             let floats = matches!(enc, PixelEncoding::Mono32F | PixelEncoding::Bgr32F);
             let data = len.prop_flat_map(move |n| {
                 let valid_floats = prop::collection::vec(-0.7f32..1.7, n / 4).prop_map(move |v| {
-                    let mut d: Vec<u8> =
-                        v.iter().flat_map(|f| if be { f.to_be_bytes() } else { f.to_le_bytes() }).collect();
+                    let mut d: Vec<u8> = v.iter().flat_map(|f| if be { f.to_be_bytes() } else { f.to_le_bytes() }).collect();
                     d.resize(n, 0);
                     d
                 });

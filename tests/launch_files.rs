@@ -74,7 +74,10 @@ fn launch_files_reference_only_what_exists() {
     let topics: Vec<&str> = rviz.lines().filter_map(|l| l.trim().strip_prefix("Value: anomaly/")).collect();
     assert!(topics.len() >= 3, "RViz should show overlay, heatmap and markers");
     for t in topics {
-        assert!(OUTPUT_NAMES.contains(&format!("anomaly/{t}").as_str()), "RViz shows anomaly/{t}, which the node does not publish");
+        assert!(
+            OUTPUT_NAMES.contains(&format!("anomaly/{t}").as_str()),
+            "RViz shows anomaly/{t}, which the node does not publish"
+        );
     }
 }
 

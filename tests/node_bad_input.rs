@@ -14,7 +14,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
 use anomaly_inspector::synthetic::SyntheticConfig;
-use common::{python, ros_env, root, start_node, synthetic_model};
+use common::{python, root, ros_env, start_node, synthetic_model};
 use serde_json::Value;
 
 /// This file's own DDS domain (92-95 belong to node_features, 91 to node_roundtrip).
@@ -106,9 +106,12 @@ fn run_scenario(scenario: &str, node_params: &[String]) -> (Value, String) {
     let mut peer = Command::new(py);
     peer.arg(root().join("tests/peers/bad_input.py"))
         .args(["--scenario", scenario])
-        .arg("--good").arg(&f.good)
-        .arg("--models").arg(&f.broken)
-        .arg("--out").arg(&obs_path);
+        .arg("--good")
+        .arg(&f.good)
+        .arg("--models")
+        .arg(&f.broken)
+        .arg("--out")
+        .arg(&obs_path);
     ros_env(&mut peer, DOMAIN, &ros_home);
     let status = peer.status().expect("run the peer");
     let alive = node.0.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)));
@@ -120,7 +123,11 @@ fn run_scenario(scenario: &str, node_params: &[String]) -> (Value, String) {
     assert!(exit.is_some_and(|e| e.success()), "node did not exit cleanly: {exit:?}");
     let obs: Value = serde_json::from_str(&std::fs::read_to_string(&obs_path).unwrap()).unwrap();
     eprintln!("--- observations ---\n{}", serde_json::to_string_pretty(&obs).unwrap());
-    eprintln!("scenario '{scenario}' took {:.1} s (peer {:.1} s)", t.elapsed().as_secs_f64(), obs["seconds"].as_f64().unwrap_or(-1.0));
+    eprintln!(
+        "scenario '{scenario}' took {:.1} s (peer {:.1} s)",
+        t.elapsed().as_secs_f64(),
+        obs["seconds"].as_f64().unwrap_or(-1.0)
+    );
     (obs, log)
 }
 
@@ -178,7 +185,15 @@ fn raw_frames_models_teach_and_parameters() {
     // The byte-order flag is honoured, float frames are intensities 0..1 (32FC3 in BGR order).
     let v = &obs["valid"];
     let (rgb, mono) = (score(&v["rgb8"]), score(&v["mono8"]));
-    for (k, want) in [("rgb8_bigendian_flag", rgb), ("32FC3_le", rgb), ("32FC3_be", rgb), ("mono16_le", mono), ("mono16_be", mono), ("32FC1_le", mono), ("32FC1_be", mono)] {
+    for (k, want) in [
+        ("rgb8_bigendian_flag", rgb),
+        ("32FC3_le", rgb),
+        ("32FC3_be", rgb),
+        ("mono16_le", mono),
+        ("mono16_be", mono),
+        ("32FC1_le", mono),
+        ("32FC1_be", mono),
+    ] {
         assert!((score(&v[k]) - want).abs() < 1e-4, "{k} scores {} instead of {want}: {v}", score(&v[k]));
     }
 
@@ -231,7 +246,11 @@ fn raw_frames_models_teach_and_parameters() {
     ] {
         assert!(reason(i).contains(needle), "{}: reason lacks {needle:?}: {}", params[i]["name"], reason(i));
     }
-    for line in ["parameter threshold = Double(-0.5) refused", "parameter input_qos = String(\"bogus\") refused", "parameter roi = IntegerArray([0, 0, -5, 10]) refused"] {
+    for line in [
+        "parameter threshold = Double(-0.5) refused",
+        "parameter input_qos = String(\"bogus\") refused",
+        "parameter roi = IntegerArray([0, 0, -5, 10]) refused",
+    ] {
         assert!(log.contains(line), "refusal not logged: {line}");
     }
     assert_eq!(obs["param_valid"]["successful"], true, "a valid change after refused ones: {}", obs["param_valid"]);
@@ -248,7 +267,10 @@ fn raw_frames_models_teach_and_parameters() {
     let model_refused = format!("parameter model = String(\"{}\") refused", f.broken.join("truncated_bank").display());
     assert!(log.contains(&model_refused), "the failed model parameter was not reported: {model_refused}");
     served_after(&obs, "params");
-    assert!((obs["cases"]["params"]["after"]["threshold"].as_f64().unwrap() - 0.5).abs() < 1e-6, "a refused threshold is in force");
+    assert!(
+        (obs["cases"]["params"]["after"]["threshold"].as_f64().unwrap() - 0.5).abs() < 1e-6,
+        "a refused threshold is in force"
+    );
 
     // A region of interest outside the frame: the frame is refused with the reason.
     assert_eq!(obs["roi_outside"]["successful"], true);
@@ -284,8 +306,7 @@ fn raw_frames_models_teach_and_parameters() {
 
 #[test]
 fn compressed_frames() {
-    let (obs, log) =
-        run_scenario("compressed", &["input_transport:=compressed".into(), "input_qos:=reliable".into()]);
+    let (obs, log) = run_scenario("compressed", &["input_transport:=compressed".into(), "input_qos:=reliable".into()]);
     assert!(obs["baseline"]["score"].is_number(), "no result for the first valid frame");
     for k in ["png", "image_transport_format", "empty_format"] {
         assert!(obs["valid"][k]["score"].is_number(), "valid {k} frame got no result: {}", obs["valid"]);

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use anomaly_inspector::synthetic::SyntheticConfig;
-use common::{python, ros_env, root, start_node, synthetic_model};
+use common::{python, root, ros_env, start_node, synthetic_model};
 use serde_json::Value;
 
 struct Fixture {
@@ -50,9 +50,12 @@ fn run_scenario(domain: u32, node_params: &[String], peer_args: &[String]) -> (V
     let obs_path = tmp.path().join("obs.json");
     let mut peer = Command::new(py);
     peer.arg(root().join("tests/peers/node_features.py"))
-        .arg("--good").arg(&f.good)
-        .arg("--defect").arg(&f.defect)
-        .arg("--out").arg(&obs_path)
+        .arg("--good")
+        .arg(&f.good)
+        .arg("--defect")
+        .arg(&f.defect)
+        .arg("--out")
+        .arg(&obs_path)
         .args(peer_args);
     ros_env(&mut peer, domain, &ros_home);
     let status = peer.status().expect("run the peer");
@@ -79,9 +82,12 @@ fn inputs_outputs_services_parameters_and_bag() {
         92,
         &["working_distance:=0.5".into()],
         &[
-            "--model".into(), f.model.display().to_string(),
-            "--taught-name".into(), "taught".into(),
-            "--bag".into(), bag.display().to_string(),
+            "--model".into(),
+            f.model.display().to_string(),
+            "--taught-name".into(),
+            "taught".into(),
+            "--bag".into(),
+            bag.display().to_string(),
         ],
     );
 

@@ -7,7 +7,7 @@ mod common;
 use std::process::{Command, Stdio};
 
 use anomaly_inspector::synthetic::SyntheticConfig;
-use common::{python, ros_env, root, start_node, synthetic_model};
+use common::{python, root, ros_env, start_node, synthetic_model};
 
 #[test]
 fn node_scores_defects_higher_and_keeps_stamps() {
@@ -53,7 +53,11 @@ fn node_scores_defects_higher_and_keeps_stamps() {
         let score = f["score"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&score));
         assert_eq!(f["is_anomalous"].as_bool().unwrap(), score >= f["threshold"].as_f64().unwrap());
-        if sample.is_anomalous() { bad.push(score) } else { good.push(score) }
+        if sample.is_anomalous() {
+            bad.push(score)
+        } else {
+            good.push(score)
+        }
     }
     assert_eq!(summary["n_scores"].as_u64().unwrap() as usize, frames.len(), "one Float32 score per frame");
     let max_good = good.iter().cloned().fold(f64::MIN, f64::max);

@@ -8,7 +8,7 @@ mod common;
 use std::process::Command;
 
 use anomaly_inspector::synthetic::SyntheticConfig;
-use common::{python, ros_env, root, synthetic_model};
+use common::{python, root, ros_env, synthetic_model};
 use serde_json::Value;
 
 #[test]
@@ -24,16 +24,24 @@ fn node_survives_overload_restarts_and_reload() {
     let log_path = tmp.path().join("node.log");
     let mut soak = Command::new(py);
     soak.arg(root().join("scripts/soak.py"))
-        .arg("--node").arg(env!("CARGO_BIN_EXE_anomaly_inspector_node"))
-        .arg("--model").arg(&model)
-        .arg("--image").arg(&image)
+        .arg("--node")
+        .arg(env!("CARGO_BIN_EXE_anomaly_inspector_node"))
+        .arg("--model")
+        .arg(&model)
+        .arg("--image")
+        .arg(&image)
         .args(["--seconds", "24", "--rate", "40", "--frame", "320x240", "--restart-every", "5", "--inspect-every", "3"])
-        .arg("--out").arg(&report_path)
-        .arg("--node-log").arg(&log_path);
+        .arg("--out")
+        .arg(&report_path)
+        .arg("--node-log")
+        .arg(&log_path);
     ros_env(&mut soak, 97, &ros_home);
     let status = soak.status().expect("run scripts/soak.py");
     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-    eprintln!("--- node log (tail) ---\n{}", log.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n"));
+    eprintln!(
+        "--- node log (tail) ---\n{}",
+        log.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+    );
     assert!(status.success(), "soak.py failed");
     let r: Value = serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap()).unwrap();
     eprintln!("--- report ---\n{}", serde_json::to_string_pretty(&r).unwrap());

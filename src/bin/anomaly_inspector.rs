@@ -11,8 +11,8 @@ use anomaly_inspector::config::{AnomalySource, DraemConfig};
 use anomaly_inspector::dataset::MvtecDataset;
 use anomaly_inspector::postprocess::{heatmap, overlay};
 use anomaly_inspector::synthetic::{generate_dataset, SyntheticConfig};
-use anomaly_inspector::training::{fit_patchcore, FitOptions, FitStage};
 use anomaly_inspector::training::{fit_draem, read_checkpoint_state, split_holdout, DraemTrainOptions};
+use anomaly_inspector::training::{fit_patchcore, FitOptions, FitStage};
 use anomaly_inspector::{device, imaging, Inspector};
 
 #[derive(Parser)]
@@ -223,8 +223,13 @@ fn fit(a: FitArgs) -> anyhow::Result<()> {
     if a.method == "draem" {
         return fit_draem_command(a);
     }
-    if a.steps.is_some() || a.epochs.is_some() || a.base_width.is_some() || a.batch_size.is_some() || a.lr.is_some()
-        || a.anomaly_source.is_some() || a.resume
+    if a.steps.is_some()
+        || a.epochs.is_some()
+        || a.base_width.is_some()
+        || a.batch_size.is_some()
+        || a.lr.is_some()
+        || a.anomaly_source.is_some()
+        || a.resume
     {
         bail!("--steps, --epochs, --base-width, --batch-size, --lr, --anomaly-source and --resume are DRAEM options: add --method draem");
     }
@@ -320,17 +325,9 @@ fn fit(a: FitArgs) -> anyhow::Result<()> {
         }
     };
     let options = FitOptions { holdout_every: a.holdout_every, name: a.name, ..FitOptions::default() };
-    let report = fit_patchcore(
-        &data.train_good,
-        &a.data.to_string_lossy(),
-        &cfg,
-        &weights,
-        device,
-        &a.out,
-        &options,
-        &mut progress,
-    )
-    .with_context(|| format!("fitting on {}", a.data.display()))?;
+    let report =
+        fit_patchcore(&data.train_good, &a.data.to_string_lossy(), &cfg, &weights, device, &a.out, &options, &mut progress)
+            .with_context(|| format!("fitting on {}", a.data.display()))?;
     if let Some((_, b)) = bars.take() {
         b.finish();
     }
@@ -515,7 +512,8 @@ fn predict(a: PredictArgs) -> anyhow::Result<()> {
     if let Some(m) = a.min_region_area {
         post.min_region_area = m;
     }
-    let mut inspector = Inspector::new(&a.model, device, &post).with_context(|| format!("loading model {}", a.model.display()))?;
+    let mut inspector =
+        Inspector::new(&a.model, device, &post).with_context(|| format!("loading model {}", a.model.display()))?;
     inspector.set_threshold(a.threshold)?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let images = collect_images(&a.inputs)?;
@@ -613,8 +611,21 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
     let mut engine = Vec::new();
     println!(
         "{:<22} {:>5} {:>9} {:>7} | {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} | {:>7} {:>7} {:>8} | {:>6}",
-        "model", "input", "frame", "bank", "png", "convert", "preproc", "network", "knn", "forward", "post", "engine",
-        "floor", "overhead", "RSS MiB"
+        "model",
+        "input",
+        "frame",
+        "bank",
+        "png",
+        "convert",
+        "preproc",
+        "network",
+        "knn",
+        "forward",
+        "post",
+        "engine",
+        "floor",
+        "overhead",
+        "RSS MiB"
     );
     for model_dir in &a.model {
         let inspector = Inspector::new(model_dir, device, &PostprocessConfig::default())
@@ -635,7 +646,11 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
             engine.push(r);
         }
     }
-    println!("(ms, medians of {} runs on {}; floor = network + kNN only; overhead = engine / floor - 1)", a.iterations, device::describe(device));
+    println!(
+        "(ms, medians of {} runs on {}; floor = network + kNN only; overhead = engine / floor - 1)",
+        a.iterations,
+        device::describe(device)
+    );
     let dim = engine.iter().find_map(|r| r.bank_dim).unwrap_or(152);
     let mut knn = Vec::new();
     if !a.bank_rows.is_empty() {
@@ -724,7 +739,8 @@ fn eval_mask(sample: &anomaly_inspector::dataset::TestSample, w: u32, h: u32, pw
         (None, _) => Ok(vec![false; pw as usize * ph as usize]),
         (Some(_), None) => Err(anyhow::anyhow!("no ground-truth mask found under ground_truth/")),
         (Some(_), Some(path)) => anomaly_inspector::dataset::load_mask(path, w, h).map_err(Into::into).map(|m| {
-            let m = if (pw, ph) == (w, h) { m } else { image::imageops::resize(&m, pw, ph, image::imageops::FilterType::Nearest) };
+            let m =
+                if (pw, ph) == (w, h) { m } else { image::imageops::resize(&m, pw, ph, image::imageops::FilterType::Nearest) };
             m.pixels().map(|p| p.0[0] > 0).collect()
         }),
     }
@@ -732,15 +748,9 @@ fn eval_mask(sample: &anomaly_inspector::dataset::TestSample, w: u32, h: u32, pw
 
 /// Image AUROC and F1-max of the images in `groups` (good = negative), `None` where undefined.
 fn image_metrics(images: &[EvalImage], groups: &[usize]) -> (Option<f64>, Option<(f64, f32)>) {
-    let (scores, labels): (Vec<f32>, Vec<bool>) = images
-        .iter()
-        .filter(|i| groups.contains(&i.group))
-        .map(|i| (i.raw_score, i.group != 0))
-        .unzip();
-    (
-        anomaly_inspector::metrics::auroc(&scores, &labels).ok(),
-        anomaly_inspector::metrics::f1_max(&scores, &labels).ok(),
-    )
+    let (scores, labels): (Vec<f32>, Vec<bool>) =
+        images.iter().filter(|i| groups.contains(&i.group)).map(|i| (i.raw_score, i.group != 0)).unzip();
+    (anomaly_inspector::metrics::auroc(&scores, &labels).ok(), anomaly_inspector::metrics::f1_max(&scores, &labels).ok())
 }
 
 fn calibrate(a: CalibrateArgs) -> anyhow::Result<()> {
@@ -782,8 +792,13 @@ fn calibrate(a: CalibrateArgs) -> anyhow::Result<()> {
         pb.inc(1);
     }
     pb.finish_and_clear();
-    let (new, image_f1, pixel_f1) =
-        Calibration::from_validation(&image_scores, &image_defective, &pixel_scores, &pixel_defective, &a.data.display().to_string())?;
+    let (new, image_f1, pixel_f1) = Calibration::from_validation(
+        &image_scores,
+        &image_defective,
+        &pixel_scores,
+        &pixel_defective,
+        &a.data.display().to_string(),
+    )?;
     // from_validation has checked that both sets hold defects.
     let f1_at = |scores: &[f32], labels: &[bool], t: f32| anomaly_inspector::metrics::f1_at(scores, labels, t).unwrap_or(0.0);
     eprintln!("{} validation images ({} skipped) of {}", image_scores.len(), skipped, a.data.display());

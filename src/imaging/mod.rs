@@ -53,8 +53,7 @@ pub enum PixelEncoding {
 }
 
 /// The encoding names [`PixelEncoding::from_str`] accepts, for error messages and documentation.
-pub const SUPPORTED_ENCODINGS: &str =
-    "rgb8, bgr8, rgba8, bgra8, mono8, mono16, 8UC1, 8UC3, 8UC4, 16UC1, 32FC1, 32FC3";
+pub const SUPPORTED_ENCODINGS: &str = "rgb8, bgr8, rgba8, bgra8, mono8, mono16, 8UC1, 8UC3, 8UC4, 16UC1, 32FC1, 32FC3";
 
 impl PixelEncoding {
     /// Bytes one pixel occupies in the frame's data.
@@ -290,20 +289,13 @@ pub fn to_rgb(raw: &RawImage) -> Result<RgbImage> {
         let row = &raw.data[y * step..y * step + row_bytes];
         match raw.encoding {
             PixelEncoding::Rgb8 => out.extend_from_slice(row),
-            PixelEncoding::Bgr8 => row
-                .chunks_exact(3)
-                .for_each(|p| out.extend_from_slice(&[p[2], p[1], p[0]])),
-            PixelEncoding::Rgba8 => row
-                .chunks_exact(4)
-                .for_each(|p| out.extend_from_slice(&p[..3])),
-            PixelEncoding::Bgra8 => row
-                .chunks_exact(4)
-                .for_each(|p| out.extend_from_slice(&[p[2], p[1], p[0]])),
+            PixelEncoding::Bgr8 => row.chunks_exact(3).for_each(|p| out.extend_from_slice(&[p[2], p[1], p[0]])),
+            PixelEncoding::Rgba8 => row.chunks_exact(4).for_each(|p| out.extend_from_slice(&p[..3])),
+            PixelEncoding::Bgra8 => row.chunks_exact(4).for_each(|p| out.extend_from_slice(&[p[2], p[1], p[0]])),
             PixelEncoding::Mono8 => row.iter().for_each(|&v| out.extend_from_slice(&[v, v, v])),
             PixelEncoding::Mono16 => {
                 let hi = usize::from(!be);
-                row.chunks_exact(2)
-                    .for_each(|p| out.extend_from_slice(&[p[hi], p[hi], p[hi]]));
+                row.chunks_exact(2).for_each(|p| out.extend_from_slice(&[p[hi], p[hi], p[hi]]));
             }
             PixelEncoding::Mono32F => row.chunks_exact(4).enumerate().for_each(|(x, p)| {
                 let v = floats.intensity(f32_at(p, be), x, y);
@@ -372,10 +364,7 @@ fn decode_any(bytes: &[u8]) -> Result<DynamicImage> {
         .with_guessed_format()
         .map_err(|e| Error::frame(FrameFault::Corrupt, format!("cannot read the header: {e}")))?;
     if reader.format().is_none() {
-        return Err(Error::frame(
-            FrameFault::Corrupt,
-            format!("not a PNG or JPEG image (first bytes: {})", first_bytes(bytes)),
-        ));
+        return Err(Error::frame(FrameFault::Corrupt, format!("not a PNG or JPEG image (first bytes: {})", first_bytes(bytes))));
     }
     if reader.format() == Some(image::ImageFormat::Jpeg) && !jpeg_is_complete(bytes) {
         return Err(Error::frame(
@@ -387,9 +376,9 @@ fn decode_any(bytes: &[u8]) -> Result<DynamicImage> {
     let decoder = reader.into_decoder().map_err(|e| match e {
         // The decoder's own words ("Image size exceeds limit") do not say the size: read it from
         // the header alone (no pixel buffer) for a message that does.
-        image::ImageError::Limits(_) => header_dimensions(bytes)
-            .and_then(|(w, h)| check_dimensions(w, h).err())
-            .unwrap_or_else(|| decode_fault(e)),
+        image::ImageError::Limits(_) => {
+            header_dimensions(bytes).and_then(|(w, h)| check_dimensions(w, h).err()).unwrap_or_else(|| decode_fault(e))
+        }
         other => decode_fault(other),
     })?;
     let (width, height) = decoder.dimensions();
@@ -419,16 +408,12 @@ fn file_error(path: Option<&Path>, e: Error) -> Error {
 /// Decodes a JPEG or PNG image held in memory to 8-bit RGB (16-bit PNGs are scaled down,
 /// grey and alpha images expanded or flattened by dropping alpha).
 pub fn decode(bytes: &[u8]) -> Result<RgbImage> {
-    decode_any(bytes)
-        .map(DynamicImage::into_rgb8)
-        .map_err(|e| file_error(None, e))
+    decode_any(bytes).map(DynamicImage::into_rgb8).map_err(|e| file_error(None, e))
 }
 
 /// Decodes a JPEG or PNG image held in memory to 8-bit grey (for masks).
 pub fn decode_gray(bytes: &[u8]) -> Result<image::GrayImage> {
-    decode_any(bytes)
-        .map(DynamicImage::into_luma8)
-        .map_err(|e| file_error(None, e))
+    decode_any(bytes).map(DynamicImage::into_luma8).map_err(|e| file_error(None, e))
 }
 
 /// The `format` of a sensor_msgs/CompressedImage, parsed.
@@ -487,11 +472,7 @@ pub fn decode_compressed(bytes: &[u8]) -> Result<RgbImage> {
         let cut = PNG_SIGNATURE.starts_with(bytes) || [0xFF, 0xD8].starts_with(bytes);
         return Err(Error::frame(
             if cut { FrameFault::Truncated } else { FrameFault::Corrupt },
-            format!(
-                "{} bytes that are not a JPEG or PNG image (first bytes: {})",
-                bytes.len(),
-                first_bytes(bytes)
-            ),
+            format!("{} bytes that are not a JPEG or PNG image (first bytes: {})", bytes.len(), first_bytes(bytes)),
         ));
     }
     decode_any(bytes).map(DynamicImage::into_rgb8)
@@ -500,17 +481,13 @@ pub fn decode_compressed(bytes: &[u8]) -> Result<RgbImage> {
 /// Reads and decodes a JPEG or PNG file to 8-bit RGB; errors name the file.
 pub fn load(path: &Path) -> Result<RgbImage> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    decode_any(&bytes)
-        .map(DynamicImage::into_rgb8)
-        .map_err(|e| file_error(Some(path), e))
+    decode_any(&bytes).map(DynamicImage::into_rgb8).map_err(|e| file_error(Some(path), e))
 }
 
 /// Reads and decodes a JPEG or PNG file to 8-bit grey (masks); errors name the file.
 pub fn load_gray(path: &Path) -> Result<image::GrayImage> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    decode_any(&bytes)
-        .map(DynamicImage::into_luma8)
-        .map_err(|e| file_error(Some(path), e))
+    decode_any(&bytes).map(DynamicImage::into_luma8).map_err(|e| file_error(Some(path), e))
 }
 
 /// Writes an image as PNG, creating missing parent folders; errors name the file.
@@ -523,33 +500,18 @@ where
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
-    image
-        .save_with_format(path, image::ImageFormat::Png)
-        .map_err(|e| match e {
-            image::ImageError::IoError(io) => Error::io(path, io),
-            other => Error::Decode(format!("{}: cannot encode PNG: {other}", path.display())),
-        })
+    image.save_with_format(path, image::ImageFormat::Png).map_err(|e| match e {
+        image::ImageError::IoError(io) => Error::io(path, io),
+        other => Error::Decode(format!("{}: cannot encode PNG: {other}", path.display())),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn raw(
-        width: u32,
-        height: u32,
-        step: u32,
-        encoding: PixelEncoding,
-        data: &[u8],
-    ) -> RawImage<'_> {
-        RawImage {
-            width,
-            height,
-            step,
-            encoding,
-            is_bigendian: false,
-            data,
-        }
+    fn raw(width: u32, height: u32, step: u32, encoding: PixelEncoding, data: &[u8]) -> RawImage<'_> {
+        RawImage { width, height, step, encoding, is_bigendian: false, data }
     }
 
     fn fault(r: Result<RgbImage>) -> (FrameFault, String) {
@@ -586,20 +548,13 @@ mod tests {
         assert_eq!(PixelEncoding::Bgra8.bytes_per_pixel(), 4);
         assert_eq!(PixelEncoding::Mono8.bytes_per_pixel(), 1);
         assert_eq!(PixelEncoding::Mono16.bytes_per_pixel(), 2);
-        assert_eq!(
-            PixelEncoding::Mono16
-                .to_string()
-                .parse::<PixelEncoding>()
-                .unwrap(),
-            PixelEncoding::Mono16
-        );
+        assert_eq!(PixelEncoding::Mono16.to_string().parse::<PixelEncoding>().unwrap(), PixelEncoding::Mono16);
         assert_eq!("32FC1".parse::<PixelEncoding>().unwrap(), PixelEncoding::Mono32F);
         assert_eq!("32fc3".parse::<PixelEncoding>().unwrap(), PixelEncoding::Bgr32F);
         match "yuv422".parse::<PixelEncoding>() {
-            Err(Error::Frame { fault: FrameFault::UnsupportedEncoding, message: m }) => assert!(
-                m.contains("yuv422") && m.contains("bgr8") && m.contains("16UC1"),
-                "{m}"
-            ),
+            Err(Error::Frame { fault: FrameFault::UnsupportedEncoding, message: m }) => {
+                assert!(m.contains("yuv422") && m.contains("bgr8") && m.contains("16UC1"), "{m}")
+            }
             other => panic!("{other:?}"),
         }
     }
@@ -625,21 +580,11 @@ mod tests {
         let img = to_rgb(&raw(2, 1, 2, PixelEncoding::Mono8, &[7, 200])).unwrap();
         assert_eq!(img.as_raw(), &vec![7, 7, 7, 200, 200, 200]);
         // Little endian: 0x1234 is stored 34 12, high byte 0x12.
-        let img = to_rgb(&raw(
-            2,
-            1,
-            4,
-            PixelEncoding::Mono16,
-            &[0x34, 0x12, 0xff, 0xab],
-        ))
-        .unwrap();
+        let img = to_rgb(&raw(2, 1, 4, PixelEncoding::Mono16, &[0x34, 0x12, 0xff, 0xab])).unwrap();
         assert_eq!(img.as_raw(), &vec![0x12, 0x12, 0x12, 0xab, 0xab, 0xab]);
         let mut be = raw(2, 1, 4, PixelEncoding::Mono16, &[0x12, 0x34, 0xab, 0xff]);
         be.is_bigendian = true;
-        assert_eq!(
-            to_rgb(&be).unwrap().as_raw(),
-            &vec![0x12, 0x12, 0x12, 0xab, 0xab, 0xab]
-        );
+        assert_eq!(to_rgb(&be).unwrap().as_raw(), &vec![0x12, 0x12, 0x12, 0xab, 0xab, 0xab]);
     }
 
     #[test]
@@ -688,10 +633,7 @@ mod tests {
     }
 
     fn f32_bytes(values: &[f32], big_endian: bool) -> Vec<u8> {
-        values
-            .iter()
-            .flat_map(|v| if big_endian { v.to_be_bytes() } else { v.to_le_bytes() })
-            .collect()
+        values.iter().flat_map(|v| if big_endian { v.to_be_bytes() } else { v.to_le_bytes() }).collect()
     }
 
     #[test]
@@ -771,9 +713,7 @@ mod tests {
     }
 
     fn sample_image() -> RgbImage {
-        RgbImage::from_fn(24, 16, |x, y| {
-            image::Rgb([(x * 10) as u8, (y * 15) as u8, 128])
-        })
+        RgbImage::from_fn(24, 16, |x, y| image::Rgb([(x * 10) as u8, (y * 15) as u8, 128]))
     }
 
     fn encode(img: &RgbImage, format: image::ImageFormat) -> Vec<u8> {
@@ -795,12 +735,7 @@ mod tests {
         assert_eq!(decode(&encode(&img, image::ImageFormat::Png)).unwrap(), img);
         let jpeg = decode(&encode(&img, image::ImageFormat::Jpeg)).unwrap();
         assert_eq!(jpeg.dimensions(), (24, 16));
-        let err = jpeg
-            .pixels()
-            .zip(img.pixels())
-            .map(|(a, b)| (a[0] as i32 - b[0] as i32).abs())
-            .max()
-            .unwrap();
+        let err = jpeg.pixels().zip(img.pixels()).map(|(a, b)| (a[0] as i32 - b[0] as i32).abs()).max().unwrap();
         assert!(err < 40, "JPEG error {err}");
         let gray = decode_gray(&encode(&img, image::ImageFormat::Png)).unwrap();
         assert_eq!(gray.dimensions(), (24, 16));
@@ -817,18 +752,10 @@ mod tests {
                 if format == image::ImageFormat::Png && cut > bytes.len() - 12 {
                     continue;
                 }
-                assert!(
-                    matches!(decode(&bytes[..cut]), Err(Error::Decode(_))),
-                    "{format:?} cut at {cut} of {}",
-                    bytes.len()
-                );
+                assert!(matches!(decode(&bytes[..cut]), Err(Error::Decode(_))), "{format:?} cut at {cut} of {}", bytes.len());
             }
             let mut corrupt = bytes.clone();
-            for b in corrupt
-                .iter_mut()
-                .skip(bytes.len() / 3)
-                .take(bytes.len() / 3)
-            {
+            for b in corrupt.iter_mut().skip(bytes.len() / 3).take(bytes.len() / 3) {
                 *b ^= 0x5a;
             }
             // A JPEG with garbage in its entropy-coded data may still decode to (wrong) pixels;
@@ -873,11 +800,7 @@ mod tests {
         for &b in bytes {
             crc ^= u32::from(b);
             for _ in 0..8 {
-                crc = if crc & 1 != 0 {
-                    (crc >> 1) ^ 0xedb8_8320
-                } else {
-                    crc >> 1
-                };
+                crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
             }
         }
         !crc

@@ -53,10 +53,13 @@ impl BankIndex {
             let c_sq = centroids.f_pow_tensor_scalar(2)?.f_sum_dim_intlist(1, false, Kind::Float)?;
             let d2 = bank_sq.f_sub(&bank.f_matmul(&centroids.f_tr()?)?.f_mul_scalar(2.0)?)?.f_add(&c_sq)?;
             assignment = d2.f_argmin(1, false)?;
-            let sums = Tensor::f_zeros([cells as i64, dim as i64], (Kind::Float, Device::Cpu))?
-                .f_index_add(0, &assignment, &bank)?;
-            let counts = Tensor::f_zeros([cells as i64], (Kind::Float, Device::Cpu))?
-                .f_index_add(0, &assignment, &Tensor::f_ones([m as i64], (Kind::Float, Device::Cpu))?)?;
+            let sums =
+                Tensor::f_zeros([cells as i64, dim as i64], (Kind::Float, Device::Cpu))?.f_index_add(0, &assignment, &bank)?;
+            let counts = Tensor::f_zeros([cells as i64], (Kind::Float, Device::Cpu))?.f_index_add(
+                0,
+                &assignment,
+                &Tensor::f_ones([m as i64], (Kind::Float, Device::Cpu))?,
+            )?;
             let filled = counts.f_gt(0.0)?.f_unsqueeze(1)?;
             let means = sums.f_div(&counts.f_clamp_min(1.0)?.f_unsqueeze(1)?)?;
             centroids = means.f_where_self(&filled, &centroids)?;
@@ -106,7 +109,8 @@ impl BankIndex {
         let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).min(8);
         let per_thread = n.div_ceil(threads).max(1);
         std::thread::scope(|scope| {
-            for ((qs, ds), is) in q.chunks(per_thread * self.dim).zip(dist.chunks_mut(per_thread)).zip(idx.chunks_mut(per_thread)) {
+            for ((qs, ds), is) in q.chunks(per_thread * self.dim).zip(dist.chunks_mut(per_thread)).zip(idx.chunks_mut(per_thread))
+            {
                 scope.spawn(move || {
                     let mut near_cells: Vec<(f32, usize)> = Vec::with_capacity(self.cells());
                     for ((query, d), i) in qs.chunks_exact(self.dim).zip(ds.iter_mut()).zip(is.iter_mut()) {
@@ -150,8 +154,10 @@ mod tests {
         tch::manual_seed(3);
         // Clustered bank: 40 clusters of 50 rows.
         let centres = Tensor::randn([40, 24], (Kind::Float, Device::Cpu)) * 4.0;
-        let bank = centres.repeat_interleave_self_int(50, Some(0), None) + Tensor::randn([2000, 24], (Kind::Float, Device::Cpu)) * 0.5;
-        let queries = centres.repeat_interleave_self_int(5, Some(0), None) + Tensor::randn([200, 24], (Kind::Float, Device::Cpu)) * 0.6;
+        let bank =
+            centres.repeat_interleave_self_int(50, Some(0), None) + Tensor::randn([2000, 24], (Kind::Float, Device::Cpu)) * 0.5;
+        let queries =
+            centres.repeat_interleave_self_int(5, Some(0), None) + Tensor::randn([200, 24], (Kind::Float, Device::Cpu)) * 0.6;
         let exact = MemoryBank::new(bank.shallow_clone()).unwrap();
         let (d_exact, i_exact) = exact.nearest(&queries, 1).unwrap();
 

@@ -303,9 +303,7 @@ impl DraemNet {
     fn check_input(x: &Tensor) -> Result<()> {
         let s = x.size();
         if s.len() != 4 || s[1] != 3 || s[2] < MIN_INPUT_SIDE || s[3] < MIN_INPUT_SIDE {
-            return Err(Error::BadImage(format!(
-                "DRAEM expects [N, 3, H, W] with H, W >= {MIN_INPUT_SIDE}, got {s:?}"
-            )));
+            return Err(Error::BadImage(format!("DRAEM expects [N, 3, H, W] with H, W >= {MIN_INPUT_SIDE}, got {s:?}")));
         }
         Ok(())
     }
@@ -463,7 +461,11 @@ mod tests {
     use super::*;
 
     fn small(base_width: i64) -> DraemConfig {
-        DraemConfig { base_width, preprocess: crate::config::PreprocessConfig { image_size: [64, 64], ..Default::default() }, ..DraemConfig::cpu_small() }
+        DraemConfig {
+            base_width,
+            preprocess: crate::config::PreprocessConfig { image_size: [64, 64], ..Default::default() },
+            ..DraemConfig::cpu_small()
+        }
     }
 
     #[test]

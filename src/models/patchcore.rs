@@ -222,7 +222,10 @@ impl ImageRetrieval {
         let image_of_row = image_of_row.f_to_kind(Kind::Int64)?;
         let (lo, hi) = (image_of_row.f_min()?.f_int64_value(&[])?, image_of_row.f_max()?.f_int64_value(&[])?);
         if lo < 0 || hi >= desc[0] {
-            return Err(Error::Config(format!("bank rows name training images {lo}..={hi}, but there are {} descriptors", desc[0])));
+            return Err(Error::Config(format!(
+                "bank rows name training images {lo}..={hi}, but there are {} descriptors",
+                desc[0]
+            )));
         }
         let raw = raw_descriptors.f_to_kind(Kind::Float)?;
         let mean = raw.f_mean_dim(0, false, Kind::Float)?;
@@ -320,7 +323,12 @@ pub enum FitProgress {
 impl PatchCore {
     /// Assembles a model from its parts (used by the model loader). `retrieval` must be there
     /// when `config.retrieval_images > 0`.
-    pub fn new(backbone: Backbone, mut bank: MemoryBank, retrieval: Option<ImageRetrieval>, config: &PatchCoreConfig) -> Result<Self> {
+    pub fn new(
+        backbone: Backbone,
+        mut bank: MemoryBank,
+        retrieval: Option<ImageRetrieval>,
+        config: &PatchCoreConfig,
+    ) -> Result<Self> {
         config.validate()?;
         if config.retrieval_images > 0 && retrieval.is_none() {
             return Err(Error::Config(format!(
@@ -624,11 +632,8 @@ pub fn embed(backbone: &Backbone, x: &Tensor, neighbourhood: i64) -> Result<Tens
     let mut parts = Vec::with_capacity(maps.len());
     for m in &maps {
         let pooled = m.f_avg_pool2d([neighbourhood, neighbourhood], [1, 1], [pad, pad], false, true, None)?;
-        let pooled = if pooled.size()[2..] == [h, w] {
-            pooled
-        } else {
-            pooled.f_upsample_bilinear2d([h, w], false, None, None)?
-        };
+        let pooled =
+            if pooled.size()[2..] == [h, w] { pooled } else { pooled.f_upsample_bilinear2d([h, w], false, None, None)? };
         parts.push(pooled);
     }
     Ok(Tensor::f_cat(&parts, 1)?)
@@ -646,9 +651,7 @@ fn gaussian_kernel(sigma: f64, device: Device) -> Result<Option<Tensor>> {
         return Ok(None);
     }
     let radius = (4.0 * sigma).ceil() as i64;
-    let xs: Vec<f32> = (-radius..=radius)
-        .map(|i| (-(i as f64).powi(2) / (2.0 * sigma * sigma)).exp() as f32)
-        .collect();
+    let xs: Vec<f32> = (-radius..=radius).map(|i| (-(i as f64).powi(2) / (2.0 * sigma * sigma)).exp() as f32).collect();
     let sum: f32 = xs.iter().sum();
     let xs: Vec<f32> = xs.iter().map(|v| v / sum).collect();
     Ok(Some(Tensor::f_from_slice(&xs)?.f_to_device(device)?))
@@ -858,7 +861,13 @@ mod tests {
         for y in 0..64 {
             for x in 0..64 {
                 feats.extend_from_slice(if inside(y, x) { &[1.0f32, 0.0, 0.0, 0.0] } else { &[0.0, 1.0, 0.0, 0.0] });
-                scores.push(if hot(y, x) { 1.0f32 } else if inside(y, x) { 0.3 } else { 0.0 });
+                scores.push(if hot(y, x) {
+                    1.0f32
+                } else if inside(y, x) {
+                    0.3
+                } else {
+                    0.0
+                });
             }
         }
         let feats = Tensor::from_slice(&feats).view([4096, 4]) + Tensor::randn([4096, 4], opts) * 0.05;
@@ -890,7 +899,14 @@ mod tests {
         let alone = guided_smoothing(&scores, &feats, 64, 0.4, 6.0).unwrap();
         // A second frame, the same features but scoring 5 everywhere, changes nothing in the first
         // (and, flat, stays flat itself).
-        let both = guided_smoothing(&Tensor::cat(&[&scores, &scores.full_like(5.0)], 0), &Tensor::cat(&[&feats, &feats], 0), 64, 0.4, 6.0).unwrap();
+        let both = guided_smoothing(
+            &Tensor::cat(&[&scores, &scores.full_like(5.0)], 0),
+            &Tensor::cat(&[&feats, &feats], 0),
+            64,
+            0.4,
+            6.0,
+        )
+        .unwrap();
         assert!((both.get(0) - alone.get(0)).abs().max().double_value(&[]) < 1e-5);
         assert!((both.get(1) - 5.0).abs().max().double_value(&[]) < 1e-4);
     }
@@ -1003,9 +1019,7 @@ mod tests {
     /// the descriptor differs only by sampling noise), two bank rows per image.
     fn two_kinds() -> (Tensor, Tensor, ImageRetrieval) {
         tch::manual_seed(5);
-        let images: Vec<Tensor> = (0..4)
-            .map(|i| if i < 2 { kind_a(50) } else { kind_b(50) })
-            .collect();
+        let images: Vec<Tensor> = (0..4).map(|i| if i < 2 { kind_a(50) } else { kind_b(50) }).collect();
         let descriptors = Tensor::stack(&images.iter().map(|p| image_descriptor(p).unwrap()).collect::<Vec<_>>(), 0);
         let owners = Tensor::from_slice(&[0i64, 0, 1, 1, 2, 2, 3, 3]);
         let retrieval = ImageRetrieval::new(owners, &descriptors, 8).unwrap();

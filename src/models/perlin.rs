@@ -127,13 +127,8 @@ pub fn procedural_texture(rng: &mut ChaCha8Rng, height: usize, width: usize) -> 
     }
     let (min, max) = field.iter().fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
     let span = (max - min).max(1e-6);
-    let colours: [[f32; 3]; 2] = [
-        [rng.gen(), rng.gen(), rng.gen()],
-        [rng.gen(), rng.gen(), rng.gen()],
-    ];
-    let stripes = rng.gen_bool(0.5).then(|| {
-        (rng.gen_range(2.0f32..16.0), rng.gen_range(0.0..PI), rng.gen_range(0.0..2.0 * PI))
-    });
+    let colours: [[f32; 3]; 2] = [[rng.gen(), rng.gen(), rng.gen()], [rng.gen(), rng.gen(), rng.gen()]];
+    let stripes = rng.gen_bool(0.5).then(|| (rng.gen_range(2.0f32..16.0), rng.gen_range(0.0..PI), rng.gen_range(0.0..2.0 * PI)));
     let speckle = rng.gen_bool(0.3);
     let mut out = vec![0.0f32; 3 * n];
     for y in 0..height {
@@ -237,12 +232,7 @@ impl AnomalySynthesizer {
                 return Err(Error::Config(format!("anomaly source images must be [M >= 1, 3, H, W] uint8, got {s:?}")));
             }
         }
-        Ok(Self {
-            source,
-            mask: MaskParams::of(config),
-            probability: config.anomaly_probability,
-            max_beta: config.max_beta,
-        })
+        Ok(Self { source, mask: MaskParams::of(config), probability: config.anomaly_probability, max_beta: config.max_beta })
     }
 
     /// One texture `[3, H, W]` (0..1, float) on `device`.

@@ -39,22 +39,13 @@ impl AnomalyMap {
     /// not be empty (an empty map has no maximum and no size to resize from).
     pub fn new(width: u32, height: u32, data: Vec<f32>) -> Result<Self> {
         if width == 0 || height == 0 {
-            return Err(Error::BadImage(format!(
-                "anomaly map is {width}x{height}: both sides must be at least 1"
-            )));
+            return Err(Error::BadImage(format!("anomaly map is {width}x{height}: both sides must be at least 1")));
         }
         let expected = u64::from(width) * u64::from(height);
         if data.len() as u64 != expected {
-            return Err(Error::BadImage(format!(
-                "anomaly map of {width}x{height} needs {expected} scores, got {}",
-                data.len()
-            )));
+            return Err(Error::BadImage(format!("anomaly map of {width}x{height} needs {expected} scores, got {}", data.len())));
         }
-        Ok(Self {
-            width,
-            height,
-            data,
-        })
+        Ok(Self { width, height, data })
     }
 
     /// Width in pixels.
@@ -119,10 +110,7 @@ impl AnomalyMap {
         let sw = self.width as usize;
         let mut data = Vec::with_capacity(width as usize * height as usize);
         for &(y0, y1, ty) in &ys {
-            let (r0, r1) = (
-                &self.data[y0 * sw..(y0 + 1) * sw],
-                &self.data[y1 * sw..(y1 + 1) * sw],
-            );
+            let (r0, r1) = (&self.data[y0 * sw..(y0 + 1) * sw], &self.data[y1 * sw..(y1 + 1) * sw]);
             for &(x0, x1, tx) in &xs {
                 // a + (b - a) * t keeps equal neighbours exactly equal (constant maps stay constant).
                 let top = r0[x0] + (r0[x1] - r0[x0]) * tx;
@@ -130,11 +118,7 @@ impl AnomalyMap {
                 data.push(top + (bottom - top) * ty);
             }
         }
-        AnomalyMap {
-            width,
-            height,
-            data,
-        }
+        AnomalyMap { width, height, data }
     }
 
     /// The map smoothed with a Gaussian of standard deviation `sigma` pixels (PatchCore smooths
@@ -144,19 +128,12 @@ impl AnomalyMap {
         if !(sigma.is_finite() && sigma > 0.0) {
             return self.clone();
         }
-        let Some(buffer) = image::ImageBuffer::<image::Luma<f32>, Vec<f32>>::from_raw(
-            self.width,
-            self.height,
-            self.data.clone(),
-        ) else {
+        let Some(buffer) = image::ImageBuffer::<image::Luma<f32>, Vec<f32>>::from_raw(self.width, self.height, self.data.clone())
+        else {
             return self.clone();
         };
         let blurred = imageproc::filter::gaussian_blur_f32(&buffer, sigma);
-        AnomalyMap {
-            width: self.width,
-            height: self.height,
-            data: blurred.into_raw(),
-        }
+        AnomalyMap { width: self.width, height: self.height, data: blurred.into_raw() }
     }
 }
 
@@ -316,12 +293,8 @@ pub fn find_regions(map: &AnomalyMap, threshold: f32, min_area: u32) -> Vec<Defe
             }
         })
         .collect();
-    regions.sort_by(|a, b| {
-        b.area_px
-            .cmp(&a.area_px)
-            .then(b.peak_score.total_cmp(&a.peak_score))
-            .then((a.y, a.x).cmp(&(b.y, b.x)))
-    });
+    regions
+        .sort_by(|a, b| b.area_px.cmp(&a.area_px).then(b.peak_score.total_cmp(&a.peak_score)).then((a.y, a.x).cmp(&(b.y, b.x))));
     regions
 }
 
@@ -349,11 +322,7 @@ pub fn heatmap(map: &AnomalyMap, lo: f32, hi: f32) -> RgbImage {
     // A 256-entry table: one colour-map evaluation per level instead of per pixel.
     let lut: Vec<Rgb<u8>> = (0..256).map(|i| turbo(i as f32 / 255.0)).collect();
     RgbImage::from_fn(map.width, map.height, |x, y| {
-        let t = normalised(
-            map.data[y as usize * map.width as usize + x as usize],
-            lo,
-            hi,
-        );
+        let t = normalised(map.data[y as usize * map.width as usize + x as usize], lo, hi);
         lut[(t * 255.0).round() as usize]
     })
 }
@@ -387,24 +356,14 @@ const BOX_COLOUR: Rgb<u8> = Rgb([255, 0, 255]);
 /// to 0.45 at `threshold` (the flagged area shows its outline) and grows to 0.65 at `hi`. A map of
 /// another size than the image is resized to it first, and `regions` (in the map's pixels) are
 /// scaled the same way; boxes are two pixels thick.
-pub fn overlay(
-    image: &RgbImage,
-    map: &AnomalyMap,
-    lo: f32,
-    hi: f32,
-    threshold: f32,
-    regions: &[DefectRegion],
-) -> RgbImage {
+pub fn overlay(image: &RgbImage, map: &AnomalyMap, lo: f32, hi: f32, threshold: f32, regions: &[DefectRegion]) -> RgbImage {
     let (w, h) = image.dimensions();
     let mut out = image.clone();
     if w == 0 || h == 0 {
         return out;
     }
     // Regions are in the given map's pixels; scale them with it.
-    let (sx, sy) = (
-        f64::from(w) / f64::from(map.width),
-        f64::from(h) / f64::from(map.height),
-    );
+    let (sx, sy) = (f64::from(w) / f64::from(map.width), f64::from(h) / f64::from(map.height));
     let resized;
     let map = if (map.width, map.height) == (w, h) {
         map
@@ -421,16 +380,11 @@ pub fn overlay(
         }
         let c = lut[(normalised(v, lo, hi) * 255.0).round() as usize];
         for k in 0..3 {
-            px.0[k] =
-                (f32::from(px.0[k]) * (1.0 - alpha) + f32::from(c.0[k]) * alpha).round() as u8;
+            px.0[k] = (f32::from(px.0[k]) * (1.0 - alpha) + f32::from(c.0[k]) * alpha).round() as u8;
         }
     }
     for region in regions {
-        let r = if (sx, sy) == (1.0, 1.0) {
-            region.clone()
-        } else {
-            region.scaled(sx, sy)
-        };
+        let r = if (sx, sy) == (1.0, 1.0) { region.clone() } else { region.scaled(sx, sy) };
         // Clip to the image: a region from another map could lie partly outside.
         if r.x >= w || r.y >= h || r.width == 0 || r.height == 0 {
             continue;
@@ -472,24 +426,15 @@ mod tests {
 
     #[test]
     fn map_basics() {
-        assert!(matches!(
-            AnomalyMap::new(3, 2, vec![0.0; 5]),
-            Err(Error::BadImage(_))
-        ));
-        assert!(matches!(
-            AnomalyMap::new(0, 2, vec![]),
-            Err(Error::BadImage(_))
-        ));
+        assert!(matches!(AnomalyMap::new(3, 2, vec![0.0; 5]), Err(Error::BadImage(_))));
+        assert!(matches!(AnomalyMap::new(0, 2, vec![]), Err(Error::BadImage(_))));
         let m = AnomalyMap::new(3, 2, vec![0.0, 1.0, f32::NAN, 3.0, 0.5, -1.0]).unwrap();
         assert_eq!((m.width(), m.height(), m.data().len()), (3, 2, 6));
         assert_eq!(m.get(0, 1), Some(3.0));
         assert_eq!(m.get(3, 0), None);
         assert_eq!(m.get(0, 2), None);
         assert_eq!(m.max(), 3.0);
-        assert!(AnomalyMap::new(1, 1, vec![f32::NAN])
-            .unwrap()
-            .max()
-            .is_nan());
+        assert!(AnomalyMap::new(1, 1, vec![f32::NAN]).unwrap().max().is_nan());
     }
 
     #[test]
@@ -511,10 +456,7 @@ mod tests {
         // Serialisable for the ROS/JSON output.
         let json = serde_json::to_string(a).unwrap();
         let back: DefectRegion = serde_json::from_str(&json).unwrap();
-        assert_eq!(
-            (back.x, back.area_px, back.peak_score),
-            (a.x, a.area_px, a.peak_score)
-        );
+        assert_eq!((back.x, back.area_px, back.peak_score), (a.x, a.area_px, a.peak_score));
         assert!(close(back.centroid_x, a.centroid_x));
     }
 
@@ -532,10 +474,7 @@ mod tests {
         // Everything at threshold 0: one region covering the map, plain centroid where weights vanish.
         let zero = AnomalyMap::new(4, 3, vec![0.0; 12]).unwrap();
         let r = find_regions(&zero, 0.0, 1);
-        assert_eq!(
-            (r.len(), r[0].area_px, r[0].width, r[0].height),
-            (1, 12, 4, 3)
-        );
+        assert_eq!((r.len(), r[0].area_px, r[0].width, r[0].height), (1, 12, 4, 3));
         assert!(close(r[0].centroid_x, 1.5) && close(r[0].centroid_y, 1.0));
     }
 
@@ -551,17 +490,13 @@ mod tests {
         assert_eq!(ramp.data(), &[0.0, 0.25, 0.75, 1.0]);
         assert_eq!(c.resized(0, 0).data().len(), 1);
         // Scores above 1 survive (image's resize would clamp them).
-        let big = AnomalyMap::new(2, 2, vec![5.0, 7.0, 9.0, 11.0])
-            .unwrap()
-            .resized(8, 8);
+        let big = AnomalyMap::new(2, 2, vec![5.0, 7.0, 9.0, 11.0]).unwrap().resized(8, 8);
         assert_eq!(big.max(), 11.0);
     }
 
     #[test]
     fn blur_spreads_but_keeps_level() {
-        let c = AnomalyMap::new(16, 16, vec![3.0; 256])
-            .unwrap()
-            .blurred(2.0);
+        let c = AnomalyMap::new(16, 16, vec![3.0; 256]).unwrap().blurred(2.0);
         assert!(c.data().iter().all(|&v| (v - 3.0).abs() < 1e-4));
         let mut data = vec![0.0; 256];
         data[8 * 16 + 8] = 10.0;
@@ -582,21 +517,14 @@ mod tests {
         // colorous' turbo (d3's polynomial fit) starts near black with a blue cast, (34, 23, 27),
         // turns blue at once, and ends dark red, (144, 12, 0).
         assert!(lo.iter().all(|&v| v < 60), "{lo:?}");
-        let low_blue = heatmap(&AnomalyMap::new(1, 1, vec![0.08]).unwrap(), 0.0, 1.0)
-            .get_pixel(0, 0)
-            .0;
-        assert!(
-            low_blue[2] > low_blue[0] + 60 && low_blue[2] > low_blue[1] + 30,
-            "{low_blue:?}"
-        );
+        let low_blue = heatmap(&AnomalyMap::new(1, 1, vec![0.08]).unwrap(), 0.0, 1.0).get_pixel(0, 0).0;
+        assert!(low_blue[2] > low_blue[0] + 60 && low_blue[2] > low_blue[1] + 30, "{low_blue:?}");
         assert!(hi[0] > 100 && hi[1] < 30 && hi[2] < 30, "{hi:?}");
         assert_eq!(img.get_pixel(2, 0).0, lo, "below lo clamps");
         assert_eq!(img.get_pixel(3, 0).0, hi, "above hi clamps");
         assert_eq!(img.get_pixel(4, 0).0, lo, "NaN is lo");
         // A middle value is neither end (turbo is green-yellow in the middle).
-        let mid = heatmap(&AnomalyMap::new(1, 1, vec![0.5]).unwrap(), 0.0, 1.0)
-            .get_pixel(0, 0)
-            .0;
+        let mid = heatmap(&AnomalyMap::new(1, 1, vec![0.5]).unwrap(), 0.0, 1.0).get_pixel(0, 0).0;
         assert!(mid[1] > 150, "{mid:?}");
     }
 

@@ -61,7 +61,13 @@ fn region_msg(r: &DefectRegion) -> DefectRegionMsg {
 }
 
 /// The AnomalyResult for one inspected frame.
-pub fn result_msg(header: &Header, inspection: &Inspection, model_id: &str, method: &str, elapsed: std::time::Duration) -> AnomalyResult {
+pub fn result_msg(
+    header: &Header,
+    inspection: &Inspection,
+    model_id: &str,
+    method: &str,
+    elapsed: std::time::Duration,
+) -> AnomalyResult {
     AnomalyResult {
         header: header.clone(),
         score: inspection.score,

@@ -56,9 +56,8 @@ pub fn run() -> anyhow::Result<()> {
     }
 
     let params = Arc::new(Mutex::new(CheckedParams::new(NodeParams::default(), &logger)));
-    let (param_handler, mut param_events) = node
-        .make_derived_parameter_handler(params.clone())
-        .context("cannot declare parameters")?;
+    let (param_handler, mut param_events) =
+        node.make_derived_parameter_handler(params.clone()).context("cannot declare parameters")?;
     // r2r's own copy of the values (list/describe services); kept in step when a load fails.
     let node_params = node.params.clone();
     let initial = params.lock().unwrap_or_else(|e| e.into_inner()).values.clone();
@@ -76,7 +75,11 @@ pub fn run() -> anyhow::Result<()> {
     };
     let out_qos = |depth: usize| {
         let q = QosProfile::default().keep_last(depth);
-        if settings.output_reliable { q } else { q.best_effort() }
+        if settings.output_reliable {
+            q
+        } else {
+            q.best_effort()
+        }
     };
     let results_qos = out_qos(10);
     let images_qos = out_qos(2);
@@ -333,7 +336,10 @@ fn no_result_reason(shared: &Shared, waited: Duration) -> String {
     let received = shared.mailbox.received.load(Ordering::Relaxed);
     match (&st.model_id, received, &st.last_error) {
         (None, _, _) => "no model loaded (set parameter 'model' or call ~/load_model or ~/teach)".into(),
-        (_, 0, _) => format!("no frame arrived within {:.1} s: is the camera publishing on the remapped 'image' topic?", waited.as_secs_f32()),
+        (_, 0, _) => format!(
+            "no frame arrived within {:.1} s: is the camera publishing on the remapped 'image' topic?",
+            waited.as_secs_f32()
+        ),
         (_, _, Some(e)) => format!("no fresh frame inspected within {:.1} s; last error: {e}", waited.as_secs_f32()),
         _ => format!("no fresh frame inspected within {:.1} s", waited.as_secs_f32()),
     }
@@ -394,7 +400,10 @@ fn spawn_services(
             let frames = if req.message.num_frames == 0 { DEFAULT_TEACH_FRAMES } else { req.message.num_frames };
             let bad_name = |n: &str| n.contains('/') || n.contains("..") || n.starts_with('.');
             let name = if req.message.model_name.trim().is_empty() {
-                format!("taught_{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0))
+                format!(
+                    "taught_{}",
+                    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+                )
             } else {
                 req.message.model_name.trim().to_string()
             };
@@ -456,7 +465,9 @@ fn spawn_services(
                         LoadModel::Response { success: true, message: format!("model '{id}' in use"), model_id: id }
                     }
                     Ok(Err(e)) => LoadModel::Response { success: false, message: e, model_id: String::new() },
-                    Err(_) => LoadModel::Response { success: false, message: "node shutting down".into(), model_id: String::new() },
+                    Err(_) => {
+                        LoadModel::Response { success: false, message: "node shutting down".into(), model_id: String::new() }
+                    }
                 };
                 let _ = req.respond(response);
             });

@@ -123,7 +123,13 @@ const ERROR: u8 = 2;
 
 /// One DiagnosticArray for the node: OK while frames are inspected, WARN when frames are
 /// rejected or none arrived recently, ERROR without a model.
-pub fn diagnostics(stamp: r2r::builtin_interfaces::msg::Time, node_name: &str, status: &Status, received: u64, dropped: u64) -> DiagnosticArray {
+pub fn diagnostics(
+    stamp: r2r::builtin_interfaces::msg::Time,
+    node_name: &str,
+    status: &Status,
+    received: u64,
+    dropped: u64,
+) -> DiagnosticArray {
     let lat = &status.recent_latency_ms;
     let mean = if lat.is_empty() { 0.0 } else { lat.iter().sum::<f64>() / lat.len() as f64 };
     let max = lat.iter().cloned().fold(0.0, f64::max);

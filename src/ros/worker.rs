@@ -507,7 +507,15 @@ pub fn run(shared: Arc<Shared>, mut settings: Settings, pubs: Publishers, logger
     update_status_model(&shared, inspector.as_ref());
     let mut errors = ErrorLog { logger: logger.clone(), seen: HashSet::new() };
     let mut teach: Option<TeachJob> = None;
-    let Publishers { result: result_pub, score: score_pub, verdict: verdict_pub, heatmap: heatmap_pub, overlay: overlay_pub, map: map_pub, markers: markers_pub } = pubs;
+    let Publishers {
+        result: result_pub,
+        score: score_pub,
+        verdict: verdict_pub,
+        heatmap: heatmap_pub,
+        overlay: overlay_pub,
+        map: map_pub,
+        markers: markers_pub,
+    } = pubs;
     let (images, image_jobs) = std::sync::mpsc::sync_channel::<ImageJob>(1);
     let image_thread = std::thread::Builder::new()
         .name("image_outputs".into())
@@ -526,9 +534,14 @@ pub fn run(shared: Arc<Shared>, mut settings: Settings, pubs: Publishers, logger
         // A teach-in that ran out of time fails; nothing else changes.
         if teach.as_ref().is_some_and(|j| Instant::now() > j.deadline) {
             let job = teach.take().expect("checked");
-            let msg = format!("collected {} of {} frames before the timeout: is the camera publishing?", job.collected.len(), job.frames);
+            let msg = format!(
+                "collected {} of {} frames before the timeout: is the camera publishing?",
+                job.collected.len(),
+                job.frames
+            );
             r2r::log_error!(&logger, "teach-in failed: {msg}");
-            let _ = job.reply.send(TeachOutcome { model_path: PathBuf::new(), frames_used: 0, fit_seconds: 0.0, result: Err(msg) });
+            let _ =
+                job.reply.send(TeachOutcome { model_path: PathBuf::new(), frames_used: 0, fit_seconds: 0.0, result: Err(msg) });
         }
         let PreparedFrame { header, received, rgb, convert_ms } = match work {
             Work::Tick => continue,
@@ -786,7 +799,12 @@ fn start_fit(job: TeachJob, shared: &Arc<Shared>, settings: &Settings, current: 
             Ok(insp) => shared.mailbox.put_command(Command::Install(Box::new(insp), out, n, secs, job.reply)),
             Err(e) => {
                 r2r::log_error!(&log, "teach-in failed: {e}");
-                let _ = job.reply.send(TeachOutcome { model_path: PathBuf::new(), frames_used: n, fit_seconds: secs, result: Err(e.to_string()) });
+                let _ = job.reply.send(TeachOutcome {
+                    model_path: PathBuf::new(),
+                    frames_used: n,
+                    fit_seconds: secs,
+                    result: Err(e.to_string()),
+                });
             }
         }
     });

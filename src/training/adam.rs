@@ -84,7 +84,8 @@ impl Adam {
 
     /// Reads a state written by [`Adam::save`] for the same variables.
     pub fn load(&mut self, path: &Path) -> Result<()> {
-        let tensors = Tensor::read_safetensors(path).map_err(|e| Error::model(path, format!("cannot read optimiser state: {e}")))?;
+        let tensors =
+            Tensor::read_safetensors(path).map_err(|e| Error::model(path, format!("cannot read optimiser state: {e}")))?;
         let map: std::collections::HashMap<String, Tensor> = tensors.into_iter().collect();
         let get = |key: &str| map.get(key).ok_or_else(|| Error::model(path, format!("optimiser state lacks '{key}'")));
         let t = get("t")?.f_to_kind(Kind::Int64)?.f_int64_value(&[0])?;

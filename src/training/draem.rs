@@ -181,12 +181,7 @@ impl UnitSpace {
 
 /// Decodes `paths` and resizes them to `size` (antialiased bilinear, as [`Preprocessor`]
 /// does): `[M, 3, H, W]` uint8 on `device`. uint8 keeps 600 images of 256 px in 120 MB.
-fn load_images_u8(
-    paths: &[PathBuf],
-    size: (i64, i64),
-    device: Device,
-    on_image: &mut dyn FnMut(usize),
-) -> Result<Tensor> {
+fn load_images_u8(paths: &[PathBuf], size: (i64, i64), device: Device, on_image: &mut dyn FnMut(usize)) -> Result<Tensor> {
     let mut out = Vec::with_capacity(paths.len());
     for (i, p) in paths.iter().enumerate() {
         let img = imaging::load(p)?;
@@ -369,7 +364,11 @@ pub fn fit_draem(
         adam.zero_grad()?;
         let (total, losses) = step_loss(&net, &unit, &clean, &augmented, &mask)?;
         if !losses.total.is_finite() {
-            return Err(Error::Config(format!("training diverged at step {} (loss {}); lower the learning rate", step + 1, losses.total)));
+            return Err(Error::Config(format!(
+                "training diverged at step {} (loss {}); lower the learning rate",
+                step + 1,
+                losses.total
+            )));
         }
         total.f_backward()?;
         adam.step(lr)?;
@@ -548,7 +547,10 @@ mod tests {
         // (JSON keeps f64 to about 1e-16, not always to the last bit)
         for (x, y) in resumed.history[..10].iter().zip(&first.history) {
             assert_eq!(x.step, y.step);
-            assert!((x.losses.total - y.losses.total).abs() < 1e-12 && (x.losses.focal - y.losses.focal).abs() < 1e-12, "history rewritten");
+            assert!(
+                (x.losses.total - y.losses.total).abs() < 1e-12 && (x.losses.focal - y.losses.focal).abs() < 1e-12,
+                "history rewritten"
+            );
         }
         assert_eq!(resumed.history.iter().map(|r| r.step).collect::<Vec<_>>(), (1..=20).collect::<Vec<_>>());
         assert_eq!(read_checkpoint_state(&a).unwrap().step, 20);

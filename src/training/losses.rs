@@ -62,7 +62,9 @@ pub fn ssim(a: &Tensor, b: &Tensor, window: i64, sigma: f64, data_range: f64) ->
 pub fn focal_loss(logits: &Tensor, mask: &Tensor, gamma: f64) -> Result<Tensor> {
     let (ls, ms) = (logits.size(), mask.size());
     if ls.len() != 4 || ls[1] != 2 || ms.len() != 4 || ms[1] != 1 || ls[0] != ms[0] || ls[2..] != ms[2..] {
-        return Err(Error::Config(format!("focal loss needs logits [N, 2, H, W] and a mask [N, 1, H, W], got {ls:?} and {ms:?}")));
+        return Err(Error::Config(format!(
+            "focal loss needs logits [N, 2, H, W] and a mask [N, 1, H, W], got {ls:?} and {ms:?}"
+        )));
     }
     let log_p = logits.f_log_softmax(1, Kind::Float)?;
     let mask = mask.f_to_kind(Kind::Float)?;

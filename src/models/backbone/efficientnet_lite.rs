@@ -125,12 +125,8 @@ impl ConvBn {
             .weight
             .f_to_kind(Kind::Double)?
             .f_div(&self.bn.running_var.f_to_kind(Kind::Double)?.f_add_scalar(self.bn.eps)?.f_sqrt()?)?;
-        let weight = self
-            .weight
-            .f_to_kind(Kind::Double)?
-            .f_mul(&scale.f_view([-1, 1, 1, 1])?)?
-            .f_to_kind(kind)?
-            .f_contiguous()?;
+        let weight =
+            self.weight.f_to_kind(Kind::Double)?.f_mul(&scale.f_view([-1, 1, 1, 1])?)?.f_to_kind(kind)?.f_contiguous()?;
         let bias = self
             .bn
             .bias
@@ -159,14 +155,8 @@ impl ConvBn {
         let mut y = match &self.folded {
             Some((w, b)) => input.f_conv2d(w, Some(b), [self.stride, self.stride], padding, [1, 1], self.groups)?,
             None => {
-                let y = input.f_conv2d::<&Tensor>(
-                    &self.weight,
-                    None,
-                    [self.stride, self.stride],
-                    padding,
-                    [1, 1],
-                    self.groups,
-                )?;
+                let y =
+                    input.f_conv2d::<&Tensor>(&self.weight, None, [self.stride, self.stride], padding, [1, 1], self.groups)?;
                 self.bn.inference(&y)?
             }
         };
@@ -188,11 +178,8 @@ struct MbConv {
 impl MbConv {
     fn new(p: nn::Path, cin: i64, cout: i64, kernel: i64, stride: i64, expand: i64) -> Result<Self> {
         let mid = cin * expand;
-        let expand_conv = if expand != 1 {
-            Some(ConvBn::new(&p / "_expand_conv", &p / "_bn0", cin, mid, 1, 1, 1, true)?)
-        } else {
-            None
-        };
+        let expand_conv =
+            if expand != 1 { Some(ConvBn::new(&p / "_expand_conv", &p / "_bn0", cin, mid, 1, 1, 1, true)?) } else { None };
         Ok(Self {
             expand: expand_conv,
             depthwise: ConvBn::new(&p / "_depthwise_conv", &p / "_bn1", mid, mid, kernel, stride, mid, true)?,
@@ -287,14 +274,11 @@ impl EfficientNetLite0 {
         let mut variables: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
         variables.sort_by(|a, b| a.0.cmp(&b.0));
         for (name, var) in &mut variables {
-            let src = file.get(name.as_str()).ok_or_else(|| {
-                Error::model(weights, format!("key '{name}' is missing: not EfficientNet-Lite0 weights?"))
-            })?;
+            let src = file
+                .get(name.as_str())
+                .ok_or_else(|| Error::model(weights, format!("key '{name}' is missing: not EfficientNet-Lite0 weights?")))?;
             if src.size() != var.size() {
-                return Err(Error::model(
-                    weights,
-                    format!("key '{name}' has shape {:?}, expected {:?}", src.size(), var.size()),
-                ));
+                return Err(Error::model(weights, format!("key '{name}' has shape {:?}, expected {:?}", src.size(), var.size())));
             }
             if !src.is_floating_point() {
                 return Err(Error::model(weights, format!("key '{name}' has kind {:?}, expected float", src.kind())));

@@ -153,7 +153,9 @@ impl Backbone {
             if s.len() != 4 || s[0] != 1 || s[2] < 1 {
                 return Err(Error::model(
                     weights,
-                    format!("output {index} (layer '{name}') has shape {s:?} for a 1x3x{size}x{size} input; expected [1, C, H, W]"),
+                    format!(
+                        "output {index} (layer '{name}') has shape {s:?} for a 1x3x{size}x{size} input; expected [1, C, H, W]"
+                    ),
                 ));
             }
             channels.push(s[1]);
@@ -182,10 +184,7 @@ impl Backbone {
                         let t = outputs.get(i).ok_or_else(|| {
                             Error::model(
                                 net.path(),
-                                format!(
-                                    "layer '{name}' needs output {i} but forward returned {} output(s)",
-                                    outputs.len()
-                                ),
+                                format!("layer '{name}' needs output {i} but forward returned {} output(s)", outputs.len()),
                             )
                         })?;
                         if t.dim() != 4 {

@@ -23,10 +23,7 @@ impl TorchScriptBackbone {
     /// Loads the module at `path` onto `device` and puts it in eval mode.
     pub fn new(path: &Path, device: Device) -> Result<Self> {
         if !path.is_file() {
-            return Err(Error::model(
-                path,
-                "TorchScript backbone not found (export one with torch.jit.trace and save it)",
-            ));
+            return Err(Error::model(path, "TorchScript backbone not found (export one with torch.jit.trace and save it)"));
         }
         let mut module = CModule::load_on_device(path, device)
             .map_err(|e| Error::model(path, format!("not a loadable TorchScript module: {e}")))?;
