@@ -73,6 +73,29 @@ pub fn resolve(choice: DeviceChoice) -> Result<Device> {
     }
 }
 
+/// What a thread that runs inference holds for as long as it runs: gradients off (inference
+/// never trains) on this thread.
+///
+/// Make one at the start of a long-lived inference thread, before its first torch op: the
+/// thread's OpenMP pool is sized then (see [`InferenceThread::enter`]). Every OS thread that
+/// runs torch ops builds its own pool, and a pool that hops between threads makes frames pay
+/// for new pools (PLATFORM.md), so a node runs all inference on one such thread.
+pub struct InferenceThread {
+    _no_grad: tch::NoGradGuard,
+}
+
+impl InferenceThread {
+    /// Sets up the calling thread for inference: `threads` CPU threads for libtorch (`None`:
+    /// libtorch's default, one per core) and gradients off until the value is dropped.
+    pub fn enter(threads: Option<usize>) -> Self {
+        if let Some(n) = threads {
+            // Before the first torch op of this thread, so that its OpenMP pool has this size.
+            tch::set_num_threads(i32::try_from(n).unwrap_or(i32::MAX));
+        }
+        Self { _no_grad: tch::no_grad_guard() }
+    }
+}
+
 /// A one-line description of `device` for start-up logs.
 pub fn describe(device: Device) -> String {
     match device {

@@ -117,7 +117,51 @@ impl Error {
     pub fn model(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
         Error::Model { path: path.into(), reason: reason.into() }
     }
+
+    /// A short snake_case name of the kind of error: the [`FrameFault`] of a bad frame, else the
+    /// variant (`model`, `inference`, ...). The node logs the first error of each kind and
+    /// counts the rest under this name.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Frame { fault, .. } => fault.as_str(),
+            Error::BadImage(_) => "bad_image",
+            Error::Decode(_) => "decode",
+            Error::Io { .. } => "io",
+            Error::Model { .. } => "model",
+            Error::Config(_) => "config",
+            Error::Dataset { .. } => "dataset",
+            Error::Torch(_) => "inference",
+        }
+    }
+}
+
+/// Runs `f`, turning a panic (a bug in a decoder or in libtorch) into an error that names `what`
+/// was running, so that one frame can never take a long-running caller (the node) down.
+pub fn catch_panic<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        Err(Error::Torch(tch::TchError::Torch(format!("internal error in {what}: {why}"))))
+    })
 }
 
 /// Result with the library's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_becomes_an_error_that_names_the_work() {
+        let err = catch_panic("the test frame", || -> Result<()> { panic!("boom") }).unwrap_err();
+        assert_eq!(err.kind(), "inference");
+        assert!(err.to_string().contains("internal error in the test frame: boom"), "{err}");
+        assert_eq!(catch_panic("nothing", || Ok(3)).unwrap(), 3);
+        let frame = Error::frame(FrameFault::DataTooShort, "5 bytes");
+        assert_eq!(frame.kind(), "data_too_short");
+    }
+}

@@ -1,17 +1,65 @@
 //! One call per frame: image in, verdict + anomaly map + defect regions out. This is the whole
 //! core as the node and the CLI see it; it hides tensors from them.
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use image::RgbImage;
 use tch::{Device, Kind};
 
-use crate::config::PostprocessConfig;
-use crate::error::{Error, Result};
+use crate::config::{DeviceChoice, PostprocessConfig};
+use crate::error::{catch_panic, Error, FrameFault, Result};
 use crate::model_file::{self, LoadedModel};
 use crate::models::ModelOutput;
-use crate::postprocess::{find_regions, AnomalyMap, DefectRegion};
+use crate::postprocess::{find_regions, heatmap, overlay, AnomalyMap, DefectRegion};
 use crate::preprocess::Preprocessor;
+
+/// Normalised scores are 0..1 with the calibrated threshold at one half, for maps as for images.
+const NORMALISED_RANGE: (f32, f32) = (0.0, 1.0);
+/// The normalised pixel score at which a pixel belongs to a defect region.
+const PIXEL_THRESHOLD: f32 = 0.5;
+
+/// A rectangle of a frame, in its pixels: the part that is inspected when only part of the
+/// camera's view shows the part.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Roi {
+    /// Left column.
+    pub x: u32,
+    /// Top row.
+    pub y: u32,
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+}
+
+impl Roi {
+    /// This part of `frame`; an error (a bad frame) when it does not lie inside it.
+    pub fn crop(&self, frame: &RgbImage) -> Result<RgbImage> {
+        let (w, h) = frame.dimensions();
+        if u64::from(self.x) + u64::from(self.width) > u64::from(w) || u64::from(self.y) + u64::from(self.height) > u64::from(h) {
+            return Err(Error::frame(
+                FrameFault::RoiOutsideFrame,
+                format!(
+                    "roi [{}, {}, {}, {}] exceeds the {w}x{h} frame: set parameter 'roi' to a part of the frame",
+                    self.x, self.y, self.width, self.height
+                ),
+            ));
+        }
+        Ok(image::imageops::crop_imm(frame, self.x, self.y, self.width, self.height).to_image())
+    }
+}
+
+/// How a model is loaded and what is done with its scores, as a long-running user (the node)
+/// sets it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InspectorOptions {
+    /// Where inference runs; a GPU that cannot be used falls back to the CPU with a warning.
+    pub device: DeviceChoice,
+    /// Normalised image threshold (0.5 = calibrated).
+    pub threshold: f32,
+    /// Post-processing (minimum region area...).
+    pub postprocess: PostprocessConfig,
+}
 
 /// The verdict on one image.
 #[derive(Clone, Debug)]
@@ -32,6 +80,18 @@ pub struct Inspection {
     pub elapsed: Duration,
 }
 
+impl Inspection {
+    /// The map as a colour picture (turbo: blue = normal, red = at least twice the threshold).
+    pub fn heatmap(&self) -> RgbImage {
+        heatmap(&self.map, NORMALISED_RANGE.0, NORMALISED_RANGE.1)
+    }
+
+    /// `frame` (the inspected image) with the map blended in and the regions outlined.
+    pub fn overlay(&self, frame: &RgbImage) -> RgbImage {
+        overlay(frame, &self.map, NORMALISED_RANGE.0, NORMALISED_RANGE.1, PIXEL_THRESHOLD, &self.regions)
+    }
+}
+
 /// A loaded model with its preprocessing and post-processing.
 #[derive(Debug)]
 pub struct Inspector {
@@ -40,6 +100,7 @@ pub struct Inspector {
     postprocess: PostprocessConfig,
     threshold: f32,
     model_id: String,
+    model_dir: PathBuf,
     device: Device,
 }
 
@@ -53,7 +114,64 @@ impl Inspector {
         } else {
             loaded.manifest.name.clone()
         };
-        Ok(Self { loaded, preprocessor, postprocess: postprocess.clone(), threshold: 0.5, model_id, device })
+        Ok(Self {
+            loaded,
+            preprocessor,
+            postprocess: postprocess.clone(),
+            threshold: 0.5,
+            model_id,
+            model_dir: model_dir.to_path_buf(),
+            device,
+        })
+    }
+
+    /// Loads `model_dir` as a service that must not fail later would: the device resolved from
+    /// `options` (a GPU that cannot be used is reported to `warn` and the CPU taken), the
+    /// threshold and post-processing set, and the model tried on a plain grey frame, so that a
+    /// model whose files load but cannot score (a memory bank of the wrong width, NaN from a
+    /// damaged file) is refused now, while the caller's current model can stay. A panic inside
+    /// libtorch is an error too.
+    pub fn load_checked(model_dir: &Path, options: &InspectorOptions, warn: &mut dyn FnMut(String)) -> Result<Self> {
+        let device = crate::device::resolve(options.device).unwrap_or_else(|e| {
+            warn(format!("{e}; falling back to the CPU"));
+            Device::Cpu
+        });
+        let mut inspector = catch_panic("model loading", || Inspector::new(model_dir, device, &options.postprocess))?;
+        inspector.set_threshold(options.threshold)?;
+        let probe = RgbImage::from_pixel(64, 64, image::Rgb([128, 128, 128]));
+        let fault = match catch_panic("the test frame", || inspector.inspect(&probe)) {
+            Ok(i) if i.raw_score.is_finite() => return Ok(inspector),
+            Ok(i) => format!(
+                "a plain grey test frame scores {} (not a finite number): the model files are damaged; \
+                 re-fit the model or copy it again",
+                i.raw_score
+            ),
+            Err(e) => format!(
+                "fails on a plain grey test frame ({e}): the model files are damaged or do not fit together; re-fit the model"
+            ),
+        };
+        Err(Error::model(model_dir, fault))
+    }
+
+    /// The cheap part of [`Inspector::load_checked`]: whether `model_dir` holds a readable
+    /// model.json of a known method (damaged weights are only found by loading them).
+    pub fn check_model_dir(model_dir: &Path) -> Result<()> {
+        model_file::read_manifest(model_dir).map(|_| ())
+    }
+
+    /// The model directory this inspector was loaded from.
+    pub fn model_dir(&self) -> &Path {
+        &self.model_dir
+    }
+
+    /// The post-processing in force.
+    pub fn postprocess(&self) -> &PostprocessConfig {
+        &self.postprocess
+    }
+
+    /// A one-line description of the device, for logs and diagnostics.
+    pub fn device_name(&self) -> String {
+        crate::device::describe(self.device)
     }
 
     /// Short model name reported in results.
@@ -100,6 +218,20 @@ impl Inspector {
         (&self.loaded.model, &self.preprocessor)
     }
 
+    /// Inspects `frame`, or only its `roi` when one is given, and reports in the frame's pixels
+    /// either way. Returns the inspection and the pixels inspected when they are a crop (`None`:
+    /// the whole frame, which is not copied). Never panics: a panic inside libtorch is an error.
+    pub fn inspect_within(&self, frame: &RgbImage, roi: Option<Roi>) -> Result<(Inspection, Option<RgbImage>)> {
+        catch_panic("inspection", || {
+            let Some(roi) = roi else { return Ok((self.inspect(frame)?, None)) };
+            let part = roi.crop(frame)?;
+            let mut inspection = self.inspect(&part)?;
+            inspection.map = inspection.map.placed_in(frame.width(), frame.height(), roi.x, roi.y)?;
+            inspection.regions = inspection.regions.iter().map(|r| r.offset(roi.x, roi.y)).collect();
+            Ok((inspection, Some(part)))
+        })
+    }
+
     /// Inspects one image.
     pub fn inspect(&self, image: &RgbImage) -> Result<Inspection> {
         let t0 = Instant::now();
@@ -123,8 +255,8 @@ impl Inspector {
             .anomaly_maps
             .f_get(0)?
             .f_get(0)?
-            .f_mul_scalar(0.5 / cal.pixel_threshold as f64)?
-            .f_clamp(0.0, 1.0)?
+            .f_mul_scalar(f64::from(PIXEL_THRESHOLD) / f64::from(cal.pixel_threshold))?
+            .f_clamp(f64::from(NORMALISED_RANGE.0), f64::from(NORMALISED_RANGE.1))?
             .f_to_kind(Kind::Float)?
             .f_to_device(Device::Cpu)?
             .f_contiguous()?;
@@ -132,7 +264,7 @@ impl Inspector {
         let (h, w) = (map.size()[0], map.size()[1]);
         let data = Vec::<f32>::try_from(map.f_view([-1])?)?;
         let map = AnomalyMap::new(w as u32, h as u32, data)?.resized(width, height);
-        let regions = find_regions(&map, 0.5, self.postprocess.min_region_area);
+        let regions = find_regions(&map, PIXEL_THRESHOLD, self.postprocess.min_region_area);
         Ok(Inspection {
             score,
             raw_score,

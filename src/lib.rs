@@ -25,12 +25,14 @@ pub mod training;
 #[cfg(feature = "ros")]
 pub mod ros;
 
+pub use camera::{PinholeCamera, Plane};
 pub use config::{
     BackboneConfig, BackboneKind, DeviceChoice, Normalization, PatchCoreConfig, PostprocessConfig, PreprocessConfig, Resize,
 };
-pub use error::{Error, Result};
+pub use device::{load_cuda_backend, InferenceThread};
+pub use error::{Error, FrameFault, Result};
 pub use imaging::{PixelEncoding, RawImage};
-pub use inspector::{Inspection, Inspector};
+pub use inspector::{Inspection, Inspector, InspectorOptions, Roi};
 pub use models::patchcore::{MemoryBank, PatchCore};
 pub use postprocess::{AnomalyMap, DefectRegion};
 

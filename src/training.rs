@@ -138,6 +138,75 @@ pub fn fit_patchcore(
     Ok(FitReport { summary, calibration, n_holdout: holdout.len() })
 }
 
+/// What a teach-in fits: its frames are kept beside the model so that it can be audited and redone.
+#[derive(Clone, Debug)]
+pub struct TeachRequest {
+    /// The model directory to write.
+    pub out: PathBuf,
+    /// Where the frames go, as an MVTec-layout data set (`<frames_dir>/train/good/0000.png`, ...).
+    pub frames_dir: PathBuf,
+    /// Model name (shown as `model_id`).
+    pub name: String,
+}
+
+/// What a teach-in takes over from the model in force: its PatchCore settings and backbone
+/// (the defaults when it is not a PatchCore model), its device, threshold and post-processing.
+/// Cheap to take, so the inference thread hands it to a fitting thread and goes on.
+#[derive(Clone, Debug)]
+pub struct TeachBase {
+    config: PatchCoreConfig,
+    backbone_weights: PathBuf,
+    device: Device,
+    threshold: f32,
+    postprocess: crate::PostprocessConfig,
+}
+
+impl TeachBase {
+    /// The settings of `inspector`'s model.
+    pub fn of(inspector: &crate::Inspector) -> Self {
+        let (config, backbone_weights) = match inspector.manifest().patchcore.clone() {
+            // A model carries its backbone.
+            Some(c) => {
+                let w = inspector.model_dir().join(model_file::backbone_file(c.backbone.kind));
+                (c, w)
+            }
+            None => (PatchCoreConfig::default(), crate::config::default_backbone_weights()),
+        };
+        Self {
+            config,
+            backbone_weights,
+            device: inspector.device(),
+            threshold: inspector.threshold(),
+            postprocess: inspector.postprocess().clone(),
+        }
+    }
+}
+
+/// The node's teach-in: fits PatchCore on `frames` (good parts, as the model sees them) as
+/// `base` says, writes the frames and the model as `request` says, and returns the new model
+/// loaded with `base`'s device, threshold and post-processing. Meant for a thread of its own,
+/// beside inference; a panic inside is an error.
+pub fn teach(frames: &[image::RgbImage], base: &TeachBase, request: &TeachRequest) -> Result<crate::Inspector> {
+    crate::error::catch_panic("the teach-in fit", || {
+        let _no_grad = tch::no_grad_guard();
+        let good = request.frames_dir.join("train/good");
+        std::fs::create_dir_all(&good).map_err(|e| Error::io(&good, e))?;
+        let mut paths = Vec::with_capacity(frames.len());
+        for (i, frame) in frames.iter().enumerate() {
+            let p = good.join(format!("{i:04}.png"));
+            imaging::save_png(&p, frame)?;
+            paths.push(p);
+        }
+        let options = FitOptions { name: request.name.clone(), ..Default::default() };
+        let data_label = request.frames_dir.to_string_lossy();
+        let progress = &mut |_, _, _| {};
+        fit_patchcore(&paths, &data_label, &base.config, &base.backbone_weights, base.device, &request.out, &options, progress)?;
+        let mut taught = crate::Inspector::new(&request.out, base.device, &base.postprocess)?;
+        taught.set_threshold(base.threshold)?;
+        Ok(taught)
+    })
+}
+
 /// Scores the held-out good images with the inference path `forward`: (image scores, per-image
 /// maximum of the anomaly map), for [`Calibration::from_good_scores`].
 fn calibrate(

@@ -5,10 +5,50 @@ use r2r::builtin_interfaces::msg::Duration as DurationMsg;
 use r2r::sensor_msgs::msg::{CompressedImage, Image, RegionOfInterest};
 use r2r::std_msgs::msg::Header;
 
-use crate::error::Result;
-use crate::imaging::{self, CompressedFormat, PixelEncoding, RawImage};
-use crate::inspector::Inspection;
-use crate::postprocess::DefectRegion;
+use crate::imaging::{self, CompressedFormat};
+use crate::{AnomalyMap, DefectRegion, Inspection, PixelEncoding, RawImage, Result};
+
+/// A camera frame as it arrived.
+pub enum Frame {
+    /// sensor_msgs/Image.
+    Raw(Image),
+    /// sensor_msgs/CompressedImage.
+    Compressed(CompressedImage),
+}
+
+impl Frame {
+    /// The header, copied into every output of this frame.
+    pub fn into_header(self) -> Header {
+        match self {
+            Frame::Raw(m) => m.header,
+            Frame::Compressed(m) => m.header,
+        }
+    }
+
+    /// The fields that say what the frame claims to be, for error messages.
+    pub fn describe(&self) -> String {
+        match self {
+            Frame::Raw(m) => format!(
+                "{}x{} '{}' (step {}, {} bytes, is_bigendian {})",
+                m.width,
+                m.height,
+                imaging::printable(&m.encoding, 40),
+                m.step,
+                m.data.len(),
+                m.is_bigendian
+            ),
+            Frame::Compressed(m) => format!("compressed '{}' ({} bytes)", imaging::printable(&m.format, 40), m.data.len()),
+        }
+    }
+
+    /// The frame as RGB, every size field checked.
+    pub fn to_rgb(&self) -> Result<RgbImage> {
+        match self {
+            Frame::Raw(m) => image_to_rgb(m),
+            Frame::Compressed(m) => compressed_to_rgb(m),
+        }
+    }
+}
 
 /// A borrowed core view of a sensor_msgs/Image (no pixel copy).
 pub fn raw_image(msg: &Image) -> Result<RawImage<'_>> {
@@ -49,6 +89,23 @@ pub fn rgb_to_image(header: &Header, image: RgbImage) -> Image {
     }
 }
 
+/// The anomaly map as a 32FC1 image (normalised scores, 0.5 = pixel threshold) with `header`.
+pub fn map_to_image(header: &Header, map: &AnomalyMap) -> Image {
+    let mut data = Vec::with_capacity(map.data().len() * 4);
+    for v in map.data() {
+        data.extend_from_slice(&v.to_le_bytes());
+    }
+    Image {
+        header: header.clone(),
+        height: map.height(),
+        width: map.width(),
+        encoding: "32FC1".into(),
+        is_bigendian: 0,
+        step: map.width() * 4,
+        data,
+    }
+}
+
 fn region_msg(r: &DefectRegion) -> DefectRegionMsg {
     DefectRegionMsg {
         bbox: RegionOfInterest { x_offset: r.x, y_offset: r.y, width: r.width, height: r.height, do_rectify: false },
@@ -86,7 +143,7 @@ mod tests {
     //! Message-level properties: whatever a publisher puts in the fields, the conversion the
     //! node runs never panics, and it agrees with the core's view of the same fields.
     use super::*;
-    use crate::error::Error;
+    use crate::Error;
     use proptest::prelude::*;
 
     fn encoding_name() -> impl Strategy<Value = String> {

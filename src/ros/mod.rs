@@ -1,5 +1,19 @@
 //! The ROS 2 interface (behind the `ros` cargo feature): parameters, topics, services, message
-//! conversion. It talks to the core through [`crate::Inspector`] and knows nothing of tensors.
+//! conversion. It talks to the core through [`crate::Inspector`] (and the teach-in entry
+//! [`crate::training::teach`]) and knows nothing of tensors: no libtorch path appears in this
+//! folder, and core items come from the crate's curated re-exports (tests/layering.rs keeps
+//! both so).
+//!
+//! One file per job, each using only those above it in this list:
+//! - [`params`]: parameters declared up front, parsed into [`params::Settings`]
+//! - [`convert`]: sensor_msgs / anomaly_inspector_msgs <-> core types
+//! - [`mailbox`]: the newest frame, its converted successor and the command queue; the
+//!   conversion thread
+//! - [`status`]: counters and latencies, the once-per-kind error log, /diagnostics
+//! - [`publishing`]: the output publishers, markers, the 32FC1 map, the image thread
+//! - [`inference`]: the inference thread: commands, models, frames, teach-in
+//! - [`services`]: `~/inspect`, `~/teach`, `~/load_model`, `~/set_threshold`
+//! - [`node`]: wiring, parameter events, the executor loop
 //!
 //! All names are relative, so `--ros-args -r __ns:=/cell1` and remapping work as usual:
 //!
@@ -17,9 +31,28 @@
 //! | `/diagnostics` | diagnostic_msgs/DiagnosticArray | 1 Hz |
 //! | `~/inspect`, `~/teach`, `~/load_model`, `~/set_threshold` | anomaly_inspector_msgs/srv | services |
 pub mod convert;
+mod inference;
+mod mailbox;
 pub mod node;
-pub mod outputs;
 pub mod params;
-pub mod worker;
+mod publishing;
+mod services;
+mod status;
 
 pub use node::run;
+
+use std::sync::{Mutex, MutexGuard};
+
+/// A lock that a panicked holder does not make unusable. The node's shared state (status
+/// counters, camera intrinsics, parameters) stays valid whatever a thread was doing when it
+/// panicked, and the node must keep serving; so a poisoned lock is simply taken over.
+trait LockOrRecover<T> {
+    /// The guard, poisoned or not.
+    fn locked(&self) -> MutexGuard<'_, T>;
+}
+
+impl<T> LockOrRecover<T> for Mutex<T> {
+    fn locked(&self) -> MutexGuard<'_, T> {
+        self.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}

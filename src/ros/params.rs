@@ -5,9 +5,7 @@ use std::path::PathBuf;
 use r2r::indexmap::IndexMap;
 use r2r::{Parameter, ParameterValue, RosParams};
 
-use crate::camera::Plane;
-use crate::config::{DeviceChoice, PostprocessConfig};
-use crate::error::{Error, Result};
+use crate::{DeviceChoice, Error, Plane, PostprocessConfig, Result, Roi};
 
 /// Raw ROS parameters as the user sets them (`--ros-args -p`, a params file, or at run time).
 #[derive(Clone, Debug, RosParams)]
@@ -138,8 +136,12 @@ pub const STARTUP_ONLY: [&str; 5] = ["device", "inference_threads", "input_trans
 /// `set_parameters` gets the reason in its reply, the node logs it, and the old value stays.
 #[derive(Clone, Debug, Default)]
 pub struct CheckedParams {
-    /// The values in force.
+    /// The values as set: what `get_parameters` answers.
     pub values: NodeParams,
+    /// The values last put in force by the inference thread. A change is applied to these, not
+    /// to `values`, which may already hold later changes whose events are still queued (and
+    /// which may yet be refused); a refused change puts `values` back to these.
+    pub in_force: NodeParams,
     /// Where refusals are logged (empty: not logged).
     pub logger: String,
 }
@@ -160,7 +162,15 @@ impl std::ops::DerefMut for CheckedParams {
 impl CheckedParams {
     /// Parameters logging their refusals to `logger`.
     pub fn new(values: NodeParams, logger: &str) -> Self {
-        Self { values, logger: logger.into() }
+        Self { in_force: values.clone(), values, logger: logger.into() }
+    }
+
+    /// Puts parameter `name` back to the value in force; returns it (for r2r's own copy and the
+    /// log), `None` for an unknown name.
+    pub fn revert(&mut self, name: &str) -> Option<ParameterValue> {
+        let old = self.in_force.clone().get_parameter(name).ok()?;
+        self.values.set_parameter(name, &old).ok()?;
+        Some(old)
     }
 
     /// Why `name = value` is refused, if it is (the type is checked by r2r first).
@@ -180,7 +190,7 @@ impl CheckedParams {
         // The cheap part of loading: a missing directory or a damaged or foreign model.json is
         // refused here, with the reason in the reply; damaged weights are found by the load.
         if name == "model" && changed {
-            if let Err(e) = crate::model_file::read_manifest(std::path::Path::new(candidate.model.trim())) {
+            if let Err(e) = crate::Inspector::check_model_dir(std::path::Path::new(candidate.model.trim())) {
                 return Some(e.to_string());
             }
         }
@@ -241,19 +251,6 @@ pub enum InputQos {
     SensorData,
     /// Reliable, shallow queue.
     Reliable,
-}
-
-/// A rectangle of the input frame.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Roi {
-    /// Left column.
-    pub x: u32,
-    /// Top row.
-    pub y: u32,
-    /// Width in pixels.
-    pub width: u32,
-    /// Height in pixels.
-    pub height: u32,
 }
 
 /// Parameters parsed and checked: what the node actually uses.

@@ -1,0 +1,363 @@
+//! The inference thread: it takes commands and converted frames from the mailbox, inspects
+//! each frame with the model in force, publishes the outcome and keeps the status.
+//!
+//! The thread is long-lived on purpose: every OS thread that runs torch ops builds its own
+//! OpenMP pool, and a pool that hops between threads makes frames pay for new pools
+//! (PLATFORM.md, 67-157 ms). Teach-in fits run on a thread of their own, beside it.
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use image::RgbImage;
+use r2r::anomaly_inspector_msgs::msg::AnomalyResult;
+use tokio::sync::{broadcast, oneshot};
+
+use super::mailbox::{Mailbox, PreparedFrame, Work};
+use super::params::Settings;
+use super::publishing::{FrameInfo, ImagePublishers, ImageThread, ResultPublishers};
+use super::status::{median, ErrorLog, Status};
+use super::LockOrRecover as _;
+use crate::training::{teach, TeachBase, TeachRequest};
+use crate::{InferenceThread, Inspector, InspectorOptions, PinholeCamera};
+
+/// The outcome of a teach-in, for the service reply.
+#[derive(Debug)]
+pub struct TeachOutcome {
+    /// Where the model went (empty on failure).
+    pub model_path: PathBuf,
+    /// Frames used.
+    pub frames_used: u32,
+    /// Seconds spent fitting.
+    pub fit_seconds: f32,
+    /// Model id of the new model, or why it failed.
+    pub result: Result<String, String>,
+}
+
+impl TeachOutcome {
+    fn failed(frames_used: u32, fit_seconds: f32, why: String) -> Self {
+        Self { model_path: PathBuf::new(), frames_used, fit_seconds, result: Err(why) }
+    }
+}
+
+/// Work for the inference thread besides frames.
+pub enum Command {
+    /// New parameter values; the reply says whether they are in force (a model that does not
+    /// load is refused and the current one stays).
+    Settings(Settings, oneshot::Sender<Result<(), String>>),
+    /// Load a model directory and switch to it; replies with its id or why not.
+    LoadModel(PathBuf, oneshot::Sender<Result<String, String>>),
+    /// Collect frames and fit a new model.
+    Teach {
+        /// Frames to collect.
+        frames: usize,
+        /// Model directory name under model_root.
+        name: String,
+        /// Give up collecting after this.
+        deadline: Instant,
+        /// Where the outcome goes.
+        reply: oneshot::Sender<TeachOutcome>,
+    },
+    /// A model fitted by a teach-in, ready to switch to.
+    Install(Box<Inspector>, PathBuf, u32, f32, oneshot::Sender<TeachOutcome>),
+}
+
+/// A result with the time its frame arrived (for the inspect service's "fresh frame" rule).
+#[derive(Clone)]
+pub struct Published {
+    /// When the frame arrived at the node.
+    pub received: Instant,
+    /// The result as published.
+    pub result: AnomalyResult,
+}
+
+/// Shared between the inference thread and the async side (subscriptions, services,
+/// diagnostics).
+pub struct Shared {
+    /// Frames and commands for the inference thread.
+    pub mailbox: Mailbox<Command>,
+    /// Status for diagnostics and services.
+    pub status: Mutex<Status>,
+    /// Latest camera intrinsics from camera_info.
+    pub camera: Mutex<Option<PinholeCamera>>,
+    /// Every published result, for the inspect service.
+    pub results: broadcast::Sender<Published>,
+}
+
+/// A teach-in collecting frames.
+struct TeachJob {
+    frames: usize,
+    name: String,
+    deadline: Instant,
+    collected: Vec<RgbImage>,
+    reply: oneshot::Sender<TeachOutcome>,
+}
+
+fn inspector_options(settings: &Settings) -> InspectorOptions {
+    InspectorOptions { device: settings.device, threshold: settings.threshold, postprocess: settings.postprocess.clone() }
+}
+
+/// Loads and checks a model on the configured device, logging what happened.
+fn load_inspector(path: &std::path::Path, settings: &Settings, logger: &str) -> Result<Inspector, String> {
+    let mut warn = |w: String| r2r::log_error!(logger, "{w}");
+    let insp = Inspector::load_checked(path, &inspector_options(settings), &mut warn).map_err(|e| e.to_string())?;
+    r2r::log_info!(
+        logger,
+        "model '{}' ({}) loaded from {} on device {}",
+        insp.model_id(),
+        insp.method(),
+        path.display(),
+        insp.device_name()
+    );
+    Ok(insp)
+}
+
+fn update_status_model(status: &Mutex<Status>, inspector: Option<&Inspector>) {
+    let mut st = status.locked();
+    st.model_id = inspector.map(|i| i.model_id().to_string());
+    st.method = inspector.map(|i| i.method().to_string()).unwrap_or_default();
+    st.device = inspector.map(Inspector::device_name).unwrap_or_default();
+}
+
+/// The inference thread's state between frames.
+struct InferenceLoop {
+    shared: Arc<Shared>,
+    settings: Settings,
+    inspector: Option<Inspector>,
+    teach: Option<TeachJob>,
+    errors: ErrorLog,
+    logger: String,
+}
+
+/// The inference thread's loop; returns when the mailbox is closed.
+pub fn run(shared: Arc<Shared>, settings: Settings, results: ResultPublishers, images: ImagePublishers, logger: String) {
+    let _inference = InferenceThread::enter(settings.inference_threads);
+    let inspector = match load_inspector(&settings.model, &settings, &logger) {
+        Ok(i) => Some(i),
+        Err(e) => {
+            r2r::log_error!(
+                &logger,
+                "cannot load model: {e}. Frames are dropped until a valid model is set \
+                 (parameter 'model', or the ~/load_model or ~/teach service)"
+            );
+            None
+        }
+    };
+    update_status_model(&shared.status, inspector.as_ref());
+    let mut state =
+        InferenceLoop { errors: ErrorLog::new(&logger), shared: shared.clone(), settings, inspector, teach: None, logger };
+    let mut images = match ImageThread::start(images) {
+        Ok(t) => t,
+        Err(e) => {
+            r2r::log_error!(&state.logger, "cannot start the image output thread: {e}; the node stops inspecting");
+            return;
+        }
+    };
+    let conversion = {
+        let shared = shared.clone();
+        std::thread::Builder::new().name("frame_conversion".into()).spawn(move || shared.mailbox.convert_frames())
+    };
+    let conversion = match conversion {
+        Ok(c) => c,
+        Err(e) => {
+            r2r::log_error!(&state.logger, "cannot start the frame conversion thread: {e}; the node stops inspecting");
+            images.stop();
+            return;
+        }
+    };
+
+    while let Some(work) = shared.mailbox.take(Duration::from_millis(200)) {
+        state.expire_teach_in();
+        match work {
+            Work::Tick => {}
+            Work::Command(cmd) => state.handle_command(cmd),
+            Work::Frame(frame) => state.inspect(frame, &results, &mut images),
+        }
+    }
+    let skipped = images.stop();
+    let _ = conversion.join();
+    let st = shared.status.locked().clone();
+    r2r::log_info!(
+        &state.logger,
+        "inference thread stopped: {} frames inspected, {} dropped as stale, {} rejected; \
+         images of {} frames skipped while the image thread was busy; last {} frames: latency median \
+         {:.2} ms, node overhead (conversion, ROI, messages) median {:.2} ms, waiting for inference median {:.2} ms",
+        st.inspected,
+        shared.mailbox.dropped.load(Ordering::Relaxed),
+        st.rejected,
+        skipped,
+        st.recent_latency_ms.len(),
+        median(&st.recent_latency_ms),
+        median(&st.recent_overhead_ms),
+        median(&st.recent_wait_ms)
+    );
+}
+
+impl InferenceLoop {
+    /// A teach-in that ran out of time fails; nothing else changes.
+    fn expire_teach_in(&mut self) {
+        if !self.teach.as_ref().is_some_and(|j| Instant::now() > j.deadline) {
+            return;
+        }
+        if let Some(job) = self.teach.take() {
+            let msg = format!(
+                "collected {} of {} frames before the timeout: is the camera publishing?",
+                job.collected.len(),
+                job.frames
+            );
+            r2r::log_error!(&self.logger, "teach-in failed: {msg}");
+            let _ = job.reply.send(TeachOutcome::failed(0, 0.0, msg));
+        }
+    }
+
+    /// Inspects one converted frame and publishes the outcome; a frame that cannot be used is
+    /// logged (once per kind) and counted.
+    fn inspect(&mut self, frame: PreparedFrame, results: &ResultPublishers, images: &mut ImageThread) {
+        let PreparedFrame { header, received, rgb, convert_ms } = frame;
+        let taken = Instant::now();
+        let shared = &self.shared;
+        let Some(insp) = self.inspector.as_ref() else {
+            self.errors.report(&shared.status, "no_model", "no model loaded".into());
+            return;
+        };
+        let rgb = match rgb {
+            Ok(rgb) => rgb,
+            Err((e, described)) => {
+                self.errors.report(&shared.status, e.kind(), format!("frame {described}: {e}"));
+                return;
+            }
+        };
+        let (inspection, part) = match insp.inspect_within(&rgb, self.settings.roi) {
+            Ok(i) => i,
+            Err(e) => {
+                self.errors.report(&shared.status, e.kind(), format!("inspection failed: {e}"));
+                return;
+            }
+        };
+        shared.mailbox.inspection_done(inspection.elapsed.as_secs_f64() * 1e3);
+        if let Some(job) = self.teach.as_mut() {
+            // Teach-in learns what the model sees: the ROI when one is set.
+            job.collected.push(part.unwrap_or_else(|| rgb.clone()));
+            if job.collected.len() >= job.frames {
+                if let Some(job) = self.teach.take() {
+                    start_fit(job, shared, &self.settings, insp, &self.logger);
+                }
+            }
+        }
+        let camera = *shared.camera.locked();
+        let info = FrameInfo { header: &header, received, model_id: insp.model_id(), method: insp.method() };
+        let result = results.publish(&info, &inspection, camera.as_ref(), &self.settings, &self.logger);
+        let latency_ms = received.elapsed().as_secs_f64() * 1e3;
+        let inspect_ms = inspection.elapsed.as_secs_f64() * 1e3;
+        if self.settings.publish_images {
+            // Drawn and published on the image thread while the next frame is inspected.
+            images.offer(&header, inspection, rgb);
+        }
+        let first = {
+            let mut st = shared.status.locked();
+            let own_ms = convert_ms + taken.elapsed().as_secs_f64() * 1e3 - inspect_ms;
+            st.record(latency_ms, own_ms, (latency_ms - inspect_ms - own_ms).max(0.0));
+            st.inspected == 1
+        };
+        let _ = shared.results.send(Published { received, result });
+        if first {
+            r2r::log_info!(&self.logger, "first frame inspected in {inspect_ms:.1} ms");
+        }
+    }
+
+    fn handle_command(&mut self, cmd: Command) {
+        let logger = self.logger.as_str();
+        match cmd {
+            Command::Settings(mut new, reply) => {
+                let mut outcome = Ok(());
+                if new.model != self.settings.model {
+                    match load_inspector(&new.model, &new, logger) {
+                        Ok(i) => self.inspector = Some(i),
+                        Err(e) => {
+                            r2r::log_error!(logger, "cannot load model {}: {e}; the current model stays", new.model.display());
+                            // The model in force stays the one teach-ins take their backbone from.
+                            new.model = self.settings.model.clone();
+                            outcome = Err(e);
+                        }
+                    }
+                }
+                if let Some(insp) = self.inspector.as_mut() {
+                    if let Err(e) = insp.set_threshold(new.threshold) {
+                        r2r::log_error!(logger, "{e}");
+                    }
+                    insp.set_postprocess(&new.postprocess);
+                }
+                self.settings = new;
+                let _ = reply.send(outcome);
+            }
+            Command::LoadModel(path, reply) => {
+                let outcome = load_inspector(&path, &self.settings, logger).map(|i| {
+                    let id = i.model_id().to_string();
+                    self.inspector = Some(i);
+                    self.settings.model = path.clone();
+                    id
+                });
+                if let Err(e) = &outcome {
+                    r2r::log_error!(logger, "cannot load model {}: {e}; the current model stays", path.display());
+                }
+                let _ = reply.send(outcome);
+            }
+            Command::Teach { frames, name, deadline, reply } => {
+                if self.teach.is_some() {
+                    let _ = reply.send(TeachOutcome::failed(0, 0.0, "a teach-in is already running".into()));
+                } else if self.inspector.is_none() {
+                    // Frames are only collected after inspection, which needs a model.
+                    let _ = reply.send(TeachOutcome::failed(
+                        0,
+                        0.0,
+                        "no model is loaded to take the configuration from; load one first (~/load_model)".into(),
+                    ));
+                } else {
+                    r2r::log_info!(logger, "teach-in: collecting {frames} good frames for model '{name}'");
+                    self.teach = Some(TeachJob { frames, name, deadline, collected: Vec::with_capacity(frames), reply });
+                }
+            }
+            Command::Install(insp, path, frames_used, fit_seconds, reply) => {
+                let id = insp.model_id().to_string();
+                r2r::log_info!(logger, "teach-in: switching to the new model '{id}' ({})", path.display());
+                let mut insp = *insp;
+                let _ = insp.set_threshold(self.settings.threshold);
+                insp.set_postprocess(&self.settings.postprocess);
+                self.inspector = Some(insp);
+                self.settings.model = path.clone();
+                let _ = reply.send(TeachOutcome { model_path: path, frames_used, fit_seconds, result: Ok(id) });
+            }
+        }
+        update_status_model(&self.shared.status, self.inspector.as_ref());
+    }
+}
+
+/// Fits the taught model on a thread of its own, so inspection goes on meanwhile; the frames are
+/// kept beside the model (`<model>.frames/train/good/`) so the teach-in can be audited and redone.
+fn start_fit(job: TeachJob, shared: &Arc<Shared>, settings: &Settings, current: &Inspector, logger: &str) {
+    let request = TeachRequest {
+        out: settings.model_root.join(&job.name),
+        frames_dir: settings.model_root.join(format!("{}.frames", job.name)),
+        name: job.name.clone(),
+    };
+    let base = TeachBase::of(current);
+    let shared = shared.clone();
+    let log = logger.to_string();
+    r2r::log_info!(logger, "teach-in: {} frames collected, fitting {}", job.collected.len(), request.out.display());
+    let spawned = std::thread::Builder::new().name("teach-fit".into()).spawn(move || {
+        let t0 = Instant::now();
+        let n = job.collected.len() as u32;
+        let fitted = teach(&job.collected, &base, &request);
+        let secs = t0.elapsed().as_secs_f32();
+        match fitted {
+            Ok(insp) => shared.mailbox.put_command(Command::Install(Box::new(insp), request.out, n, secs, job.reply)),
+            Err(e) => {
+                r2r::log_error!(&log, "teach-in failed: {e}");
+                let _ = job.reply.send(TeachOutcome::failed(n, secs, e.to_string()));
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        r2r::log_error!(logger, "teach-in: cannot start the fitting thread: {e}");
+    }
+}

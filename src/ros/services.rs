@@ -1,0 +1,232 @@
+//! The node's services: `~/inspect` (the verdict on the next fresh frame, for behaviour
+//! trees), `~/teach` (fit a new model on the next good frames), `~/load_model` and
+//! `~/set_threshold`. Each answers from its own task, so a slow one never holds up another.
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use r2r::anomaly_inspector_msgs::msg::AnomalyResult;
+use r2r::anomaly_inspector_msgs::srv::{Inspect, LoadModel, SetThreshold, Teach};
+use r2r::QosProfile;
+use tokio::sync::{broadcast, oneshot};
+
+use super::inference::{Command, Shared};
+use super::params::{CheckedParams, NodeParams};
+use super::LockOrRecover as _;
+
+/// r2r's own copy of the parameter values: it decides whether a set_parameters call is a change
+/// (and so raises an event), so services that change a parameter must update it too.
+pub type NodeParamMap = Arc<Mutex<r2r::indexmap::IndexMap<String, r2r::Parameter>>>;
+
+/// Stores `value` for `name` in r2r's copy (see [`NodeParamMap`]). Never call it holding our
+/// struct's lock: r2r's get_parameters takes the map's lock, then ours.
+pub fn store(node_params: &NodeParamMap, name: &str, value: r2r::ParameterValue) {
+    if let Some(p) = node_params.locked().get_mut(name) {
+        p.value = value;
+    }
+}
+
+/// Records a model switched to by a service as the `model` parameter, so that the parameter
+/// tells the truth and a later parameter change does not load the previous model again.
+fn model_in_force(params: &Mutex<CheckedParams>, node_params: &NodeParamMap, path: &std::path::Path) {
+    let model = path.to_string_lossy().into_owned();
+    {
+        let mut p = params.locked();
+        p.values.model = model.clone();
+        p.in_force.model = model.clone();
+    }
+    store(node_params, "model", r2r::ParameterValue::String(model));
+}
+
+const DEFAULT_INSPECT_TIMEOUT_S: f32 = 5.0;
+const DEFAULT_TEACH_FRAMES: u32 = 30;
+/// Teach-in frames are held in memory until the fit (500 frames of 1280x1024 RGB: 2 GB), and
+/// PatchCore needs far fewer; a larger request is refused rather than risk the node's memory.
+pub const MAX_TEACH_FRAMES: u32 = 500;
+const DEFAULT_TEACH_TIMEOUT_S: f32 = 120.0;
+
+fn timeout_or(value: f32, default: f32) -> Duration {
+    Duration::from_secs_f32(if value > 0.0 && value.is_finite() { value.min(3600.0) } else { default })
+}
+
+/// Why no result came: the most useful thing the node knows.
+fn no_result_reason(shared: &Shared, waited: Duration) -> String {
+    let st = shared.status.locked().clone();
+    let received = shared.mailbox.received.load(Ordering::Relaxed);
+    match (&st.model_id, received, &st.last_error) {
+        (None, _, _) => "no model loaded (set parameter 'model' or call ~/load_model or ~/teach)".into(),
+        (_, 0, _) => format!(
+            "no frame arrived within {:.1} s: is the camera publishing on the remapped 'image' topic?",
+            waited.as_secs_f32()
+        ),
+        (_, _, Some(e)) => format!("no fresh frame inspected within {:.1} s; last error: {e}", waited.as_secs_f32()),
+        _ => format!("no fresh frame inspected within {:.1} s", waited.as_secs_f32()),
+    }
+}
+
+/// Creates the services and answers them on `rt`.
+pub fn spawn_services(
+    node: &mut r2r::Node,
+    rt: &tokio::runtime::Runtime,
+    shared: &Arc<Shared>,
+    params: &Arc<Mutex<CheckedParams>>,
+    node_params: &NodeParamMap,
+    logger: &str,
+) -> anyhow::Result<()> {
+    let qos = QosProfile::services_default();
+
+    let mut inspect = node.create_service::<Inspect::Service>("~/inspect", qos.clone())?;
+    let sh = shared.clone();
+    rt.spawn(async move {
+        while let Some(req) = inspect.next().await {
+            let sh = sh.clone();
+            // Each call waits on its own task, so several trees can ask at once.
+            tokio::spawn(async move {
+                let asked = Instant::now();
+                let wait = timeout_or(req.message.timeout_s, DEFAULT_INSPECT_TIMEOUT_S);
+                let mut rx = sh.results.subscribe();
+                let fresh = tokio::time::timeout(wait, async {
+                    loop {
+                        match rx.recv().await {
+                            Ok(p) if p.received >= asked => return Some(p.result),
+                            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                            Err(broadcast::error::RecvError::Closed) => return None,
+                        }
+                    }
+                })
+                .await
+                .ok()
+                .flatten();
+                let response = match fresh {
+                    Some(result) => Inspect::Response { success: true, message: String::new(), result },
+                    None => Inspect::Response {
+                        success: false,
+                        message: no_result_reason(&sh, wait),
+                        result: AnomalyResult::default(),
+                    },
+                };
+                let _ = req.respond(response);
+            });
+        }
+    });
+
+    let mut teach = node.create_service::<Teach::Service>("~/teach", qos.clone())?;
+    let sh = shared.clone();
+    let log = logger.to_string();
+    let prm = params.clone();
+    let np = node_params.clone();
+    rt.spawn(async move {
+        while let Some(req) = teach.next().await {
+            let frames = if req.message.num_frames == 0 { DEFAULT_TEACH_FRAMES } else { req.message.num_frames };
+            let bad_name = |n: &str| n.contains('/') || n.contains("..") || n.starts_with('.');
+            let name = if req.message.model_name.trim().is_empty() {
+                format!(
+                    "taught_{}",
+                    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+                )
+            } else {
+                req.message.model_name.trim().to_string()
+            };
+            if !(2..=MAX_TEACH_FRAMES).contains(&frames) || bad_name(&name) {
+                let message = if frames < 2 {
+                    format!("num_frames {frames}: need at least 2 good frames (one to fit, one to calibrate)")
+                } else if frames > MAX_TEACH_FRAMES {
+                    format!("num_frames {frames}: at most {MAX_TEACH_FRAMES} frames (they are held in memory until the fit)")
+                } else {
+                    format!("model_name '{name}': use a plain directory name (no '/', no leading '.')")
+                };
+                r2r::log_error!(&log, "teach refused: {message}");
+                let _ = req.respond(Teach::Response { success: false, message, ..Default::default() });
+                continue;
+            }
+            let (tx, rx) = oneshot::channel();
+            let deadline = Instant::now() + timeout_or(req.message.timeout_s, DEFAULT_TEACH_TIMEOUT_S);
+            sh.mailbox.put_command(Command::Teach { frames: frames as usize, name, deadline, reply: tx });
+            let (prm, np) = (prm.clone(), np.clone());
+            tokio::spawn(async move {
+                let response = match rx.await {
+                    Ok(o) => {
+                        if o.result.is_ok() {
+                            model_in_force(&prm, &np, &o.model_path);
+                        }
+                        Teach::Response {
+                            success: o.result.is_ok(),
+                            message: match &o.result {
+                                Ok(id) => format!("model '{id}' fitted on {} frames and in use", o.frames_used),
+                                Err(e) => e.clone(),
+                            },
+                            model_path: o.model_path.to_string_lossy().into_owned(),
+                            frames_used: o.frames_used,
+                            fit_seconds: o.fit_seconds,
+                        }
+                    }
+                    Err(_) => Teach::Response { success: false, message: "node shutting down".into(), ..Default::default() },
+                };
+                let _ = req.respond(response);
+            });
+        }
+    });
+
+    let mut load = node.create_service::<LoadModel::Service>("~/load_model", qos.clone())?;
+    let sh = shared.clone();
+    let prm = params.clone();
+    let np = node_params.clone();
+    rt.spawn(async move {
+        while let Some(req) = load.next().await {
+            let path = PathBuf::from(req.message.model.trim());
+            let (tx, rx) = oneshot::channel();
+            sh.mailbox.put_command(Command::LoadModel(path.clone(), tx));
+            let prm = prm.clone();
+            let np = np.clone();
+            tokio::spawn(async move {
+                let response = match rx.await {
+                    Ok(Ok(id)) => {
+                        model_in_force(&prm, &np, &path);
+                        LoadModel::Response { success: true, message: format!("model '{id}' in use"), model_id: id }
+                    }
+                    Ok(Err(e)) => LoadModel::Response { success: false, message: e, model_id: String::new() },
+                    Err(_) => {
+                        LoadModel::Response { success: false, message: "node shutting down".into(), model_id: String::new() }
+                    }
+                };
+                let _ = req.respond(response);
+            });
+        }
+    });
+
+    let mut threshold = node.create_service::<SetThreshold::Service>("~/set_threshold", qos)?;
+    let sh = shared.clone();
+    let prm = params.clone();
+    let np = node_params.clone();
+    let log = logger.to_string();
+    rt.spawn(async move {
+        while let Some(req) = threshold.next().await {
+            let t = req.message.threshold;
+            let response = {
+                let mut p = prm.locked();
+                let candidate = NodeParams { threshold: f64::from(t), ..p.in_force.clone() };
+                match candidate.settings() {
+                    Ok(s) => {
+                        p.values.threshold = f64::from(t);
+                        p.in_force.threshold = f64::from(t);
+                        let (tx, _) = oneshot::channel();
+                        sh.mailbox.put_command(Command::Settings(s, tx));
+                        r2r::log_info!(&log, "threshold set to {t}");
+                        SetThreshold::Response { success: true, message: format!("threshold {t} in force from the next frame") }
+                    }
+                    Err(e) => {
+                        r2r::log_error!(&log, "set_threshold {t} refused: {e}; the threshold stays {}", p.threshold);
+                        SetThreshold::Response { success: false, message: e.to_string() }
+                    }
+                }
+            };
+            if response.success {
+                store(&np, "threshold", r2r::ParameterValue::Double(f64::from(t)));
+            }
+            let _ = req.respond(response);
+        }
+    });
+    Ok(())
+}
