@@ -34,10 +34,10 @@ fn main() -> anyhow::Result<()> {
     let cfg = model.config().clone();
     let pre = Preprocessor::new(&cfg.preprocess, Device::Cpu)?;
     let data = MvtecDataset::open(&root)?;
-    let mut names = vec![format!("blur {} (one scale)", cfg.blur_sigma)];
+    let mut names = vec![format!("blur {} (one scale)", cfg.map.blur_sigma)];
     for s in &scales {
         names.push(format!("blur {s} alone"));
-        names.push(format!("max(blur {}, coarse {s})", cfg.blur_sigma));
+        names.push(format!("max(blur {}, coarse {s})", cfg.map.blur_sigma));
     }
     let mut pixels = vec![PixelScores::new(); names.len()];
     for sample in &data.test {
@@ -56,7 +56,7 @@ fn main() -> anyhow::Result<()> {
             }
             _ => vec![false; (SIDE * SIDE) as usize],
         };
-        let fine = gaussian_blur(&up, cfg.blur_sigma)?;
+        let fine = gaussian_blur(&up, cfg.map.blur_sigma)?;
         let mut maps = vec![fine.shallow_clone()];
         for &s in &scales {
             maps.push(gaussian_blur(&up, s)?);

@@ -12,6 +12,7 @@
 //! below `eval`'s; they compare variants with each other.
 use std::path::PathBuf;
 
+use anomaly_inspector::config::Search;
 use anomaly_inspector::dataset::{load_mask, MvtecDataset};
 use anomaly_inspector::metrics::{auroc, pixel_metrics, PixelScores, AUPRO_FPR_LIMIT};
 use anomaly_inspector::models::backbone::Backbone;
@@ -40,8 +41,9 @@ fn main() -> anyhow::Result<()> {
     let votes = std::env::var_os("VOTES").is_some();
     let _guard = tch::no_grad_guard();
     // The bank `fit --retrieval-images` builds, without its row limit (every image keeps its 10 %).
-    let cfg = PatchCoreConfig { retrieval_images: 1, max_bank_size: usize::MAX, ..PatchCoreConfig::default() };
-    let backbone = Backbone::new(&anomaly_inspector::config::default_backbone_weights(), &cfg.backbone, Device::Cpu)?;
+    let mut cfg = PatchCoreConfig { search: Search::Retrieval { images: 1 }, ..PatchCoreConfig::default() };
+    cfg.coreset.max_rows = usize::MAX;
+    let backbone = Backbone::new(&cfg.backbone, &anomaly_inspector::config::default_backbone_weights(), Device::Cpu)?;
     let pre = Preprocessor::new(&cfg.preprocess, Device::Cpu)?;
     let data = MvtecDataset::open(&root)?;
     let (fit, _) = anomaly_inspector::training::split_holdout(&data.train_good, 5);
@@ -93,8 +95,10 @@ fn main() -> anyhow::Result<()> {
             };
             let score = dist.max().double_value(&[]);
             image_scores[v].push((score as f32, group != 0));
-            let map =
-                gaussian_blur(&dist.view([1, 1, fh, fw]).upsample_bilinear2d([SIDE, SIDE], false, None, None), cfg.blur_sigma)?;
+            let map = gaussian_blur(
+                &dist.view([1, 1, fh, fw]).upsample_bilinear2d([SIDE, SIDE], false, None, None),
+                cfg.map.blur_sigma,
+            )?;
             let median = dist.median().double_value(&[]);
             for (m, mode) in modes.iter().enumerate() {
                 let map = match mode {

@@ -104,9 +104,74 @@ impl Default for PreprocessConfig {
     }
 }
 
+/// How the memory bank is chosen from the training patches: greedy k-center coreset.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CoresetConfig {
+    /// Fraction of training patches kept (0..=1).
+    pub ratio: f64,
+    /// Upper bound on memory-bank rows, whatever the ratio gives (bounds memory and kNN cost).
+    pub max_rows: usize,
+    /// Dimension of the random projection the selection runs in. 64 halves the cost of 128 and
+    /// chose as well as the exact selection on Magnetic-Tile (README, "Fit speed").
+    pub projection_dim: i64,
+}
+
+/// How each frame's patches find their nearest memory-bank rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Search {
+    /// The whole bank, exactly (the paper's).
+    Exact,
+    /// Approximate on the CPU, over the `probes` nearest of about sqrt(bank rows) k-means
+    /// cells: much faster on large banks, at a small measured accuracy cost (README, "Speed").
+    /// A GPU always searches exactly.
+    Approximate {
+        /// Cells searched per patch (>= 1).
+        probes: usize,
+    },
+    /// SPADE's image retrieval step (Cohen and Hoshen, "Sub-Image Anomaly Detection with Deep
+    /// Pyramid Correspondences", 2020): only the rows of the `images` training images whose
+    /// feature statistics are nearest to the frame's. Needs a bank fitted with it (each training
+    /// image then keeps its own coreset, tagged with the image). Faster than a whole-bank search
+    /// and, on Magnetic-Tile, more accurate (README).
+    Retrieval {
+        /// Training images searched per frame (>= 1).
+        images: usize,
+    },
+}
+
+/// How a frame's patch scores become its anomaly map.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MapSmoothing {
+    /// Standard deviation (input pixels) of the Gaussian that smooths the map (paper: 4).
+    pub blur_sigma: f64,
+    /// A second, wide smoothing (input pixels): each pixel scores at least the Gaussian-weighted
+    /// mean of the patch scores around it at this scale. Small sharp defects keep the
+    /// `blur_sigma` map's peaks; a large, low-contrast defect (a band of another texture, whose
+    /// patches each look normal) is filled in from its border. On Magnetic-Tile, 32 raised
+    /// pixel AUROC and AUPRO together (README).
+    pub coarse_blur_sigma: Option<f64>,
+    /// Feature-guided smoothing of each frame's patch scores before the map is drawn: each
+    /// patch takes the mean score of the patches of the same frame that look like it, each
+    /// weighed by exp(-|f_p - f_q|^2 / (2 b^2 m)) with b this bandwidth and m the frame's median
+    /// squared feature distance, and by the Gaussian of `guided_sigma` on their distance. A
+    /// defect region of one texture (uneven surface, say) then scores as a whole, its plain
+    /// patches lifted by its most anomalous ones, without spreading into the different-looking
+    /// normal surface around it (a bilateral filter, guided by the patch features instead of
+    /// intensity). The image score is left as the paper's. On Magnetic-Tile, 0.45 raised pixel
+    /// AUROC, AUPRO about even (README).
+    pub guided_bandwidth: Option<f64>,
+    /// Spatial reach (input pixels) of the feature-guided smoothing: the standard deviation of
+    /// the Gaussian on the distance between two patches. Kept as given when the smoothing is off.
+    pub guided_sigma: f64,
+}
+
 /// PatchCore settings (Roth et al., "Towards Total Recall in Industrial Anomaly Detection").
+///
+/// In model.json the settings are one flat object whose switches are "0 = off" (the file format
+/// of every model written so far); here every option is typed, and
+/// parsing that object checks it once.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(try_from = "PatchCoreFile", into = "PatchCoreFile")]
 pub struct PatchCoreConfig {
     /// Feature extractor and layers.
     pub backbone: BackboneConfig,
@@ -114,65 +179,26 @@ pub struct PatchCoreConfig {
     /// area), so that a texture keeps its scale in every image, whatever the part's outline;
     /// on Magnetic-Tile this raised pixel AUROC and AUPRO against a stretch (README). A
     /// model.json that names no `resize` (written before it existed) stretches, as fitted.
-    #[serde(default)]
     pub preprocess: PreprocessConfig,
     /// Side of the local neighbourhood averaged around each patch (paper: 3).
     pub neighbourhood: i64,
-    /// Fraction of training patches kept in the memory bank by greedy k-center coreset (0..=1).
-    pub coreset_ratio: f64,
-    /// Upper bound on memory-bank rows, whatever the ratio gives (bounds memory and kNN cost).
-    pub max_bank_size: usize,
-    /// Dimension of the random projection the coreset selection runs in. 64 halves the cost of
-    /// 128 and chose as well as the exact selection on Magnetic-Tile (README, "Fit speed").
-    pub coreset_projection_dim: i64,
+    /// How the memory bank is chosen.
+    pub coreset: CoresetConfig,
     /// Neighbours used for the paper's image-score reweighting.
     pub num_neighbors: i64,
-    /// Standard deviation (input pixels) of the Gaussian that smooths the anomaly map.
-    pub blur_sigma: f64,
-    /// A second, wide smoothing (input pixels; 0 = off): each pixel scores at least the
-    /// Gaussian-weighted mean of the patch scores around it at this scale. Small sharp defects
-    /// keep the `blur_sigma` map's peaks; a large, low-contrast defect (a band of another
-    /// texture, whose patches each look normal) is filled in from its border. On Magnetic-Tile,
-    /// 32 raised pixel AUROC and AUPRO together (README). Absent from a model.json written
-    /// before it existed: 0 there, so that such a model's maps and thresholds stay as fitted.
-    #[serde(default)]
-    pub coarse_blur_sigma: f64,
-    /// Local density normalisation (0 = off, the paper's raw distances): each patch's distance to
+    /// Local density normalisation (`None`: the paper's raw distances): each patch's distance to
     /// its nearest bank row is divided by that row's distance to its k-th nearest other row, so
     /// that a step off a tight cluster of normal patches (a smooth texture) counts as much as a
     /// longer one off a loose cluster (a streaky one), as in the local outlier factor. On
-    /// Magnetic-Tile, 5 raised image and pixel AUROC, AUPRO about even (README). Absent from a
-    /// model.json written before it existed: 0 there, so that such a model scores as fitted.
-    #[serde(default)]
-    pub density_neighbors: i64,
-    /// Feature-guided smoothing of each frame's patch scores before the map is drawn (0 = off):
-    /// each patch takes the mean score of the patches of the same frame that look like it, each
-    /// weighed by exp(-|f_p - f_q|^2 / (2 b^2 m)) with b this bandwidth and m the frame's median
-    /// squared feature distance, and by the Gaussian of `guided_sigma` on their distance. A
-    /// defect region of one texture (uneven surface, say) then scores as a whole, its plain
-    /// patches lifted by its most anomalous ones, without spreading into the different-looking
-    /// normal surface around it (a bilateral filter, guided by the patch features instead of
-    /// intensity). The image score is left as the paper's. On Magnetic-Tile, 0.45 raised pixel
-    /// AUROC, AUPRO about even (README). Absent from a model.json written before it existed: 0
-    /// there, so that such a model's maps stay as fitted.
-    #[serde(default)]
-    pub guided_bandwidth: f64,
-    /// Spatial reach (input pixels) of the feature-guided smoothing: the standard deviation of
-    /// the Gaussian on the distance between two patches.
-    pub guided_sigma: f64,
-    /// Seed of every random choice (projection, coreset start), for reproducible models.
+    /// Magnetic-Tile, 5 raised image and pixel AUROC, AUPRO about even (README).
+    pub density_neighbors: Option<i64>,
+    /// How the bank is searched at inference.
+    pub search: Search,
+    /// How patch scores become the map.
+    pub map: MapSmoothing,
+    /// Seed of every random choice (projection, coreset start, search cells), for reproducible
+    /// models.
     pub seed: u64,
-    /// Nearest-neighbour search at inference: 0 = exact; N > 0 = approximate on the CPU, over
-    /// the N nearest of about sqrt(bank rows) k-means cells (much faster on large banks, at a
-    /// small measured accuracy cost; README, "Speed"). A GPU always searches exactly.
-    pub knn_probes: usize,
-    /// SPADE's image retrieval step (Cohen and Hoshen, "Sub-Image Anomaly Detection with Deep
-    /// Pyramid Correspondences", 2020): 0 = classic PatchCore, search the whole bank; K > 0 =
-    /// search only the rows of the K training images whose feature statistics are nearest to
-    /// the frame's. Needs a bank fitted with it (each training image then keeps its own
-    /// coreset, tagged with the image); K may be changed later in model.json, 0 switches it off.
-    /// Faster than a whole-bank search and, on Magnetic-Tile, more accurate (README).
-    pub retrieval_images: usize,
 }
 
 impl Default for PatchCoreConfig {
@@ -181,18 +207,17 @@ impl Default for PatchCoreConfig {
             backbone: BackboneConfig::default(),
             preprocess: PreprocessConfig { resize: Resize::KeepAspect, ..PreprocessConfig::default() },
             neighbourhood: 3,
-            coreset_ratio: 0.1,
-            max_bank_size: 40_000,
-            coreset_projection_dim: 64,
+            coreset: CoresetConfig { ratio: 0.1, max_rows: 40_000, projection_dim: 64 },
             num_neighbors: 9,
-            blur_sigma: 4.0,
-            coarse_blur_sigma: 32.0,
-            density_neighbors: 5,
-            guided_bandwidth: 0.45,
-            guided_sigma: 48.0,
+            density_neighbors: Some(5),
+            search: Search::Exact,
+            map: MapSmoothing {
+                blur_sigma: 4.0,
+                coarse_blur_sigma: Some(32.0),
+                guided_bandwidth: Some(0.45),
+                guided_sigma: 48.0,
+            },
             seed: 0,
-            knn_probes: 0,
-            retrieval_images: 0,
         }
     }
 }
@@ -204,8 +229,8 @@ impl PatchCoreConfig {
         if !(32..=2048).contains(&h) || !(32..=2048).contains(&w) {
             return Err(Error::Config(format!("image_size {h}x{w}: each side must be 32..=2048")));
         }
-        if !(self.coreset_ratio > 0.0 && self.coreset_ratio <= 1.0) {
-            return Err(Error::Config(format!("coreset_ratio {}: must be in (0, 1]", self.coreset_ratio)));
+        if !(self.coreset.ratio > 0.0 && self.coreset.ratio <= 1.0) {
+            return Err(Error::Config(format!("coreset_ratio {}: must be in (0, 1]", self.coreset.ratio)));
         }
         if self.neighbourhood < 1 || self.neighbourhood % 2 == 0 {
             return Err(Error::Config(format!("neighbourhood {}: must be odd and >= 1", self.neighbourhood)));
@@ -213,30 +238,134 @@ impl PatchCoreConfig {
         if self.backbone.layers.is_empty() {
             return Err(Error::Config("backbone.layers is empty: name at least one layer".into()));
         }
-        if self.num_neighbors < 1 || self.max_bank_size < 1 || self.coreset_projection_dim < 1 {
+        if self.num_neighbors < 1 || self.coreset.max_rows < 1 || self.coreset.projection_dim < 1 {
             return Err(Error::Config("num_neighbors, max_bank_size and coreset_projection_dim must be >= 1".into()));
         }
-        if self.retrieval_images > 0 && self.knn_probes > 0 {
-            return Err(Error::Config(
-                "retrieval_images and knn_probes both speed up the search in their own way: set one of them to 0".into(),
-            ));
+        match self.search {
+            Search::Approximate { probes: 0 } | Search::Retrieval { images: 0 } => {
+                return Err(Error::Config("knn_probes and retrieval_images count from 1 (0 = off)".into()))
+            }
+            Search::Exact | Search::Approximate { .. } | Search::Retrieval { .. } => {}
         }
-        if !(self.blur_sigma >= 0.0) {
-            return Err(Error::Config(format!("blur_sigma {}: must be >= 0", self.blur_sigma)));
+        let map = &self.map;
+        if !(map.blur_sigma >= 0.0) {
+            return Err(Error::Config(format!("blur_sigma {}: must be >= 0", map.blur_sigma)));
         }
-        if !(self.coarse_blur_sigma >= 0.0 && self.coarse_blur_sigma <= 1024.0) {
-            return Err(Error::Config(format!("coarse_blur_sigma {}: must be in 0..=1024 (0 = off)", self.coarse_blur_sigma)));
+        if let Some(s) = map.coarse_blur_sigma.filter(|s| !(*s > 0.0 && *s <= 1024.0)) {
+            return Err(Error::Config(format!("coarse_blur_sigma {s}: must be in 0..=1024 (0 = off)")));
         }
-        if !(0..=1024).contains(&self.density_neighbors) {
-            return Err(Error::Config(format!("density_neighbors {}: must be in 0..=1024 (0 = off)", self.density_neighbors)));
+        if let Some(k) = self.density_neighbors.filter(|k| !(1..=1024).contains(k)) {
+            return Err(Error::Config(format!("density_neighbors {k}: must be in 0..=1024 (0 = off)")));
         }
-        if !(self.guided_bandwidth >= 0.0 && self.guided_bandwidth <= 100.0) {
-            return Err(Error::Config(format!("guided_bandwidth {}: must be in 0..=100 (0 = off)", self.guided_bandwidth)));
+        if let Some(b) = map.guided_bandwidth.filter(|b| !(*b > 0.0 && *b <= 100.0)) {
+            return Err(Error::Config(format!("guided_bandwidth {b}: must be in 0..=100 (0 = off)")));
         }
-        if !(self.guided_sigma > 0.0 && self.guided_sigma <= 4096.0) {
-            return Err(Error::Config(format!("guided_sigma {}: must be in (0, 4096] input pixels", self.guided_sigma)));
+        if !(map.guided_sigma > 0.0 && map.guided_sigma <= 4096.0) {
+            return Err(Error::Config(format!("guided_sigma {}: must be in (0, 4096] input pixels", map.guided_sigma)));
         }
         Ok(())
+    }
+}
+
+/// [`PatchCoreConfig`] as model.json stores it: one flat object whose switches are "0 = off".
+/// Keys added after the first models were written default to off, so that such a model scores,
+/// and its maps and thresholds stay, as fitted.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct PatchCoreFile {
+    backbone: BackboneConfig,
+    #[serde(default)]
+    preprocess: PreprocessConfig,
+    neighbourhood: i64,
+    coreset_ratio: f64,
+    max_bank_size: usize,
+    coreset_projection_dim: i64,
+    num_neighbors: i64,
+    blur_sigma: f64,
+    #[serde(default)]
+    coarse_blur_sigma: f64,
+    #[serde(default)]
+    density_neighbors: i64,
+    #[serde(default)]
+    guided_bandwidth: f64,
+    guided_sigma: f64,
+    seed: u64,
+    knn_probes: usize,
+    retrieval_images: usize,
+}
+
+impl Default for PatchCoreFile {
+    /// Today's defaults for every key but the switches named above, which the field-level serde
+    /// defaults turn off.
+    fn default() -> Self {
+        PatchCoreConfig::default().into()
+    }
+}
+
+impl From<PatchCoreConfig> for PatchCoreFile {
+    fn from(c: PatchCoreConfig) -> Self {
+        let (knn_probes, retrieval_images) = match c.search {
+            Search::Exact => (0, 0),
+            Search::Approximate { probes } => (probes, 0),
+            Search::Retrieval { images } => (0, images),
+        };
+        Self {
+            backbone: c.backbone,
+            preprocess: c.preprocess,
+            neighbourhood: c.neighbourhood,
+            coreset_ratio: c.coreset.ratio,
+            max_bank_size: c.coreset.max_rows,
+            coreset_projection_dim: c.coreset.projection_dim,
+            num_neighbors: c.num_neighbors,
+            blur_sigma: c.map.blur_sigma,
+            coarse_blur_sigma: c.map.coarse_blur_sigma.unwrap_or(0.0),
+            density_neighbors: c.density_neighbors.unwrap_or(0),
+            guided_bandwidth: c.map.guided_bandwidth.unwrap_or(0.0),
+            guided_sigma: c.map.guided_sigma,
+            seed: c.seed,
+            knn_probes,
+            retrieval_images,
+        }
+    }
+}
+
+impl TryFrom<PatchCoreFile> for PatchCoreConfig {
+    type Error = Error;
+    fn try_from(f: PatchCoreFile) -> Result<Self> {
+        let search = match (f.knn_probes, f.retrieval_images) {
+            (0, 0) => Search::Exact,
+            (probes, 0) => Search::Approximate { probes },
+            (0, images) => Search::Retrieval { images },
+            (_, _) => {
+                return Err(Error::Config(
+                    "retrieval_images and knn_probes both speed up the search in their own way: set one of them to 0".into(),
+                ))
+            }
+        };
+        // "0 = off"; a negative value stays, for validate() to refuse with its range.
+        let off_at_zero = |v: f64| (v != 0.0).then_some(v);
+        let config = Self {
+            backbone: f.backbone,
+            preprocess: f.preprocess,
+            neighbourhood: f.neighbourhood,
+            coreset: CoresetConfig {
+                ratio: f.coreset_ratio,
+                max_rows: f.max_bank_size,
+                projection_dim: f.coreset_projection_dim,
+            },
+            num_neighbors: f.num_neighbors,
+            density_neighbors: (f.density_neighbors != 0).then_some(f.density_neighbors),
+            search,
+            map: MapSmoothing {
+                blur_sigma: f.blur_sigma,
+                coarse_blur_sigma: off_at_zero(f.coarse_blur_sigma),
+                guided_bandwidth: off_at_zero(f.guided_bandwidth),
+                guided_sigma: f.guided_sigma,
+            },
+            seed: f.seed,
+        };
+        config.validate()?;
+        Ok(config)
     }
 }
 
@@ -452,25 +581,49 @@ mod tests {
 
     #[test]
     fn a_patchcore_model_json_from_before_the_coarse_map_and_density_keeps_them_off() {
-        assert_eq!(PatchCoreConfig::default().coarse_blur_sigma, 32.0);
-        assert_eq!(PatchCoreConfig::default().density_neighbors, 5);
+        assert_eq!(PatchCoreConfig::default().map.coarse_blur_sigma, Some(32.0));
+        assert_eq!(PatchCoreConfig::default().density_neighbors, Some(5));
         let old: PatchCoreConfig = serde_json::from_str(r#"{"blur_sigma": 4.0, "coreset_ratio": 0.1}"#).unwrap();
-        assert_eq!(old.coarse_blur_sigma, 0.0, "an older model's maps and thresholds stay as fitted");
-        assert_eq!(old.density_neighbors, 0, "an older model's scores and thresholds stay as fitted");
-        assert_eq!(old.guided_bandwidth, 0.0, "an older model's maps stay as fitted");
+        assert_eq!(old.map.coarse_blur_sigma, None, "an older model's maps and thresholds stay as fitted");
+        assert_eq!(old.density_neighbors, None, "an older model's scores and thresholds stay as fitted");
+        assert_eq!(old.map.guided_bandwidth, None, "an older model's maps stay as fitted");
         assert_eq!(PatchCoreConfig::default().preprocess.resize, Resize::KeepAspect);
         assert_eq!(old.preprocess.resize, Resize::Stretch, "an older model.json has its preprocess, stretch if it names none");
         assert_eq!(old.neighbourhood, PatchCoreConfig::default().neighbourhood, "other absent keys take the defaults");
         let json = serde_json::to_string(&PatchCoreConfig::default()).unwrap();
         assert_eq!(serde_json::from_str::<PatchCoreConfig>(&json).unwrap(), PatchCoreConfig::default());
-        let bad = PatchCoreConfig { coarse_blur_sigma: -1.0, ..PatchCoreConfig::default() };
-        assert!(bad.validate().unwrap_err().to_string().contains("coarse_blur_sigma"));
-        let bad = PatchCoreConfig { density_neighbors: -1, ..PatchCoreConfig::default() };
+        let with_map = |f: fn(&mut MapSmoothing)| {
+            let mut c = PatchCoreConfig::default();
+            f(&mut c.map);
+            c.validate().unwrap_err().to_string()
+        };
+        assert!(with_map(|m| m.coarse_blur_sigma = Some(-1.0)).contains("coarse_blur_sigma"));
+        assert!(with_map(|m| m.guided_bandwidth = Some(f64::NAN)).contains("guided_bandwidth"));
+        assert!(with_map(|m| m.guided_sigma = 0.0).contains("guided_sigma"));
+        let bad = PatchCoreConfig { density_neighbors: Some(-1), ..PatchCoreConfig::default() };
         assert!(bad.validate().unwrap_err().to_string().contains("density_neighbors"));
-        let bad = PatchCoreConfig { guided_bandwidth: f64::NAN, ..PatchCoreConfig::default() };
-        assert!(bad.validate().unwrap_err().to_string().contains("guided_bandwidth"));
-        let bad = PatchCoreConfig { guided_sigma: 0.0, ..PatchCoreConfig::default() };
-        assert!(bad.validate().unwrap_err().to_string().contains("guided_sigma"));
+    }
+
+    #[test]
+    fn model_json_switches_become_typed_options_and_round_trip_as_written() {
+        // The flat form every model.json has: "0 = off", the two search speed-ups exclusive.
+        let json = r#"{"knn_probes": 4, "coarse_blur_sigma": 0, "density_neighbors": 7, "guided_bandwidth": 0,
+                       "guided_sigma": 20, "max_bank_size": 150}"#;
+        let c: PatchCoreConfig = serde_json::from_str(json).unwrap();
+        assert_eq!(c.search, Search::Approximate { probes: 4 });
+        assert_eq!((c.map.coarse_blur_sigma, c.map.guided_bandwidth, c.map.guided_sigma), (None, None, 20.0));
+        assert_eq!((c.density_neighbors, c.coreset.max_rows), (Some(7), 150));
+        let written = serde_json::to_value(&c).unwrap();
+        for (key, value) in [("knn_probes", 4.0), ("retrieval_images", 0.0), ("coarse_blur_sigma", 0.0), ("guided_sigma", 20.0)] {
+            assert_eq!(written[key].as_f64(), Some(value), "{key}: {written}");
+        }
+        let retrieval: PatchCoreConfig = serde_json::from_str(r#"{"retrieval_images": 3}"#).unwrap();
+        assert_eq!(retrieval.search, Search::Retrieval { images: 3 });
+        let both = serde_json::from_str::<PatchCoreConfig>(r#"{"retrieval_images": 3, "knn_probes": 2}"#).unwrap_err();
+        assert!(both.to_string().contains("set one of them to 0"), "{both}");
+        let negative = serde_json::from_str::<PatchCoreConfig>(r#"{"coarse_blur_sigma": -2}"#).unwrap_err();
+        assert!(negative.to_string().contains("coarse_blur_sigma -2"), "{negative}");
+        assert!(serde_json::from_str::<PatchCoreConfig>(r#"{"blur_sigmaa": 2}"#).is_err(), "typos are refused");
     }
 
     #[test]

@@ -108,7 +108,7 @@ impl Inspector {
     /// Loads the model directory `model_dir` onto `device`.
     pub fn new(model_dir: &Path, device: Device, postprocess: &PostprocessConfig) -> Result<Self> {
         let loaded = model_file::load(model_dir, device)?;
-        let preprocessor = Preprocessor::new(loaded.manifest.preprocess()?, device)?;
+        let preprocessor = Preprocessor::new(loaded.manifest.preprocess(), device)?;
         let model_id = if loaded.manifest.name.is_empty() {
             model_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
         } else {
@@ -181,7 +181,7 @@ impl Inspector {
 
     /// Method name ("patchcore", "draem").
     pub fn method(&self) -> &'static str {
-        self.loaded.manifest.method.as_str()
+        self.loaded.manifest.method().as_str()
     }
 
     /// The device inference runs on.

@@ -27,7 +27,8 @@ pub mod ros;
 
 pub use camera::{PinholeCamera, Plane};
 pub use config::{
-    BackboneConfig, BackboneKind, DeviceChoice, Normalization, PatchCoreConfig, PostprocessConfig, PreprocessConfig, Resize,
+    BackboneConfig, BackboneKind, CoresetConfig, DeviceChoice, MapSmoothing, Normalization, PatchCoreConfig, PostprocessConfig,
+    PreprocessConfig, Resize, Search,
 };
 pub use device::{load_cuda_backend, InferenceThread};
 pub use error::{Error, FrameFault, Result};

@@ -174,26 +174,42 @@ pub struct TrainingInfo {
     pub written_by: String,
 }
 
+/// A model's method with its settings: exactly one, so that a PatchCore model cannot carry (or
+/// lack) another method's settings.
+#[derive(Clone, Debug, PartialEq)]
+pub enum MethodConfig {
+    /// PatchCore: backbone, layers, input size, memory bank, search, map smoothing...
+    Patchcore(PatchCoreConfig),
+    /// DRAEM: input size, widths, training settings...
+    Draem(DraemConfig),
+}
+
+impl MethodConfig {
+    /// The method's name.
+    pub fn method(&self) -> Method {
+        match self {
+            MethodConfig::Patchcore(_) => Method::Patchcore,
+            MethodConfig::Draem(_) => Method::Draem,
+        }
+    }
+
+    /// How images are resized and normalised for this model.
+    pub fn preprocess(&self) -> &PreprocessConfig {
+        match self {
+            MethodConfig::Patchcore(c) => &c.preprocess,
+            MethodConfig::Draem(c) => &c.preprocess,
+        }
+    }
+}
+
 /// Contents of model.json.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "ManifestFile", into = "ManifestFile")]
 pub struct ModelManifest {
-    /// Always [`FORMAT`].
-    pub format: String,
-    /// [`FORMAT_VERSION`] of the writer.
-    pub version: u32,
-    /// Detection method.
-    pub method: Method,
     /// A short name, shown in results (`model_id`).
     pub name: String,
-    /// PatchCore configuration (backbone, layers, input size, normalisation...); present
-    /// exactly when `method` is `patchcore`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub patchcore: Option<PatchCoreConfig>,
-    /// DRAEM configuration (input size, widths, training settings...); present exactly when
-    /// `method` is `draem`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub draem: Option<DraemConfig>,
+    /// The method and its settings.
+    pub config: MethodConfig,
     /// Thresholds.
     pub calibration: Calibration,
     /// Training data summary.
@@ -201,25 +217,86 @@ pub struct ModelManifest {
 }
 
 impl ModelManifest {
-    /// Checks that the method's configuration, and only that one, is present and valid.
-    pub fn validate(&self) -> Result<()> {
-        match (self.method, &self.patchcore, &self.draem) {
-            (Method::Patchcore, Some(cfg), None) => cfg.validate(),
-            (Method::Draem, None, Some(cfg)) => cfg.validate(),
-            (method, _, _) => Err(Error::Config(format!(
-                "method {} needs its own settings (\"{}\": {{...}}) and no other method's",
-                method.as_str(),
-                method.as_str()
-            ))),
+    /// A manifest of this build's format.
+    pub fn new(name: &str, config: MethodConfig, calibration: Calibration, training: TrainingInfo) -> Self {
+        Self { name: name.into(), config, calibration, training }
+    }
+
+    /// The detection method.
+    pub fn method(&self) -> Method {
+        self.config.method()
+    }
+
+    /// The PatchCore settings, when it is a PatchCore model.
+    pub fn patchcore(&self) -> Option<&PatchCoreConfig> {
+        match &self.config {
+            MethodConfig::Patchcore(c) => Some(c),
+            MethodConfig::Draem(_) => None,
         }
     }
 
     /// How images are resized and normalised for this model, whatever its method.
-    pub fn preprocess(&self) -> Result<&PreprocessConfig> {
-        match (self.method, &self.patchcore, &self.draem) {
-            (Method::Patchcore, Some(cfg), _) => Ok(&cfg.preprocess),
-            (Method::Draem, _, Some(cfg)) => Ok(&cfg.preprocess),
-            (method, _, _) => Err(Error::Config(format!("model.json of method {} lacks its settings", method.as_str()))),
+    pub fn preprocess(&self) -> &PreprocessConfig {
+        self.config.preprocess()
+    }
+}
+
+/// model.json as written: the method's name, and its settings under a key of that name. Every
+/// model written so far has this form.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ManifestFile {
+    format: String,
+    version: u32,
+    method: Method,
+    name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    patchcore: Option<PatchCoreConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    draem: Option<DraemConfig>,
+    calibration: Calibration,
+    training: TrainingInfo,
+}
+
+impl TryFrom<ManifestFile> for ModelManifest {
+    type Error = Error;
+    /// Checks that the method's settings, and only those, are present and valid.
+    fn try_from(f: ManifestFile) -> Result<Self> {
+        let config = match (f.method, f.patchcore, f.draem) {
+            // PatchCore settings were checked as they were parsed.
+            (Method::Patchcore, Some(cfg), None) => MethodConfig::Patchcore(cfg),
+            (Method::Draem, None, Some(cfg)) => {
+                cfg.validate()?;
+                MethodConfig::Draem(cfg)
+            }
+            (method, _, _) => {
+                return Err(Error::Config(format!(
+                    "method {} needs its own settings (\"{}\": {{...}}) and no other method's",
+                    method.as_str(),
+                    method.as_str()
+                )))
+            }
+        };
+        Ok(Self { name: f.name, config, calibration: f.calibration, training: f.training })
+    }
+}
+
+impl From<ModelManifest> for ManifestFile {
+    fn from(m: ModelManifest) -> Self {
+        let method = m.method();
+        let (patchcore, draem) = match m.config {
+            MethodConfig::Patchcore(c) => (Some(c), None),
+            MethodConfig::Draem(c) => (None, Some(c)),
+        };
+        Self {
+            format: FORMAT.into(),
+            version: FORMAT_VERSION,
+            method,
+            name: m.name,
+            patchcore,
+            draem,
+            calibration: m.calibration,
+            training: m.training,
         }
     }
 }
@@ -284,10 +361,7 @@ pub fn read_manifest(dir: &Path) -> Result<ModelManifest> {
             ),
         ));
     }
-    let manifest: ModelManifest =
-        serde_json::from_value(value).map_err(|e| Error::model(&path, format!("invalid model.json: {e}")))?;
-    manifest.validate().map_err(|e| Error::model(&path, e.to_string()))?;
-    Ok(manifest)
+    serde_json::from_value(value).map_err(|e| Error::model(&path, format!("invalid model.json: {e}")))
 }
 
 /// Largest model.json read: real ones are a few kilobytes, so anything near this is not one (and
@@ -317,24 +391,23 @@ fn read_small_text(path: &Path) -> Result<String> {
 /// Loads a model directory onto `device`.
 pub fn load(dir: &Path, device: Device) -> Result<LoadedModel> {
     let manifest = read_manifest(dir)?;
-    let model = match (manifest.method, &manifest.patchcore, &manifest.draem) {
-        (Method::Patchcore, Some(cfg), _) => {
+    let model = match &manifest.config {
+        MethodConfig::Patchcore(cfg) => {
             let weights = dir.join(backbone_file(cfg.backbone.kind));
-            let backbone = Backbone::new(&weights, &cfg.backbone, device).map_err(|e| damaged(&weights, e))?;
+            let backbone = Backbone::new(&cfg.backbone, &weights, device).map_err(|e| damaged(&weights, e))?;
             let bank_path = dir.join("memory_bank.safetensors");
             let (bank, retrieval) =
                 patchcore::load_memory_bank(&bank_path, device, cfg.density_neighbors).map_err(|e| damaged(&bank_path, e))?;
             // A setting that does not fit this bank is a model.json to fix, not a damaged file.
-            AnomalyModel::PatchCore(PatchCore::new(backbone, bank, retrieval, cfg).map_err(|e| match e {
+            AnomalyModel::PatchCore(PatchCore::new(cfg, backbone, bank, retrieval).map_err(|e| match e {
                 Error::Config(reason) => Error::model(dir.join("model.json"), reason),
                 other => damaged(&bank_path, other),
             })?)
         }
-        (Method::Draem, _, Some(cfg)) => {
+        MethodConfig::Draem(cfg) => {
             let weights = dir.join(DRAEM_WEIGHTS);
-            AnomalyModel::Draem(Draem::load(&weights, cfg, device).map_err(|e| damaged(&weights, e))?)
+            AnomalyModel::Draem(Draem::load(cfg, &weights, device).map_err(|e| damaged(&weights, e))?)
         }
-        _ => unreachable!("read_manifest validated the method's settings"),
     };
     Ok(LoadedModel { manifest, model })
 }
@@ -359,16 +432,7 @@ pub fn save_patchcore(
     training: TrainingInfo,
     name: &str,
 ) -> Result<()> {
-    let manifest = ModelManifest {
-        format: FORMAT.into(),
-        version: FORMAT_VERSION,
-        method: Method::Patchcore,
-        name: name.into(),
-        patchcore: Some(model.config().clone()),
-        draem: None,
-        calibration: calibration.clone(),
-        training,
-    };
+    let manifest = ModelManifest::new(name, MethodConfig::Patchcore(model.config().clone()), calibration.clone(), training);
     write_atomically(dir, |tmp| {
         let bb = tmp.join(backbone_file(model.config().backbone.kind));
         std::fs::copy(backbone_source, &bb).map_err(|e| Error::io(backbone_source, e))?;
@@ -395,16 +459,7 @@ pub fn save_draem(
     name: &str,
     checkpoint: Option<&Path>,
 ) -> Result<()> {
-    let manifest = ModelManifest {
-        format: FORMAT.into(),
-        version: FORMAT_VERSION,
-        method: Method::Draem,
-        name: name.into(),
-        patchcore: None,
-        draem: Some(model.config().clone()),
-        calibration: calibration.clone(),
-        training,
-    };
+    let manifest = ModelManifest::new(name, MethodConfig::Draem(model.config().clone()), calibration.clone(), training);
     write_atomically(dir, |tmp| {
         model.save(&tmp.join(DRAEM_WEIGHTS))?;
         if let Some(src) = checkpoint {
@@ -545,56 +600,71 @@ mod tests {
 
     #[test]
     fn manifest_carries_exactly_the_method_settings() {
-        let training =
-            TrainingInfo { data: "d".into(), patchcore: None, draem: None, created_unix: 0, written_by: "test".into() };
         let calibration = Calibration { image_threshold: 1.0, pixel_threshold: 1.0, method: "m".into(), n_images: 1 };
-        let mut m = ModelManifest {
-            format: FORMAT.into(),
-            version: FORMAT_VERSION,
-            method: Method::Draem,
-            name: "n".into(),
-            patchcore: None,
-            draem: Some(DraemConfig::cpu_small()),
-            calibration,
-            training,
-        };
-        m.validate().unwrap();
-        assert_eq!(m.preprocess().unwrap().image_size, [128, 128]);
+        let m = ModelManifest::new("n", MethodConfig::Draem(DraemConfig::cpu_small()), calibration, training_for_test());
+        assert_eq!(m.preprocess().image_size, [128, 128]);
         let json = serde_json::to_value(&m).unwrap();
         assert!(json.get("patchcore").is_none(), "absent settings are not written");
-        assert_eq!(json["method"], "draem");
-        assert_eq!(serde_json::from_value::<ModelManifest>(json).unwrap(), m);
+        assert_eq!(
+            (json["method"].as_str(), json["format"].as_str(), json["version"].as_u64()),
+            (Some("draem"), Some(FORMAT), Some(1))
+        );
+        assert_eq!(serde_json::from_value::<ModelManifest>(json.clone()).unwrap(), m);
 
-        m.patchcore = Some(PatchCoreConfig::default());
-        assert!(m.validate().unwrap_err().to_string().contains("no other method"));
-        m.draem = None;
-        assert!(m.validate().is_err(), "draem without its settings");
-        assert!(m.preprocess().is_err());
-        m.method = Method::Patchcore;
-        m.validate().unwrap();
-        assert_eq!(m.preprocess().unwrap().image_size, [256, 256]);
+        // Written by hand or damaged: both methods' settings, or none, or DRAEM's out of range.
+        let refused = |json: &serde_json::Value| serde_json::from_value::<ModelManifest>(json.clone()).unwrap_err().to_string();
+        let mut both = json.clone();
+        both["patchcore"] = serde_json::to_value(PatchCoreConfig::default()).unwrap();
+        assert!(refused(&both).contains("no other method"), "{}", refused(&both));
+        let mut none = json.clone();
+        none.as_object_mut().unwrap().remove("draem");
+        assert!(refused(&none).contains("needs its own settings"));
+        let mut bad = json.clone();
+        bad["draem"]["base_width"] = 1.into();
+        assert!(refused(&bad).contains("base_width 1"), "{}", refused(&bad));
+        let mut patchcore = none;
+        patchcore["method"] = "patchcore".into();
+        patchcore["patchcore"] = serde_json::json!({});
+        let read: ModelManifest = serde_json::from_value(patchcore).unwrap();
+        assert_eq!(read.method(), Method::Patchcore);
+        assert_eq!(read.preprocess().image_size, [256, 256]);
+    }
+
+    #[test]
+    fn a_model_json_written_before_the_typed_options_loads_as_fitted() {
+        // The model.json of a PatchCore model written at 3db7608, before the typed options.
+        let dir = tempfile::tempdir().unwrap();
+        let json = r#"{
+          "format": "anomaly_inspector_model", "version": 1, "method": "patchcore", "name": "old",
+          "patchcore": {"backbone": {"kind": "efficientnet_lite0", "layers": ["stage3", "stage5"]},
+            "preprocess": {"image_size": [256, 256], "normalization": "imagenet", "resize": "keep_aspect"},
+            "neighbourhood": 3, "coreset_ratio": 0.1, "max_bank_size": 40000, "coreset_projection_dim": 64,
+            "num_neighbors": 9, "blur_sigma": 4.0, "coarse_blur_sigma": 32.0, "density_neighbors": 5,
+            "guided_bandwidth": 0.45, "guided_sigma": 48.0, "seed": 0, "knn_probes": 0, "retrieval_images": 0},
+          "calibration": {"image_threshold": 2.5, "pixel_threshold": 3.5, "method": "held-out", "n_images": 4},
+          "training": {"data": "d", "created_unix": 0, "written_by": "anomaly_inspector 0.1.0"}
+        }"#;
+        std::fs::write(dir.path().join("model.json"), json).unwrap();
+        let read = read_manifest(dir.path()).unwrap();
+        assert_eq!(read.patchcore(), Some(&PatchCoreConfig::default()), "today's defaults are the same settings");
+        assert_eq!(read.calibration.image_threshold, 2.5);
+        // Written back, it is the same file.
+        let original: serde_json::Value = serde_json::from_str(json).unwrap();
+        assert_eq!(serde_json::to_value(&read).unwrap(), original);
     }
 
     #[test]
     fn new_calibration_replaces_the_old_which_is_kept() {
         let dir = tempfile::tempdir().unwrap();
         let old = Calibration::from_good_scores(&[1.0], &[2.0], 1.0).unwrap();
-        let manifest = ModelManifest {
-            format: FORMAT.into(),
-            version: FORMAT_VERSION,
-            method: Method::Patchcore,
-            name: "m".into(),
-            patchcore: Some(PatchCoreConfig::default()),
-            draem: None,
-            calibration: old.clone(),
-            training: training_for_test(),
-        };
+        let manifest =
+            ModelManifest::new("m", MethodConfig::Patchcore(PatchCoreConfig::default()), old.clone(), training_for_test());
         std::fs::write(dir.path().join("model.json"), serde_json::to_string(&manifest).unwrap()).unwrap();
         let new = Calibration { image_threshold: 7.0, pixel_threshold: 8.0, method: "F1".into(), n_images: 3 };
         save_calibration(dir.path(), &new).unwrap();
         let read = read_manifest(dir.path()).unwrap();
         assert_eq!(read.calibration, new);
-        assert_eq!(read.patchcore, manifest.patchcore, "the rest of model.json must not change");
+        assert_eq!(read.config, manifest.config, "the rest of model.json must not change");
         let kept: ModelManifest =
             serde_json::from_str(&std::fs::read_to_string(dir.path().join("model.json.previous")).unwrap()).unwrap();
         assert_eq!(kept.calibration, old);

@@ -109,9 +109,8 @@ pub fn fit_patchcore(
     options: &FitOptions,
     progress: &mut dyn FnMut(FitStage, usize, usize),
 ) -> Result<FitReport> {
-    config.validate()?;
     let (fit_set, holdout) = split_holdout_checked(images, options.holdout_every)?;
-    let backbone = Backbone::new(backbone_weights, &config.backbone, device)?;
+    let backbone = Backbone::new(&config.backbone, backbone_weights, device)?;
     let pre = Preprocessor::new(&config.preprocess, device)?;
     // Frames of different shapes (keep_aspect) go through the network one at a time.
     let batch_size = if pre.fixed_size() { options.batch_size.max(1) } else { 1 };
@@ -164,7 +163,7 @@ pub struct TeachBase {
 impl TeachBase {
     /// The settings of `inspector`'s model.
     pub fn of(inspector: &crate::Inspector) -> Self {
-        let (config, backbone_weights) = match inspector.manifest().patchcore.clone() {
+        let (config, backbone_weights) = match inspector.manifest().patchcore().cloned() {
             // A model carries its backbone.
             Some(c) => {
                 let w = inspector.model_dir().join(model_file::backbone_file(c.backbone.kind));

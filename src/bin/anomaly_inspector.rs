@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use anomaly_inspector::config::{default_backbone_weights, BackboneKind, DeviceChoice, PatchCoreConfig, PostprocessConfig};
-use anomaly_inspector::config::{AnomalySource, DraemConfig};
+use anomaly_inspector::config::{AnomalySource, DraemConfig, Search};
 use anomaly_inspector::dataset::MvtecDataset;
 use anomaly_inspector::postprocess::{heatmap, overlay};
 use anomaly_inspector::synthetic::{generate_dataset, SyntheticConfig};
@@ -259,37 +259,40 @@ fn fit(a: FitArgs) -> anyhow::Result<()> {
         cfg.preprocess.resize = anomaly_inspector::Resize::Stretch;
     }
     if let Some(r) = a.coreset_ratio {
-        cfg.coreset_ratio = r;
+        cfg.coreset.ratio = r;
     }
     if let Some(n) = a.max_bank_size {
-        cfg.max_bank_size = n;
+        cfg.coreset.max_rows = n;
     }
     if let Some(d) = a.coreset_dim {
-        cfg.coreset_projection_dim = d;
+        cfg.coreset.projection_dim = d;
+    }
+    if a.knn_probes.unwrap_or(0) > 0 && a.retrieval_images.unwrap_or(0) > 0 {
+        bail!("--retrieval-images and --knn-probes both speed up the search in their own way: set one of them to 0");
     }
     if let Some(p) = a.knn_probes {
-        cfg.knn_probes = p;
+        cfg.search = if p == 0 { Search::Exact } else { Search::Approximate { probes: p } };
     }
     if let Some(k) = a.retrieval_images {
-        cfg.retrieval_images = k;
+        cfg.search = if k == 0 { Search::Exact } else { Search::Retrieval { images: k } };
     }
     if let Some(n) = a.neighbourhood {
         cfg.neighbourhood = n;
     }
     if let Some(s) = a.blur_sigma {
-        cfg.blur_sigma = s;
+        cfg.map.blur_sigma = s;
     }
     if let Some(s) = a.coarse_blur_sigma {
-        cfg.coarse_blur_sigma = s;
+        cfg.map.coarse_blur_sigma = (s != 0.0).then_some(s);
     }
     if let Some(k) = a.density_neighbors {
-        cfg.density_neighbors = k;
+        cfg.density_neighbors = (k != 0).then_some(k);
     }
     if let Some(b) = a.guided_bandwidth {
-        cfg.guided_bandwidth = b;
+        cfg.map.guided_bandwidth = (b != 0.0).then_some(b);
     }
     if let Some(s) = a.guided_sigma {
-        cfg.guided_sigma = s;
+        cfg.map.guided_sigma = s;
     }
     if let Some(s) = a.seed {
         cfg.seed = s;

@@ -277,7 +277,7 @@ impl DraemNet {
     /// Creates the variables under `vars` (`reconstructive_subnetwork.*`,
     /// `discriminative_subnetwork.*`) with weights drawn from `config.seed` (He-uniform
     /// convolutions, unit BatchNorm), independent of libtorch's global generator.
-    pub fn new(vars: &nn::Path, config: &DraemConfig) -> Result<Self> {
+    pub fn new(config: &DraemConfig, vars: &nn::Path) -> Result<Self> {
         let mut rng = Some(ChaCha8Rng::seed_from_u64(config.seed ^ 0xD4AE_0000_0000_0001));
         Self::build(vars, config, &mut rng)
     }
@@ -409,8 +409,9 @@ impl fmt::Debug for Draem {
 }
 
 impl Draem {
-    /// Loads weights written by [`Draem::save`] (safetensors) for `config` onto `device`.
-    pub fn load(path: &Path, config: &DraemConfig, device: Device) -> Result<Self> {
+    /// Loads the networks `config` describes from weights written by [`Draem::save`]
+    /// (safetensors at `path`) onto `device`.
+    pub fn load(config: &DraemConfig, path: &Path, device: Device) -> Result<Self> {
         let mut vars = nn::VarStore::new(device);
         let net = DraemNet::for_loading(&vars.root(), config)?;
         vars.load(path).map_err(|e| {
@@ -471,7 +472,7 @@ mod tests {
     #[test]
     fn shapes_for_odd_sizes() {
         let vars = nn::VarStore::new(Device::Cpu);
-        let net = DraemNet::new(&vars.root(), &small(4)).unwrap();
+        let net = DraemNet::new(&small(4), &vars.root()).unwrap();
         for (h, w) in [(64, 64), (65, 71), (33, 97), (32, 32)] {
             let x = Tensor::randn([2, 3, h, w], (Kind::Float, Device::Cpu));
             let out = net.forward(&x).unwrap();
@@ -492,7 +493,7 @@ mod tests {
     #[test]
     fn variable_names_follow_anomalib() {
         let vars = nn::VarStore::new(Device::Cpu);
-        let _net = DraemNet::new(&vars.root(), &small(4)).unwrap();
+        let _net = DraemNet::new(&small(4), &vars.root()).unwrap();
         let v = vars.variables();
         for key in [
             "reconstructive_subnetwork.encoder.block1.0.weight",
@@ -519,24 +520,24 @@ mod tests {
     fn init_is_seeded_and_save_load_round_trips() {
         let cfg = small(4);
         let a = nn::VarStore::new(Device::Cpu);
-        let net_a = DraemNet::new(&a.root(), &cfg).unwrap();
+        let net_a = DraemNet::new(&cfg, &a.root()).unwrap();
         let b = nn::VarStore::new(Device::Cpu);
-        let _net_b = DraemNet::new(&b.root(), &cfg).unwrap();
+        let _net_b = DraemNet::new(&cfg, &b.root()).unwrap();
         let key = "discriminative_subnetwork.encoder_segment.block3.0.weight";
         assert!(a.variables()[key].equal(&b.variables()[key]));
         let c = nn::VarStore::new(Device::Cpu);
-        let _ = DraemNet::new(&c.root(), &DraemConfig { seed: 1, ..cfg.clone() }).unwrap();
+        let _ = DraemNet::new(&DraemConfig { seed: 1, ..cfg.clone() }, &c.root()).unwrap();
         assert!(!a.variables()[key].equal(&c.variables()[key]));
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("draem.safetensors");
         let model = Draem::from_trained(a, net_a, &cfg);
         model.save(&path).unwrap();
-        let back = Draem::load(&path, &cfg, Device::Cpu).unwrap();
+        let back = Draem::load(&cfg, &path, Device::Cpu).unwrap();
         let x = Tensor::randn([1, 3, 64, 64], (Kind::Float, Device::Cpu));
         let (o1, o2) = (model.forward(&x).unwrap(), back.forward(&x).unwrap());
         assert!(o1.anomaly_maps.allclose(&o2.anomaly_maps, 1e-6, 1e-6, false));
-        let err = Draem::load(&path, &small(8), Device::Cpu).unwrap_err().to_string();
+        let err = Draem::load(&small(8), &path, Device::Cpu).unwrap_err().to_string();
         assert!(err.contains("base_width"), "{err}");
     }
 

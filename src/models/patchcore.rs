@@ -17,7 +17,7 @@ use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::config::PatchCoreConfig;
+use crate::config::{PatchCoreConfig, Search};
 use crate::error::{Error, Result};
 use crate::models::backbone::Backbone;
 use crate::models::bank_index::BankIndex;
@@ -321,33 +321,34 @@ pub enum FitProgress {
 }
 
 impl PatchCore {
-    /// Assembles a model from its parts (used by the model loader). `retrieval` must be there
-    /// when `config.retrieval_images > 0`.
+    /// Assembles a model from `config` (checked where it was made: parsed from model.json or
+    /// by [`PatchCore::fit`]) and its fitted parts, on their device (used by the model loader).
+    /// `retrieval` must be there when `config.search` is [`Search::Retrieval`].
     pub fn new(
+        config: &PatchCoreConfig,
         backbone: Backbone,
         mut bank: MemoryBank,
         retrieval: Option<ImageRetrieval>,
-        config: &PatchCoreConfig,
     ) -> Result<Self> {
-        config.validate()?;
-        if config.retrieval_images > 0 && retrieval.is_none() {
+        if let (Search::Retrieval { images }, None) = (config.search, &retrieval) {
             return Err(Error::Config(format!(
-                "retrieval_images is {} but this memory bank was fitted as one whole, without the training \
-                 image of each row: set retrieval_images to 0, or re-fit with --retrieval-images",
-                config.retrieval_images
+                "retrieval_images is {images} but this memory bank was fitted as one whole, without the training \
+                 image of each row: set retrieval_images to 0, or re-fit with --retrieval-images"
             )));
         }
-        let blur = gaussian_kernel(config.blur_sigma, bank.features.device())?;
-        let index = if config.knn_probes > 0 && bank.features.device() == Device::Cpu {
-            Some(BankIndex::new(&bank.features, config.knn_probes, config.seed)?)
-        } else {
-            None
+        let blur = gaussian_kernel(config.map.blur_sigma, bank.features.device())?;
+        let index = match config.search {
+            Search::Approximate { probes } if bank.features.device() == Device::Cpu => {
+                Some(BankIndex::new(&bank.features, probes, config.seed)?)
+            }
+            _ => None,
         };
-        if config.density_neighbors > 0 {
-            let spacing = bank.spacing(config.density_neighbors)?;
-            bank.keep_spacing(config.density_neighbors, spacing)?;
-        } else {
-            bank.spacing = None;
+        match config.density_neighbors {
+            Some(k) => {
+                let spacing = bank.spacing(k)?;
+                bank.keep_spacing(k, spacing)?;
+            }
+            None => bank.spacing = None,
         }
         Ok(Self { backbone, bank, config: config.clone(), blur, index, retrieval })
     }
@@ -363,7 +364,8 @@ impl PatchCore {
         config.validate()?;
         let _guard = tch::no_grad_guard();
         let t0 = std::time::Instant::now();
-        let by_image = config.retrieval_images > 0;
+        let by_image = matches!(config.search, Search::Retrieval { .. });
+        let coreset = &config.coreset;
         // Whole-bank fit: every image's patches, thinned together at the end. Image by image
         // (retrieval): each image's own coreset, in selection order, and its descriptor.
         let mut feats = Vec::new();
@@ -382,9 +384,9 @@ impl PatchCore {
                 for j in 0..n {
                     let own = patches.f_narrow(0, j * per_image, per_image)?;
                     descriptors.push(image_descriptor(&own)?);
-                    let keep = ((per_image as f64 * config.coreset_ratio).ceil() as i64).max(1);
+                    let keep = ((per_image as f64 * coreset.ratio).ceil() as i64).max(1);
                     let seed = config.seed.wrapping_add(n_images as u64 + j as u64);
-                    let rows = coreset_rows(&own, keep, config.coreset_projection_dim, seed, &mut |_, _| {})?;
+                    let rows = coreset_rows(&own, keep, coreset.projection_dim, seed, &mut |_, _| {})?;
                     feats.push(own.f_index_select(0, &rows)?);
                 }
                 coreset_seconds += t.elapsed().as_secs_f64();
@@ -400,7 +402,7 @@ impl PatchCore {
         let (bank, retrieval) = if by_image {
             // Over the row limit, every image keeps the same prefix of its selection order
             // (a prefix of a greedy k-center selection is itself one).
-            let cap = (config.max_bank_size / feats.len()).max(1) as i64;
+            let cap = (coreset.max_rows / feats.len()).max(1) as i64;
             let mut owners = Vec::new();
             for (i, f) in feats.iter_mut().enumerate() {
                 if f.size()[0] > cap {
@@ -415,9 +417,9 @@ impl PatchCore {
         } else {
             let all = Tensor::f_cat(&feats, 0)?;
             drop(feats);
-            let keep = ((n_patches as f64 * config.coreset_ratio).ceil() as i64).clamp(1, config.max_bank_size as i64);
+            let keep = ((n_patches as f64 * coreset.ratio).ceil() as i64).clamp(1, coreset.max_rows as i64);
             let t1 = std::time::Instant::now();
-            let bank = MemoryBank::coreset(&all, keep, config.coreset_projection_dim, config.seed, &mut |done, total| {
+            let bank = MemoryBank::coreset(&all, keep, coreset.projection_dim, config.seed, &mut |done, total| {
                 progress(FitProgress::Coreset { done, total })
             })?;
             coreset_seconds = t1.elapsed().as_secs_f64();
@@ -431,7 +433,7 @@ impl PatchCore {
             extract_seconds: t0.elapsed().as_secs_f64() - coreset_seconds,
             coreset_seconds,
         };
-        Ok((Self::new(backbone, bank, retrieval, config)?, summary))
+        Ok((Self::new(config, backbone, bank, retrieval)?, summary))
     }
 
     /// The model's configuration.
@@ -455,20 +457,20 @@ impl PatchCore {
     }
 
     /// Nearest bank row of each patch feature of `n_frames` frames, `[n_frames*P, D]`, as
-    /// configured: exact, approximate (`knn_probes`) or among each frame's most similar
-    /// training images (`retrieval_images`): (`[Q, 1]` distances, `[Q, 1]` int64 bank indices).
+    /// configured ([`Search`]): exact, approximate or among each frame's most similar training
+    /// images: (`[Q, 1]` distances, `[Q, 1]` int64 bank indices).
     pub fn nearest_patches(&self, patches: &Tensor, n_frames: i64) -> Result<(Tensor, Tensor)> {
-        match (&self.retrieval, &self.index) {
-            (Some(retrieval), _) if self.config.retrieval_images > 0 => {
-                self.nearest_in_similar_images(retrieval, patches, n_frames.max(1))
+        match (self.config.search, &self.retrieval, &self.index) {
+            (Search::Retrieval { images }, Some(retrieval), _) => {
+                self.nearest_in_similar_images(retrieval, images, patches, n_frames.max(1))
             }
-            (_, Some(index)) => index.nearest(patches),
+            (_, _, Some(index)) => index.nearest(patches),
             _ => self.bank.nearest(patches, 1),
         }
     }
 
     /// Anomaly scores of patch features `[n_frames*P, D]`: the distance to the nearest bank row
-    /// ([`Self::nearest_patches`]), divided by the bank's spacing there when `density_neighbors > 0`:
+    /// ([`Self::nearest_patches`]), divided by the bank's spacing there with `density_neighbors`:
     /// (`[Q, 1]` scores, `[Q, 1]` int64 bank indices).
     pub fn patch_scores(&self, patches: &Tensor, n_frames: i64) -> Result<(Tensor, Tensor)> {
         let (dist, idx) = self.nearest_patches(patches, n_frames)?;
@@ -479,15 +481,21 @@ impl PatchCore {
     }
 
     /// [`Self::nearest_patches`] with SPADE's retrieval: the patches `[N*P, D]` of `n` frames, each
-    /// frame's searched only among the rows of its `retrieval_images` most similar training
-    /// images: (`[N*P, 1]` distances, `[N*P, 1]` indices into the whole bank).
-    fn nearest_in_similar_images(&self, retrieval: &ImageRetrieval, patches: &Tensor, n: i64) -> Result<(Tensor, Tensor)> {
+    /// frame's searched only among the rows of its `images` most similar training images:
+    /// (`[N*P, 1]` distances, `[N*P, 1]` indices into the whole bank).
+    fn nearest_in_similar_images(
+        &self,
+        retrieval: &ImageRetrieval,
+        images: usize,
+        patches: &Tensor,
+        n: i64,
+    ) -> Result<(Tensor, Tensor)> {
         let per_frame = patches.size()[0] / n;
         let mut dists = Vec::with_capacity(n as usize);
         let mut indices = Vec::with_capacity(n as usize);
         for i in 0..n {
             let own = patches.f_narrow(0, i * per_frame, per_frame)?;
-            let rows = retrieval.rows_for(&own, self.config.retrieval_images)?;
+            let rows = retrieval.rows_for(&own, images)?;
             let (d, local) = self.bank.subset(&rows)?.nearest(&own, 1)?;
             dists.push(d);
             indices.push(rows.f_index_select(0, &local.f_view([-1])?)?.f_view([-1, 1])?);
@@ -532,11 +540,13 @@ impl PatchCore {
         }
         let image_scores = Tensor::f_from_slice(&image_scores)?;
 
-        let map_scores = if self.config.guided_bandwidth > 0.0 {
-            let sigma_cells = self.config.guided_sigma * fh as f64 / h as f64;
-            guided_smoothing(&patch_scores, &patches, fw, self.config.guided_bandwidth, sigma_cells)?
-        } else {
-            patch_scores
+        let smoothing = &self.config.map;
+        let map_scores = match smoothing.guided_bandwidth {
+            Some(bandwidth) => {
+                let sigma_cells = smoothing.guided_sigma * fh as f64 / h as f64;
+                guided_smoothing(&patch_scores, &patches, fw, bandwidth, sigma_cells)?
+            }
+            None => patch_scores,
         };
         let grid = map_scores.f_view([n, 1, fh, fw])?;
         let maps = grid.f_upsample_bilinear2d([h, w], false, None, None)?;
@@ -544,7 +554,7 @@ impl PatchCore {
             Some(kernel) => blur(&maps, kernel)?,
             None => maps,
         };
-        let maps = match coarse_map(&grid, self.config.coarse_blur_sigma, h, w)? {
+        let maps = match coarse_map(&grid, smoothing.coarse_blur_sigma.unwrap_or(0.0), h, w)? {
             Some(coarse) => maps.f_maximum(&coarse)?,
             None => maps,
         };
@@ -766,14 +776,18 @@ pub fn save_memory_bank(bank: &MemoryBank, retrieval: Option<&ImageRetrieval>, p
 /// Reads a memory bank written by [`save_memory_bank`] onto `device`, with its image retrieval
 /// when the file has one (banks fitted as one whole, and older files, have none) and its spacing
 /// for `density_neighbors` when saved (otherwise [`PatchCore::new`] computes it).
-pub fn load_memory_bank(path: &Path, device: Device, density_neighbors: i64) -> Result<(MemoryBank, Option<ImageRetrieval>)> {
+pub fn load_memory_bank(
+    path: &Path,
+    device: Device,
+    density_neighbors: Option<i64>,
+) -> Result<(MemoryBank, Option<ImageRetrieval>)> {
     let tensors = Tensor::read_safetensors(path).map_err(|e| Error::model(path, format!("cannot read memory bank: {e}")))?;
     let take = |key: &str| tensors.iter().find(|(k, _)| k == key).map(|(_, t)| t.shallow_clone());
     let features = take("memory_bank").ok_or_else(|| Error::model(path, "no 'memory_bank' tensor in file"))?;
     let mut bank = MemoryBank::new(features.f_to_device(device)?)?;
-    if let Some(spacing) = take(&spacing_key(density_neighbors)).filter(|_| density_neighbors > 0) {
+    if let Some((k, spacing)) = density_neighbors.and_then(|k| take(&spacing_key(k)).map(|s| (k, s))) {
         let spacing = spacing.f_to_kind(Kind::Float)?.f_to_device(device)?;
-        bank.keep_spacing(density_neighbors, spacing).map_err(|e| Error::model(path, e.to_string()))?;
+        bank.keep_spacing(k, spacing).map_err(|e| Error::model(path, e.to_string()))?;
     }
     let retrieval = match (take("image_of_row"), take("image_descriptors")) {
         (Some(rows), Some(desc)) => Some(
@@ -959,10 +973,10 @@ mod tests {
         // A stand-in spacing, so that a loaded bank visibly uses the file's and not its own.
         bank.keep_spacing(2, Tensor::from_slice(&[9.0f32, 8.0, 7.0, 6.0])).unwrap();
         save_memory_bank(&bank, None, &path).unwrap();
-        let (back, _) = load_memory_bank(&path, Device::Cpu, 2).unwrap();
+        let (back, _) = load_memory_bank(&path, Device::Cpu, Some(2)).unwrap();
         assert_eq!(Vec::<f32>::try_from(back.spacing(2).unwrap()).unwrap(), [9.0, 8.0, 7.0, 6.0]);
         // Another k (model.json edited) computes its own.
-        let (back, _) = load_memory_bank(&path, Device::Cpu, 1).unwrap();
+        let (back, _) = load_memory_bank(&path, Device::Cpu, Some(1)).unwrap();
         assert_eq!(Vec::<f32>::try_from(back.spacing(1).unwrap()).unwrap(), [1.0, 1.0, 2.0, 4.0]);
         assert!(bank.keep_spacing(2, Tensor::ones([3], (Kind::Float, Device::Cpu))).is_err(), "wrong length");
     }
@@ -971,14 +985,14 @@ mod tests {
     fn patch_scores_divide_distances_by_the_spacing_at_the_nearest_row() {
         let Some(weights) = crate::models::backbone::lite0_weights_for_tests() else { return };
         tch::manual_seed(11);
-        let config = PatchCoreConfig { density_neighbors: 2, ..PatchCoreConfig::default() };
-        let backbone = Backbone::new(&weights, &config.backbone, Device::Cpu).unwrap();
+        let config = PatchCoreConfig { density_neighbors: Some(2), ..PatchCoreConfig::default() };
+        let backbone = Backbone::new(&config.backbone, &weights, Device::Cpu).unwrap();
         let dim = backbone.feature_channels().iter().sum::<i64>();
         // Two clusters, one tight and one loose: the same step off each scores differently.
         let tight = Tensor::randn([20, dim], (Kind::Float, Device::Cpu)) * 0.1;
         let loose = Tensor::randn([20, dim], (Kind::Float, Device::Cpu)) * 2.0 + 50.0;
         let bank = MemoryBank::new(Tensor::cat(&[tight, loose], 0)).unwrap();
-        let model = PatchCore::new(backbone, bank, None, &config).unwrap();
+        let model = PatchCore::new(&config, backbone, bank, None).unwrap();
         let step = Tensor::full([1, dim], 3.0 / (dim as f64).sqrt(), (Kind::Float, Device::Cpu));
         let queries = Tensor::cat(&[step.shallow_clone(), step + 50.0], 0);
         let (raw, idx) = model.nearest_patches(&queries, 1).unwrap();
@@ -991,10 +1005,10 @@ mod tests {
         let (r, s) = (Vec::<f32>::try_from(raw.view([-1])).unwrap(), Vec::<f32>::try_from(scores.view([-1])).unwrap());
         assert!(r[0] < r[1] && s[0] > 2.0 * s[1], "raw {r:?}, normalised {s:?}");
         let plain = PatchCore::new(
-            Backbone::new(&weights, &config.backbone, Device::Cpu).unwrap(),
+            &PatchCoreConfig { density_neighbors: None, ..config.clone() },
+            Backbone::new(&config.backbone, &weights, Device::Cpu).unwrap(),
             MemoryBank::new(model.memory_bank().features().shallow_clone()).unwrap(),
             None,
-            &PatchCoreConfig { density_neighbors: 0, ..config },
         )
         .unwrap();
         assert!(plain.patch_scores(&queries, 1).unwrap().0.equal(&raw), "0 = the paper's raw distances");
@@ -1006,11 +1020,11 @@ mod tests {
         let path = dir.path().join("bank.safetensors");
         let bank = MemoryBank::new(Tensor::randn([10, 4], (Kind::Float, Device::Cpu))).unwrap();
         save_memory_bank(&bank, None, &path).unwrap();
-        let (back, retrieval) = load_memory_bank(&path, Device::Cpu, 0).unwrap();
+        let (back, retrieval) = load_memory_bank(&path, Device::Cpu, None).unwrap();
         assert!(retrieval.is_none());
         assert!(back.features().equal(bank.features()));
         std::fs::write(&path, b"not a safetensors file").unwrap();
-        let err = load_memory_bank(&path, Device::Cpu, 0).unwrap_err().to_string();
+        let err = load_memory_bank(&path, Device::Cpu, None).unwrap_err().to_string();
         assert!(err.contains("cannot read memory bank"), "{err}");
     }
 
@@ -1063,7 +1077,7 @@ mod tests {
         let path = dir.path().join("bank.safetensors");
         let bank = MemoryBank::new(Tensor::randn([8, 6], (Kind::Float, Device::Cpu))).unwrap();
         save_memory_bank(&bank, Some(&retrieval), &path).unwrap();
-        let (back, back_retrieval) = load_memory_bank(&path, Device::Cpu, 0).unwrap();
+        let (back, back_retrieval) = load_memory_bank(&path, Device::Cpu, None).unwrap();
         let back_retrieval = back_retrieval.expect("retrieval saved with the bank");
         assert!(back.features().equal(bank.features()));
         assert!(back_retrieval.image_of_row().equal(retrieval.image_of_row()));
@@ -1071,7 +1085,7 @@ mod tests {
         // one of the two retrieval tensors alone is a damaged file
         let rows = retrieval.image_of_row().shallow_clone();
         Tensor::write_safetensors(&[("memory_bank", bank.features()), ("image_of_row", &rows)], &path).unwrap();
-        let err = load_memory_bank(&path, Device::Cpu, 0).unwrap_err().to_string();
+        let err = load_memory_bank(&path, Device::Cpu, None).unwrap_err().to_string();
         assert!(err.contains("needs both"), "{err}");
     }
 

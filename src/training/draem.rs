@@ -302,7 +302,7 @@ pub fn fit_draem(
     config.validate()?;
     let (fit_set, holdout) = split_holdout_checked(images, options.holdout_every)?;
     let mut vars = nn::VarStore::new(device);
-    let net = DraemNet::new(&vars.root(), config)?;
+    let net = DraemNet::new(config, &vars.root())?;
     let mut adam = Adam::new(&vars)?;
     let mut state = CheckpointState {
         step: 0,
@@ -507,7 +507,7 @@ mod tests {
         assert_eq!(insp.method(), "draem");
         assert_eq!(insp.model_id(), "tiny_draem");
         let manifest = insp.manifest();
-        assert!(manifest.patchcore.is_none() && manifest.draem.is_some());
+        assert_eq!(manifest.method(), crate::model_file::Method::Draem);
         assert_eq!(manifest.training.draem.as_ref().unwrap().steps, 20);
         // an image of another size than the network's: the map comes back at the image's size
         let img = crate::synthetic::render_defect(5, 99, 80, crate::synthetic::DefectKind::Stain).0;

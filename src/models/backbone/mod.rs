@@ -89,12 +89,12 @@ fn parse_layers(kind: BackboneKind, layers: &[String]) -> Result<Vec<usize>> {
 }
 
 impl Backbone {
-    /// Loads the network (`weights`: the EfficientNet-Lite0 safetensors file or the TorchScript
-    /// module) onto `device` and checks `cfg.layers` against it.
+    /// Loads the network `cfg` names (`weights`: the EfficientNet-Lite0 safetensors file or the
+    /// TorchScript module) onto `device` and checks `cfg.layers` against it.
     ///
     /// Errors: [`Error::Config`] for an unknown layer name (listing the valid ones),
     /// [`Error::Model`] for a missing or unusable weight file.
-    pub fn new(weights: &Path, cfg: &BackboneConfig, device: Device) -> Result<Self> {
+    pub fn new(cfg: &BackboneConfig, weights: &Path, device: Device) -> Result<Self> {
         let indices = parse_layers(cfg.kind, &cfg.layers)?;
         let net = match cfg.kind {
             BackboneKind::EfficientnetLite0 => Net::EfficientNet(EfficientNetLite0::load(weights, device)?),
@@ -279,9 +279,9 @@ mod tests {
     #[test]
     fn bad_layer_is_config_error_before_loading() {
         let missing = Path::new("/nonexistent/weights.safetensors");
-        let err = Backbone::new(missing, &cfg(BackboneKind::EfficientnetLite0, &["layer2"]), Device::Cpu).unwrap_err();
+        let err = Backbone::new(&cfg(BackboneKind::EfficientnetLite0, &["layer2"]), missing, Device::Cpu).unwrap_err();
         assert!(matches!(err, Error::Config(_)), "{err}");
-        let err = Backbone::new(missing, &cfg(BackboneKind::EfficientnetLite0, &["stage2"]), Device::Cpu).unwrap_err();
+        let err = Backbone::new(&cfg(BackboneKind::EfficientnetLite0, &["stage2"]), missing, Device::Cpu).unwrap_err();
         assert!(matches!(err, Error::Model { .. }), "{err}");
     }
 
@@ -304,7 +304,7 @@ mod tests {
         let file = dir.path().join("extractor.pt");
         script_module(&file);
 
-        let backbone = Backbone::new(&file, &cfg(BackboneKind::Torchscript, &["1"]), Device::Cpu).unwrap();
+        let backbone = Backbone::new(&cfg(BackboneKind::Torchscript, &["1"]), &file, Device::Cpu).unwrap();
         assert_eq!(backbone.kind(), BackboneKind::Torchscript);
         assert_eq!(backbone.feature_channels(), [6]);
         assert_eq!(backbone.feature_strides(), [4]);
@@ -317,14 +317,14 @@ mod tests {
         assert!(features[0].allclose(&expected, 1e-5, 1e-6, false));
 
         // both outputs, in config order
-        let both = Backbone::new(&file, &cfg(BackboneKind::Torchscript, &["1", "0"]), Device::Cpu).unwrap();
+        let both = Backbone::new(&cfg(BackboneKind::Torchscript, &["1", "0"]), &file, Device::Cpu).unwrap();
         assert_eq!(both.feature_channels(), [6, 3]);
         assert_eq!(both.feature_strides(), [4, 2]);
         let f = both.features(&x).unwrap();
         assert_eq!(f[1].size(), vec![2, 3, 24, 20]);
 
         // an index past the outputs is a config error naming the valid ones
-        let err = Backbone::new(&file, &cfg(BackboneKind::Torchscript, &["2"]), Device::Cpu).unwrap_err();
+        let err = Backbone::new(&cfg(BackboneKind::Torchscript, &["2"]), &file, Device::Cpu).unwrap_err();
         assert!(matches!(err, Error::Config(_)), "{err}");
         assert!(err.to_string().contains("valid layers: 0, 1"), "{err}");
 
@@ -337,14 +337,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("corrupt.pt");
         std::fs::write(&file, vec![0u8; 1000]).unwrap();
-        let err = Backbone::new(&file, &cfg(BackboneKind::Torchscript, &["0"]), Device::Cpu).unwrap_err();
+        let err = Backbone::new(&cfg(BackboneKind::Torchscript, &["0"]), &file, Device::Cpu).unwrap_err();
         assert!(matches!(err, Error::Model { .. }), "{err}");
         // a truncated real module
         let good = dir.path().join("good.pt");
         script_module(&good);
         let bytes = std::fs::read(&good).unwrap();
         std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
-        let err = Backbone::new(&file, &cfg(BackboneKind::Torchscript, &["0"]), Device::Cpu).unwrap_err();
+        let err = Backbone::new(&cfg(BackboneKind::Torchscript, &["0"]), &file, Device::Cpu).unwrap_err();
         assert!(matches!(err, Error::Model { .. }), "{err}");
     }
 
@@ -352,7 +352,7 @@ mod tests {
     fn efficientnet_backbone_when_weights_present() {
         let Some(weights) = lite0_weights_for_tests() else { return };
         let backbone =
-            Backbone::new(&weights, &cfg(BackboneKind::EfficientnetLite0, &["stage5", "stage3"]), Device::Cpu).unwrap();
+            Backbone::new(&cfg(BackboneKind::EfficientnetLite0, &["stage5", "stage3"]), &weights, Device::Cpu).unwrap();
         assert_eq!(backbone.feature_channels(), [112, 40]);
         assert_eq!(backbone.feature_strides(), [16, 8]);
         let x = Tensor::randn([1, 3, 96, 128], (Kind::Float, Device::Cpu));
