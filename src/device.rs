@@ -16,6 +16,7 @@ static CUDA_BACKEND: OnceLock<std::result::Result<String, String>> = OnceLock::n
 
 /// Loads libtorch's CUDA backend if it is installed; idempotent. Returns the library path that
 /// was loaded, or why none was (which is normal on the CPU route).
+#[allow(unsafe_code)] // dlopen/dlerror: the reason this module exists (see the header).
 pub fn load_cuda_backend() -> std::result::Result<String, String> {
     CUDA_BACKEND
         .get_or_init(|| {

@@ -1,26 +1,39 @@
 //! anomaly_inspector: surface anomaly detection (PatchCore, DRAEM) for ROS 2 inspection cells.
 //!
-//! Data flows through the modules in this order (see ARCHITECTURE.md):
-//! [`imaging`] (decode, convert) -> [`preprocess`] -> [`models`] (backbone, patchcore)
-//! -> [`postprocess`] (anomaly map, regions, heatmaps) -> [`inspector`] (one call per frame)
-//! -> `ros` (topics, parameters; behind the `ros` feature). The core knows nothing of ROS.
+//! Data flows through the modules in this order (see ARCHITECTURE.md): [`imaging`] (decode,
+//! convert) -> preprocess -> models (backbone, PatchCore, DRAEM) -> postprocess (anomaly map,
+//! regions, heatmaps) -> [`Inspector`] (one call per frame) -> `ros` (topics, parameters;
+//! behind the `ros` feature). The core knows nothing of ROS. Fitting and evaluating are in
+//! [`training`] and [`metrics`]; a model on disk is a [`model_file`].
 #![warn(missing_docs)]
 
+// The library's public modules: what the binaries, the whole-flow tests and a user who trains on
+// a workstation call. Everything else is reached through the re-exports below.
 pub mod bench;
-pub mod camera;
 pub mod config;
 pub mod dataset;
 pub mod device;
-pub mod error;
 pub mod imaging;
-pub mod inspector;
 pub mod metrics;
 pub mod model_file;
-pub mod models;
-pub mod postprocess;
-pub mod preprocess;
 pub mod synthetic;
 pub mod training;
+
+mod camera;
+mod error;
+mod inspector;
+mod postprocess;
+
+// The models and their preprocessing are internals; the measurement studies in examples/ (and
+// nobody else) see them through the `studies` feature.
+#[cfg(feature = "studies")]
+pub mod models;
+#[cfg(not(feature = "studies"))]
+mod models;
+#[cfg(feature = "studies")]
+pub mod preprocess;
+#[cfg(not(feature = "studies"))]
+mod preprocess;
 
 #[cfg(feature = "ros")]
 pub mod ros;
@@ -31,7 +44,7 @@ pub use config::{
     PreprocessConfig, Resize, Search,
 };
 pub use device::{load_cuda_backend, InferenceThread};
-pub use error::{Error, FrameFault, Result};
+pub use error::{catch_panic, Error, FrameFault, Result};
 pub use imaging::{PixelEncoding, RawImage};
 pub use inspector::{Inspection, Inspector, InspectorOptions, Roi};
 pub use models::patchcore::{MemoryBank, PatchCore};

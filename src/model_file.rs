@@ -304,10 +304,10 @@ impl From<ModelManifest> for ManifestFile {
 /// A model ready to run, whatever its method.
 #[derive(Debug)]
 pub enum AnomalyModel {
-    /// PatchCore.
-    PatchCore(PatchCore),
+    /// PatchCore. (Both boxed: a model is loaded once and is hundreds of bytes to thousands.)
+    PatchCore(Box<PatchCore>),
     /// DRAEM.
-    Draem(Draem),
+    Draem(Box<Draem>),
 }
 
 impl AnomalyModel {
@@ -399,14 +399,14 @@ pub fn load(dir: &Path, device: Device) -> Result<LoadedModel> {
             let (bank, retrieval) =
                 patchcore::load_memory_bank(&bank_path, device, cfg.density_neighbors).map_err(|e| damaged(&bank_path, e))?;
             // A setting that does not fit this bank is a model.json to fix, not a damaged file.
-            AnomalyModel::PatchCore(PatchCore::new(cfg, backbone, bank, retrieval).map_err(|e| match e {
+            AnomalyModel::PatchCore(Box::new(PatchCore::new(cfg, backbone, bank, retrieval).map_err(|e| match e {
                 Error::Config(reason) => Error::model(dir.join("model.json"), reason),
                 other => damaged(&bank_path, other),
-            })?)
+            })?))
         }
         MethodConfig::Draem(cfg) => {
             let weights = dir.join(DRAEM_WEIGHTS);
-            AnomalyModel::Draem(Draem::load(cfg, &weights, device).map_err(|e| damaged(&weights, e))?)
+            AnomalyModel::Draem(Box::new(Draem::load(cfg, &weights, device).map_err(|e| damaged(&weights, e))?))
         }
     };
     Ok(LoadedModel { manifest, model })
@@ -437,7 +437,7 @@ pub fn save_patchcore(
         let bb = tmp.join(backbone_file(model.config().backbone.kind));
         std::fs::copy(backbone_source, &bb).map_err(|e| Error::io(backbone_source, e))?;
         patchcore::save_memory_bank(model.memory_bank(), model.image_retrieval(), &tmp.join("memory_bank.safetensors"))?;
-        let json = serde_json::to_string_pretty(&manifest).expect("manifest serialises");
+        let json = manifest_json(&manifest)?;
         let path = tmp.join("model.json");
         std::fs::write(&path, json).map_err(|e| Error::io(&path, e))
     })
@@ -472,7 +472,7 @@ pub fn save_draem(
                 }
             }
         }
-        let json = serde_json::to_string_pretty(&manifest).expect("manifest serialises");
+        let json = manifest_json(&manifest)?;
         let path = tmp.join("model.json");
         std::fs::write(&path, json).map_err(|e| Error::io(&path, e))
     })?;
@@ -496,7 +496,7 @@ pub fn save_calibration(dir: &Path, calibration: &Calibration) -> Result<()> {
     manifest.calibration = calibration.clone();
     let path = dir.join("model.json");
     let tmp = dir.join(format!(".model.json.tmp-{}", std::process::id()));
-    let json = serde_json::to_string_pretty(&manifest).expect("manifest serialises");
+    let json = manifest_json(&manifest)?;
     std::fs::write(&tmp, json).map_err(|e| Error::io(&tmp, e))?;
     let previous = dir.join("model.json.previous");
     if let Err(e) = std::fs::copy(&path, &previous) {
@@ -504,6 +504,12 @@ pub fn save_calibration(dir: &Path, calibration: &Calibration) -> Result<()> {
         return Err(Error::io(&previous, e));
     }
     std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))
+}
+
+/// model.json's text. Serialising plain structs of strings and numbers cannot fail; should it,
+/// the model is not written.
+fn manifest_json(manifest: &ModelManifest) -> Result<String> {
+    serde_json::to_string_pretty(manifest).map_err(|e| Error::Config(format!("cannot write model.json: {e}")))
 }
 
 fn write_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
@@ -679,8 +685,8 @@ mod tests {
     fn atomic_write_keeps_the_previous_model_and_cleans_up_on_failure() {
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("model");
-        write_atomically(&target, |t| Ok(std::fs::write(t.join("a"), "1").unwrap())).unwrap();
-        write_atomically(&target, |t| Ok(std::fs::write(t.join("a"), "2").unwrap())).unwrap();
+        write_atomically(&target, |t| std::fs::write(t.join("a"), "1").map_err(|e| Error::io(t, e))).unwrap();
+        write_atomically(&target, |t| std::fs::write(t.join("a"), "2").map_err(|e| Error::io(t, e))).unwrap();
         assert_eq!(std::fs::read_to_string(target.join("a")).unwrap(), "2");
         assert_eq!(std::fs::read_to_string(dir.path().join("model.previous/a")).unwrap(), "1");
         let err = write_atomically(&target, |_| Err(Error::Config("boom".into())));

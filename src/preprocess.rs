@@ -59,11 +59,6 @@ impl Preprocessor {
         }
     }
 
-    /// The device tensors are made on.
-    pub fn device(&self) -> Device {
-        self.device
-    }
-
     /// One frame -> `[1, 3, H, W]` float32 on the device. The u8 pixels travel to the device
     /// as they are (a quarter of the bytes of floats) and are resized and normalised there.
     pub fn frame(&self, image: &RgbImage) -> Result<Tensor> {

@@ -83,7 +83,7 @@ pub fn split_holdout(images: &[PathBuf], every: usize) -> (Vec<PathBuf>, Vec<Pat
         }
     }
     if held.is_empty() && fit.len() >= 2 {
-        held.push(fit.pop().expect("len >= 2"));
+        held.extend(fit.pop());
     }
     (fit, held)
 }
@@ -99,6 +99,7 @@ pub fn split_holdout_checked(images: &[PathBuf], every: usize) -> Result<(Vec<Pa
 
 /// Fits PatchCore on `images` (defect-free), calibrates it on a held-out part of them and
 /// writes the model directory `out`. `progress(stage, done, total)` is called per batch.
+#[allow(clippy::too_many_arguments)] // each is one thing the caller chooses; a struct would only rename them
 pub fn fit_patchcore(
     images: &[PathBuf],
     data_label: &str,

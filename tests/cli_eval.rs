@@ -1,5 +1,6 @@
 //! The `eval` subcommand end to end: fit a model on synthetic data with the CLI, evaluate it,
 //! and check the JSON report; a missing model must fail with a message naming it.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // whole-flow tests: a failed unwrap is the test failing
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

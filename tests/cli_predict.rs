@@ -1,6 +1,7 @@
 //! Whole flow of the command line on real image files: `synth` -> `fit` -> `predict`, on the
 //! built-in data and (when present) on the real Magnetic-Tile data set. A corrupt and a missing
 //! file must be reported per file without stopping the run.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // whole-flow tests: a failed unwrap is the test failing
 mod common;
 
 use std::path::{Path, PathBuf};

@@ -6,10 +6,11 @@
 //! a reference conversion gives), or a frame error whose fault is the first rule the input broke.
 //! No ROS needed (the message-level properties are in src/ros/convert.rs). A longer run:
 //! `PROPTEST_CASES=20000 cargo test --release --test fuzz_decoding`.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // whole-flow tests: a failed unwrap is the test failing
 use std::path::{Path, PathBuf};
 
-use anomaly_inspector::error::{Error, FrameFault};
 use anomaly_inspector::imaging::{self, CompressedFormat, PixelEncoding, RawImage, MAX_PIXELS, MAX_SIDE};
+use anomaly_inspector::{Error, FrameFault};
 use image::RgbImage;
 use proptest::prelude::*;
 use serde_json::Value;

@@ -2,6 +2,7 @@
 //! RViz config are checked statically: every package, executable, parameter file, parameter
 //! name, launch argument, remapped name and RViz topic they mention must exist.
 #![cfg(feature = "ros")]
+#![allow(clippy::unwrap_used, clippy::expect_used)] // whole-flow tests: a failed unwrap is the test failing
 mod common;
 
 use std::collections::BTreeSet;

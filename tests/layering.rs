@@ -2,6 +2,7 @@
 //! through one door (the `Inspector` and the crate's curated re-exports, the teach-in entry in
 //! `training`, the error vocabulary, and the image conversions in `convert.rs`), and never
 //! touches libtorch.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // whole-flow tests: a failed unwrap is the test failing
 use std::path::{Path, PathBuf};
 
 fn rust_files(dir: &Path) -> Vec<PathBuf> {

@@ -6,6 +6,7 @@
 //! input, a clear message (logged once per kind, counted per kind in /diagnostics, or in the
 //! service/parameter reply), the old model and values kept, and a clean exit (no crash).
 #![cfg(feature = "ros")]
+#![allow(clippy::unwrap_used, clippy::expect_used)] // whole-flow tests: a failed unwrap is the test failing
 mod common;
 
 use std::path::{Path, PathBuf};

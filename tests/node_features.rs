@@ -3,6 +3,7 @@
 //! bad frames, every output topic, markers, diagnostics, services (inspect, set_threshold,
 //! load_model, teach), run-time parameters, the frame policy, and a rosbag2 of the results.
 #![cfg(feature = "ros")]
+#![allow(clippy::unwrap_used, clippy::expect_used)] // whole-flow tests: a failed unwrap is the test failing
 mod common;
 
 use std::path::{Path, PathBuf};

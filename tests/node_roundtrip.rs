@@ -2,6 +2,7 @@
 //! good and defective images; results must come back with the input's stamp and frame_id,
 //! with heatmap and overlay images, and defective parts must score higher than good ones.
 #![cfg(feature = "ros")]
+#![allow(clippy::unwrap_used, clippy::expect_used)] // whole-flow tests: a failed unwrap is the test failing
 mod common;
 
 use std::process::{Command, Stdio};

@@ -3,6 +3,7 @@
 //! restart, ~/inspect is called every few seconds and the model is reloaded mid-stream
 //! (scripts/soak.py does the driving and records; this test asserts).
 #![cfg(feature = "ros")]
+#![allow(clippy::unwrap_used, clippy::expect_used)] // whole-flow tests: a failed unwrap is the test failing
 mod common;
 
 use std::process::Command;

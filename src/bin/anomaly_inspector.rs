@@ -9,7 +9,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 use anomaly_inspector::config::{default_backbone_weights, BackboneKind, DeviceChoice, PatchCoreConfig, PostprocessConfig};
 use anomaly_inspector::config::{AnomalySource, DraemConfig, Search};
 use anomaly_inspector::dataset::MvtecDataset;
-use anomaly_inspector::postprocess::{heatmap, overlay};
 use anomaly_inspector::synthetic::{generate_dataset, SyntheticConfig};
 use anomaly_inspector::training::{fit_draem, read_checkpoint_state, split_holdout, DraemTrainOptions};
 use anomaly_inspector::training::{fit_patchcore, FitOptions, FitStage};
@@ -549,8 +548,8 @@ fn predict_one(inspector: &Inspector, path: &Path, out: &Path) -> anyhow::Result
     let stem = if parent.is_empty() { stem } else { format!("{parent}_{stem}") };
     let hm = out.join(format!("{stem}_heatmap.png"));
     let ov = out.join(format!("{stem}_overlay.png"));
-    heatmap(&insp.map, 0.0, 1.0).save(&hm).with_context(|| format!("writing {}", hm.display()))?;
-    overlay(&image, &insp.map, 0.0, 1.0, 0.5, &insp.regions).save(&ov).with_context(|| format!("writing {}", ov.display()))?;
+    insp.heatmap().save(&hm).with_context(|| format!("writing {}", hm.display()))?;
+    insp.overlay(&image).save(&ov).with_context(|| format!("writing {}", ov.display()))?;
     Ok(serde_json::json!({
         "image": path,
         "score": insp.score,

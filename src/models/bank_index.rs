@@ -71,9 +71,11 @@ impl BankIndex {
             counts[c as usize] += 1;
         }
         let mut offsets = Vec::with_capacity(cells + 1);
-        offsets.push(0);
+        let mut end = 0;
+        offsets.push(end);
         for c in &counts {
-            offsets.push(offsets.last().expect("non-empty") + c);
+            end += c;
+            offsets.push(end);
         }
         let mut fill = offsets.clone();
         let mut rows = vec![0f32; m * dim];

@@ -109,6 +109,7 @@ fn select(
 
 /// The same selection without pruning: the reference the pruned version is tested against and
 /// what the GPU path computes with tensor ops.
+#[cfg(test)]
 pub fn greedy_k_center_plain(points: &[f32], dim: usize, n_select: usize, start: usize) -> Vec<usize> {
     let n = points.len() / dim;
     let mut min_d2 = vec![f32::INFINITY; n];
@@ -187,7 +188,8 @@ impl Groups {
                 .chunks(rows_per_thread * dim)
                 .map(|part| scope.spawn(move || part.chunks_exact(dim).map(nearest_of).collect::<Vec<_>>()))
                 .collect();
-            handles.into_iter().flat_map(|h| h.join().expect("anchor assignment thread")).collect()
+            // A worker only computes distances; should it panic, the panic goes on here.
+            handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
         });
         let mut counts = vec![0usize; n_groups];
         for &(g, _) in &nearest {

@@ -239,15 +239,17 @@ impl DiscriminativeSubNetwork {
     }
 
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let mut acts = Vec::with_capacity(6);
-        acts.push(self.encoder[0].forward(x, mode)?);
+        // Each encoder level's output is the skip of the decoder level of the same size.
+        let mut h = self.encoder[0].forward(x, mode)?;
+        let mut skips = Vec::with_capacity(self.encoder.len());
         for block in &self.encoder[1..] {
-            let prev = acts.last().expect("one activation at least");
-            acts.push(block.forward(&max_pool(prev)?, mode)?);
+            let next = block.forward(&max_pool(&h)?, mode)?;
+            skips.push(std::mem::replace(&mut h, next));
         }
-        let mut h = acts.pop().expect("six activations");
         for (up, db) in self.up.iter().zip(&self.db) {
-            let skip = acts.pop().expect("one skip per decoder level");
+            let Some(skip) = skips.pop() else {
+                return Err(Error::Config("DRAEM's decoder has more levels than its encoder".into()));
+            };
             let u = up.forward(&h, spatial(&skip), mode)?;
             h = db.forward(&Tensor::f_cat(&[u, skip], 1)?, mode)?;
         }

@@ -188,7 +188,9 @@ impl MemoryBank {
             });
             start += len;
         }
-        let (d2, idx) = best.expect("bank has at least one row");
+        let Some((d2, idx)) = best else {
+            return Err(Error::Config("the memory bank is empty: re-fit the model".into()));
+        };
         Ok((d2.f_sqrt()?, idx))
     }
 }
@@ -668,7 +670,8 @@ fn gaussian_kernel(sigma: f64, device: Device) -> Result<Option<Tensor>> {
 }
 
 /// The smoothing PatchCore applies to its maps: Gaussian of `sigma` pixels on `[N, 1, H, W]`
-/// (returned unchanged for sigma 0).
+/// (returned unchanged for sigma 0). The model itself keeps its kernel; the studies call this.
+#[cfg(feature = "studies")]
 pub fn gaussian_blur(maps: &Tensor, sigma: f64) -> Result<Tensor> {
     match gaussian_kernel(sigma, maps.device())? {
         Some(kernel) => blur(maps, &kernel),
@@ -823,11 +826,11 @@ mod tests {
         // one row per cluster, so every point is within the cluster radius of the coreset.
         let mut rows = Vec::new();
         let centres = [[0.0f32, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]];
-        for c in 0..4 {
+        for (c, centre) in centres.iter().enumerate() {
             for j in 0..(if c == 0 { 400 } else { 50 }) {
                 let jitter = (j % 7) as f32 * 0.01;
-                rows.push(centres[c][0] + jitter);
-                rows.push(centres[c][1] - jitter);
+                rows.push(centre[0] + jitter);
+                rows.push(centre[1] - jitter);
             }
         }
         let feats = Tensor::from_slice(&rows).view([-1, 2]);

@@ -196,7 +196,7 @@ pub fn run(shared: Arc<Shared>, settings: Settings, results: ResultPublishers, i
 impl InferenceLoop {
     /// A teach-in that ran out of time fails; nothing else changes.
     fn expire_teach_in(&mut self) {
-        if !self.teach.as_ref().is_some_and(|j| Instant::now() > j.deadline) {
+        if self.teach.as_ref().is_none_or(|j| Instant::now() <= j.deadline) {
             return;
         }
         if let Some(job) = self.teach.take() {

@@ -289,7 +289,7 @@ mod tests {
         mb.put_command("load /nowhere");
         assert!(matches!(mb.take(Duration::from_millis(10)), Some(Work::Command("load /nowhere"))));
         let f = take_frame(&mb);
-        let (err, described) = f.rgb.err().expect("5 bytes cannot hold a 4x2 rgb8 frame");
+        let (err, described) = f.rgb.expect_err("5 bytes cannot hold a 4x2 rgb8 frame");
         assert!(described.contains("4x2 'rgb8'"), "{described}");
         assert_eq!(err.kind(), "data_too_short", "{err}");
         mb.close();

@@ -329,7 +329,7 @@ impl NodeParams {
         };
         let surface_plane = match (self.surface_plane.0.as_slice(), self.working_distance) {
             (&[a, b, c, d], _) => Some(Plane::new([a, b, c, d])?),
-            ([], w) if w == 0.0 => None,
+            ([], 0.0) => None,
             ([], w) if w > 0.0 && w.is_finite() => Some(Plane::at_distance(w)?),
             ([], w) => return Err(Error::Config(format!("working_distance {w}: must be > 0 (or 0 for none)"))),
             (other, _) => return Err(Error::Config(format!("surface_plane {other:?}: use [a, b, c, d]"))),

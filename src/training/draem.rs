@@ -139,7 +139,7 @@ fn save_checkpoint(out: &Path, vars: &nn::VarStore, adam: &Adam, state: &Checkpo
     let weights = tmp.join(DRAEM_WEIGHTS);
     vars.save(&weights).map_err(|e| Error::model(&weights, format!("cannot write checkpoint: {e}")))?;
     adam.save(&tmp.join(OPTIMISER_FILE))?;
-    let json = serde_json::to_string(state).expect("checkpoint state serialises");
+    let json = serde_json::to_string(state).map_err(|e| Error::Config(format!("cannot write the checkpoint state: {e}")))?;
     let state_path = tmp.join(STATE_FILE);
     std::fs::write(&state_path, json).map_err(|e| Error::io(&state_path, e))?;
     if dir.exists() {
@@ -217,10 +217,11 @@ fn batch_indices(seed: u64, step: usize, batch: usize, n: usize, cache: &mut Opt
         .map(|i| {
             let g = step * batch + i;
             let (epoch, pos) = (g / n, g % n);
-            if cache.as_ref().map(|c| c.0) != Some(epoch) {
-                *cache = Some((epoch, epoch_order(seed, epoch, n)));
-            }
-            cache.as_ref().expect("filled above").1[pos]
+            let (_, order) = match cache.take() {
+                Some(same) if same.0 == epoch => cache.insert(same),
+                _ => cache.insert((epoch, epoch_order(seed, epoch, n))),
+            };
+            order[pos]
         })
         .collect()
 }

@@ -53,7 +53,11 @@ impl Proc {
     /// Sends SIGTERM and waits up to 10 s; returns the exit status.
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
         let mut child = self.0.take()?;
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        // SAFETY: kill(2) with our own child's pid; no memory is involved.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM)
+        };
         let t0 = Instant::now();
         while t0.elapsed() < Duration::from_secs(10) {
             if let Ok(Some(status)) = child.try_wait() {

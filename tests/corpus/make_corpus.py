@@ -5,7 +5,7 @@
 
 raw_frames.json: sensor_msgs/Image field sets (encoding, width, height, step, is_bigendian,
 data as hex) with the outcome the node must give: "ok" or the fault name it reports
-(anomaly_inspector::error::FrameFault::as_str).
+(anomaly_inspector::FrameFault::as_str).
 compressed/: CompressedImage payloads; compressed.json maps each file (and a list of `format`
 strings) to the expected outcome. The files are kept in git: fix a bug, add its input here.
 """

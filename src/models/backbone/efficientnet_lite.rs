@@ -30,7 +30,9 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use tch::{nn, Device, Kind, TchError, Tensor};
+#[cfg(any(test, feature = "studies"))]
+use tch::Kind;
+use tch::{nn, Device, TchError, Tensor};
 
 use crate::error::{Error, Result};
 use crate::models::layers::BatchNorm;
@@ -42,6 +44,7 @@ pub const NUM_STAGES: usize = 7;
 /// Output channels of stage 1..=7.
 pub const STAGE_CHANNELS: [i64; NUM_STAGES] = [16, 24, 40, 80, 112, 192, 320];
 /// Output stride (input pixels per feature pixel, for sizes divisible by 32) of stage 1..=7.
+#[cfg(any(test, feature = "studies"))]
 pub const STAGE_STRIDES: [i64; NUM_STAGES] = [2, 4, 8, 16, 16, 32, 32];
 /// Channels of the stem conv.
 pub const STEM_CHANNELS: i64 = 32;
@@ -118,6 +121,7 @@ impl ConvBn {
 
     /// Folds the BatchNorm into the convolution (computed in float64, stored in the weight's
     /// kind): `w' = w * g / sqrt(v + eps)`, `b' = beta - m * g / sqrt(v + eps)`.
+    #[cfg(any(test, feature = "studies"))]
     fn fold(&mut self) -> Result<()> {
         let kind = self.weight.kind();
         let scale = self
@@ -200,6 +204,7 @@ impl MbConv {
         Ok(h)
     }
 
+    #[cfg(any(test, feature = "studies"))]
     fn convs_mut(&mut self) -> impl Iterator<Item = &mut ConvBn> {
         self.expand.iter_mut().chain([&mut self.depthwise, &mut self.project])
     }
@@ -214,8 +219,13 @@ pub struct EfficientNetLite0 {
     stem: ConvBn,
     /// The 16 blocks, grouped by stage.
     stages: Vec<Vec<MbConv>>,
+    // The ImageNet classifier is loaded with the rest, so that a wrong weight file fails at load;
+    // only the reference test and the studies read its output (the logits).
+    #[cfg_attr(not(any(test, feature = "studies")), allow(dead_code))]
     head: ConvBn,
+    #[cfg_attr(not(any(test, feature = "studies")), allow(dead_code))]
     fc_weight: Tensor,
+    #[cfg_attr(not(any(test, feature = "studies")), allow(dead_code))]
     fc_bias: Tensor,
     device: Device,
 }
@@ -294,7 +304,9 @@ impl EfficientNetLite0 {
     /// 0-15% faster on 2 CPU cores at 256x256). It rounds differently from PyTorch's
     /// conv-then-BN: against the PyTorch reference the stage outputs move by up to about 2.5e-4
     /// (values up to ~50; the explicit form stays within 3e-5). Call only once the final
-    /// weights are in place: later changes to the `VarStore` are not seen.
+    /// weights are in place: later changes to the `VarStore` are not seen. Not on any inference
+    /// path yet: a lever for the studies and the tests.
+    #[cfg(any(test, feature = "studies"))]
     pub fn fold_batch_norm(&mut self) -> Result<()> {
         tch::no_grad(|| -> Result<()> {
             self.stem.fold()?;
@@ -305,11 +317,6 @@ impl EfficientNetLite0 {
             }
             self.head.fold()
         })
-    }
-
-    /// The device the weights live on (inputs must be on it too).
-    pub fn device(&self) -> Device {
-        self.device
     }
 
     fn check_input(x: &Tensor) -> Result<()> {
@@ -341,8 +348,11 @@ impl EfficientNetLite0 {
     }
 
     /// ImageNet class logits `[N, 1000]` for `x` of shape `[N, 3, H, W]`.
+    #[cfg(any(test, feature = "studies"))]
     pub fn forward_logits(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.forward_stages(x, NUM_STAGES)?.pop().expect("7 stage outputs");
+        let Some(h) = self.forward_stages(x, NUM_STAGES)?.pop() else {
+            return Err(Error::Config("EfficientNet-Lite0 computed no stage".into()));
+        };
         tch::no_grad(|| {
             let h = self.head.forward(&h)?;
             let pooled = h.f_mean_dim([2i64, 3].as_slice(), false, None::<Kind>)?;

@@ -6,6 +6,8 @@
 //! output indices `0`, `1`, ... for TorchScript. A probe forward at construction measures each
 //! layer's channel count and stride, so callers know the feature sizes before the first frame.
 pub mod efficientnet_lite;
+#[cfg(test)]
+mod reference_tests;
 pub mod torchscript;
 
 use std::path::Path;
@@ -25,7 +27,7 @@ const PROBE_SIZE_FALLBACK: i64 = 256;
 
 #[derive(Debug)]
 enum Net {
-    EfficientNet(EfficientNetLite0),
+    EfficientNet(Box<EfficientNetLite0>),
     TorchScript(TorchScriptBackbone),
 }
 
@@ -97,7 +99,7 @@ impl Backbone {
     pub fn new(cfg: &BackboneConfig, weights: &Path, device: Device) -> Result<Self> {
         let indices = parse_layers(cfg.kind, &cfg.layers)?;
         let net = match cfg.kind {
-            BackboneKind::EfficientnetLite0 => Net::EfficientNet(EfficientNetLite0::load(weights, device)?),
+            BackboneKind::EfficientnetLite0 => Net::EfficientNet(Box::new(EfficientNetLite0::load(weights, device)?)),
             BackboneKind::Torchscript => Net::TorchScript(TorchScriptBackbone::new(weights, device)?),
         };
         let mut backbone = Self {

@@ -16,7 +16,6 @@ use crate::error::{Error, Result};
 pub struct TorchScriptBackbone {
     module: CModule,
     path: PathBuf,
-    device: Device,
 }
 
 impl TorchScriptBackbone {
@@ -28,17 +27,12 @@ impl TorchScriptBackbone {
         let mut module = CModule::load_on_device(path, device)
             .map_err(|e| Error::model(path, format!("not a loadable TorchScript module: {e}")))?;
         module.f_set_eval().map_err(|e| Error::model(path, format!("cannot switch the module to eval mode: {e}")))?;
-        Ok(Self { module, path: path.to_path_buf(), device })
+        Ok(Self { module, path: path.to_path_buf() })
     }
 
     /// The file the module was loaded from.
     pub fn path(&self) -> &Path {
         &self.path
-    }
-
-    /// The device the module was loaded onto (inputs must be on it too).
-    pub fn device(&self) -> Device {
-        self.device
     }
 
     /// Runs `forward(x)` on `x` `[N, 3, H, W]` and returns every output tensor in order.

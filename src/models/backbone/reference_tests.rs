@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use anomaly_inspector::models::backbone::efficientnet_lite::{EfficientNetLite0, NUM_STAGES};
+use super::efficientnet_lite::{EfficientNetLite0, NUM_STAGES};
 use tch::{Device, Kind, Tensor};
 
 /// Stage outputs must agree with PyTorch to this max abs difference.
