@@ -7,6 +7,8 @@ use std::str::FromStr;
 
 use crate::error::{Error, Result};
 
+pub mod options;
+
 /// Where inference runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -33,11 +35,12 @@ impl FromStr for DeviceChoice {
 }
 
 /// Which feature extractor a PatchCore model uses.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum BackboneKind {
     /// Native EfficientNet-Lite0 with ImageNet weights (the default; ships with the set-up).
     #[default]
+    #[value(name = "efficientnet_lite0")]
     EfficientnetLite0,
     /// Any TorchScript module whose `forward(x)` returns a tensor, or a tuple/list of tensors.
     Torchscript,
