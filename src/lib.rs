@@ -12,6 +12,7 @@ pub mod config;
 pub mod dataset;
 pub mod device;
 pub mod error;
+pub mod evaluation;
 pub mod imaging;
 pub mod inspector;
 pub mod metrics;
