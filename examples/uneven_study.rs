@@ -12,6 +12,8 @@
 //! below `eval`'s; they compare variants with each other.
 use std::path::PathBuf;
 
+use anyhow::Context as _;
+
 use anomaly_inspector::config::Search;
 use anomaly_inspector::dataset::{load_mask, MvtecDataset};
 use anomaly_inspector::metrics::{auroc, pixel_metrics, PixelScores, AUPRO_FPR_LIMIT};
@@ -47,9 +49,10 @@ fn main() -> anyhow::Result<()> {
     let pre = Preprocessor::new(&cfg.preprocess, Device::Cpu)?;
     let data = MvtecDataset::open(&root)?;
     let (fit, _) = anomaly_inspector::training::split_holdout(&data.train_good, 5);
-    let frames = fit.iter().map(|p| Ok(pre.frame(&imaging::load(p)?)?));
+    let frames = fit.iter().map(|p| pre.frame(&imaging::load(p)?));
     let (model, _) = PatchCore::fit(backbone, frames, &cfg, |_| {})?;
-    let (bank, retrieval) = (model.memory_bank(), model.image_retrieval().expect("fitted image by image"));
+    let bank = model.memory_bank();
+    let retrieval = model.image_retrieval().context("a bank fitted image by image has its retrieval")?;
     let owners = retrieval.image_of_row();
     let features = |p: &PathBuf| -> anyhow::Result<(Tensor, (i64, i64))> {
         let e = embed(model.backbone(), &pre.frame(&imaging::load(p)?)?, cfg.neighbourhood)?;

@@ -12,8 +12,13 @@ source scripts/env.sh
 # load). On an idle machine active waiting is faster (node at 640x480: 74 vs 124 ms median), so
 # only the tests ask for passive waiting.
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
+# The rules that check themselves (CODE_STYLE.md): formatting, then clippy with the [lints] of
+# Cargo.toml on every target, on the studies in examples/ (feature studies), and on the core and
+# the CLI without ROS (checked, not linked: a second full build with other feature sets of
+# shared dependencies costs minutes for nothing more).
+cargo fmt --check
+cargo clippy --release --all-targets -- -D warnings
+cargo clippy --release --features studies --examples -- -D warnings
+cargo clippy --release --no-default-features --lib --bins -- -D warnings
 # Integration tests start ROS nodes; run them one at a time so their DDS traffic stays apart.
 cargo test --release -- --test-threads=1
-# The core and the CLI also build without ROS (checked, not linked: a full second build with
-# other feature sets of shared dependencies costs minutes for nothing more).
-cargo check --release --no-default-features --lib --bins

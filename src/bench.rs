@@ -8,11 +8,11 @@ use image::RgbImage;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
-use crate::error::Result;
 use crate::imaging::{self, PixelEncoding, RawImage};
-use crate::inspector::Inspector;
 use crate::model_file::AnomalyModel;
 use crate::models::patchcore::{embed, flatten_patches, MemoryBank};
+use crate::Inspector;
+use crate::{Error, Result};
 
 /// Median milliseconds of each stage of one inspected frame.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -65,6 +65,41 @@ pub struct EngineBench {
     pub rss_mib: f64,
     /// Peak resident memory, MiB.
     pub peak_rss_mib: f64,
+}
+
+impl EngineBench {
+    /// The header of the table [`Self::table_row`] writes rows of.
+    pub fn table_header() -> String {
+        format!(
+            "{:<22} {:>5} {:>9} {:>7} | {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} | {:>7} {:>7} {:>8} | {:>6}",
+            "model",
+            "input",
+            "frame",
+            "bank",
+            "png",
+            "convert",
+            "preproc",
+            "network",
+            "knn",
+            "forward",
+            "post",
+            "engine",
+            "floor",
+            "overhead",
+            "RSS MiB"
+        )
+    }
+
+    /// One line of the stage table: milliseconds per stage, overhead and memory.
+    pub fn table_row(&self) -> String {
+        let (s, [w, h]) = (&self.stages, self.frame);
+        format!(
+            "{:<22} {:>5} {:>9} {:>7} | {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.2} | {:>7.2} {:>7.2} {:>7.1}% | {:>6.0}",
+            self.model, self.input_size, format!("{w}x{h}"), self.bank_size.map_or("-".into(), |b| b.to_string()),
+            s.decode_png_ms, s.convert_ms, s.preprocess_ms, s.network_ms, s.knn_ms, s.forward_ms, s.postprocess_ms,
+            s.engine_ms, s.floor_ms, self.engine_overhead * 100.0, self.rss_mib
+        )
+    }
 }
 
 /// Times the engine's stages for `inspector` on `frame`, `iterations` times each (plus two
@@ -148,6 +183,36 @@ pub struct KnnScaling {
     pub queries: i64,
     /// Median milliseconds of one exact 1-NN search.
     pub knn_ms: f64,
+}
+
+/// What `anomaly_inspector bench --json` writes.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    /// The device, in words.
+    pub device: String,
+    /// One row per model and frame size.
+    pub engine: Vec<EngineBench>,
+    /// kNN time against bank size (empty when not asked for).
+    pub knn_scaling: Vec<KnnScaling>,
+}
+
+impl BenchReport {
+    /// The report as pretty JSON.
+    pub fn to_json(&self) -> Result<String> {
+        crate::evaluation::json_text(self, true)
+    }
+}
+
+/// A frame size written `WxH` (`640x480`), each side 16..=8192.
+pub fn parse_frame_size(s: &str) -> Result<(u32, u32)> {
+    let bad = |why: &str| Error::Config(format!("frame size '{s}': {why}"));
+    let (w, h) = s.split_once('x').ok_or_else(|| bad("write WxH, e.g. 640x480"))?;
+    let side = |v: &str| v.trim().parse::<u32>().map_err(|e| bad(&e.to_string()));
+    let (w, h) = (side(w)?, side(h)?);
+    if !(16..=8192).contains(&w) || !(16..=8192).contains(&h) {
+        return Err(bad("each side must be 16..=8192"));
+    }
+    Ok((w, h))
 }
 
 /// Times [`MemoryBank::nearest`] for each of `rows` bank sizes.

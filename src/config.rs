@@ -7,6 +7,8 @@ use std::str::FromStr;
 
 use crate::error::{Error, Result};
 
+pub mod options;
+
 /// Where inference runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -33,11 +35,12 @@ impl FromStr for DeviceChoice {
 }
 
 /// Which feature extractor a PatchCore model uses.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum BackboneKind {
     /// Native EfficientNet-Lite0 with ImageNet weights (the default; ships with the set-up).
     #[default]
+    #[value(name = "efficientnet_lite0")]
     EfficientnetLite0,
     /// Any TorchScript module whose `forward(x)` returns a tensor, or a tuple/list of tensors.
     Torchscript,
@@ -304,11 +307,7 @@ impl Default for PatchCoreFile {
 
 impl From<PatchCoreConfig> for PatchCoreFile {
     fn from(c: PatchCoreConfig) -> Self {
-        let (knn_probes, retrieval_images) = match c.search {
-            Search::Exact => (0, 0),
-            Search::Approximate { probes } => (probes, 0),
-            Search::Retrieval { images } => (0, images),
-        };
+        let (knn_probes, retrieval_images) = c.search.switches();
         Self {
             backbone: c.backbone,
             preprocess: c.preprocess,
@@ -329,19 +328,34 @@ impl From<PatchCoreConfig> for PatchCoreFile {
     }
 }
 
+impl Search {
+    /// The search the file format's (and the command line's) two "0 = off" switches name; both
+    /// on is an error, since each speeds up the search in its own way.
+    pub fn from_switches(knn_probes: usize, retrieval_images: usize) -> Result<Self> {
+        match (knn_probes, retrieval_images) {
+            (0, 0) => Ok(Search::Exact),
+            (probes, 0) => Ok(Search::Approximate { probes }),
+            (0, images) => Ok(Search::Retrieval { images }),
+            (_, _) => Err(Error::Config(
+                "retrieval_images and knn_probes both speed up the search in their own way: set one of them to 0".into(),
+            )),
+        }
+    }
+
+    /// The two switches (`knn_probes`, `retrieval_images`) of this search, 0 = off.
+    pub fn switches(self) -> (usize, usize) {
+        match self {
+            Search::Exact => (0, 0),
+            Search::Approximate { probes } => (probes, 0),
+            Search::Retrieval { images } => (0, images),
+        }
+    }
+}
+
 impl TryFrom<PatchCoreFile> for PatchCoreConfig {
     type Error = Error;
     fn try_from(f: PatchCoreFile) -> Result<Self> {
-        let search = match (f.knn_probes, f.retrieval_images) {
-            (0, 0) => Search::Exact,
-            (probes, 0) => Search::Approximate { probes },
-            (0, images) => Search::Retrieval { images },
-            (_, _) => {
-                return Err(Error::Config(
-                    "retrieval_images and knn_probes both speed up the search in their own way: set one of them to 0".into(),
-                ))
-            }
-        };
+        let search = Search::from_switches(f.knn_probes, f.retrieval_images)?;
         // "0 = off"; a negative value stays, for validate() to refuse with its range.
         let off_at_zero = |v: f64| (v != 0.0).then_some(v);
         let config = Self {

@@ -70,6 +70,20 @@ fn list_sorted(dir: &Path, keep: impl Fn(&Path) -> bool) -> Result<Vec<PathBuf>>
     Ok(out)
 }
 
+/// The image files among `inputs`: a directory's images (sorted), any other path as given, so
+/// that a missing or broken file is reported where it is read, among the others.
+pub fn collect_images(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut images = Vec::new();
+    for path in inputs {
+        if path.is_dir() {
+            images.extend(list_sorted(path, is_image)?);
+        } else {
+            images.push(path.clone());
+        }
+    }
+    Ok(images)
+}
+
 impl MvtecDataset {
     /// Lists the data set at `root`. `train/good` must hold at least one image; `test/` and
     /// `ground_truth/` are optional, and a defective image without a mask gets `mask: None`.

@@ -4,15 +4,18 @@
 //! convert) -> preprocess -> models (backbone, PatchCore, DRAEM) -> postprocess (anomaly map,
 //! regions, heatmaps) -> [`Inspector`] (one call per frame) -> `ros` (topics, parameters;
 //! behind the `ros` feature). The core knows nothing of ROS. Fitting and evaluating are in
-//! [`training`] and [`metrics`]; a model on disk is a [`model_file`].
+//! [`training`], [`evaluation`] and [`metrics`]; a model on disk is a [`model_file`]; the
+//! command line's grammar is [`cli`].
 #![warn(missing_docs)]
 
 // The library's public modules: what the binaries, the whole-flow tests and a user who trains on
 // a workstation call. Everything else is reached through the re-exports below.
 pub mod bench;
+pub mod cli;
 pub mod config;
 pub mod dataset;
 pub mod device;
+pub mod evaluation;
 pub mod imaging;
 pub mod metrics;
 pub mod model_file;

@@ -32,7 +32,7 @@ pub const FORMAT: &str = "anomaly_inspector_model";
 pub const FORMAT_VERSION: u32 = 1;
 
 /// Which anomaly detection method a model uses (parsed at the boundary, never a string inside).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Method {
     /// PatchCore (memory bank + nearest neighbour).

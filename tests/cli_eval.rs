@@ -7,6 +7,8 @@ use std::process::{Command, Output};
 mod common;
 
 use anomaly_inspector::dataset::MvtecDataset;
+use anomaly_inspector::evaluation::EvalReport;
+use anomaly_inspector::model_file::Method;
 use anomaly_inspector::synthetic::{generate_dataset, SyntheticConfig};
 use common::manifest;
 
@@ -75,9 +77,16 @@ fn tensor(tensors: &[(String, tch::Tensor)], key: &str) -> Option<tch::Tensor> {
     tensors.iter().find(|(n, _)| n == key).map(|(_, t)| t.shallow_clone())
 }
 
-fn unit(report: &serde_json::Value, key: &str) -> f64 {
-    let v = report[key].as_f64().unwrap_or_else(|| panic!("{key} missing or not a number: {report:#}"));
-    assert!((0.0..=1.0).contains(&v), "{key} = {v} outside 0..=1");
+/// The report `eval --json` wrote to `path`.
+fn report(path: &Path) -> EvalReport {
+    let text = std::fs::read_to_string(path).unwrap();
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("not an eval report ({e}):\n{text}"))
+}
+
+/// `value`, which must be defined and within 0..=1.
+fn unit(value: Option<f64>, what: &str) -> f64 {
+    let v = value.unwrap_or_else(|| panic!("{what} undefined"));
+    assert!((0.0..=1.0).contains(&v), "{what} = {v} outside 0..=1");
     v
 }
 
@@ -100,29 +109,34 @@ fn eval_reports_metrics_on_synthetic_data() {
     eprintln!("{stderr}");
     assert!(stderr.contains("image AUROC") && stderr.contains("AUPRO"), "no table on stderr:\n{stderr}");
 
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    for key in ["image_auroc", "pixel_auroc", "aupro", "image_f1_max"] {
-        unit(&report, key);
-    }
-    assert_eq!(report["n_images"].as_u64(), Some(ds.test.len() as u64), "{report:#}");
-    assert_eq!(report["n_good"].as_u64(), Some(ds.n_test_good() as u64));
-    assert_eq!(report["n_failed"].as_u64(), Some(0));
-    assert!(report["ms_per_image"].as_f64().is_some_and(|v| v > 0.0));
-    assert!(report["images_per_second"].as_f64().is_some_and(|v| v > 0.0));
-    assert!(report["model"].is_string() && report["device"].is_string() && report["data"].is_string());
-    let image_auroc = unit(&report, "image_auroc");
+    let r = report(&json);
+    unit(r.pixel_auroc, "pixel_auroc");
+    unit(r.aupro, "aupro");
+    unit(r.image_f1_max, "image_f1_max");
+    assert_eq!(r.n_images, ds.test.len(), "{r:#?}");
+    assert_eq!(r.n_good, ds.n_test_good());
+    assert_eq!(r.n_anomalous, ds.n_test_anomalous());
+    assert_eq!(r.n_failed, 0);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert!(r.ms_per_image > 0.0 && r.images_per_second > 0.0 && r.wall_seconds > 0.0, "{r:#?}");
+    assert_eq!(
+        (r.model.as_str(), r.method, r.data.as_path(), r.model_dir.as_path()),
+        ("model", Method::Patchcore, &*data, &*model)
+    );
+    assert!(r.device.starts_with("cpu"), "{}", r.device);
+    assert_eq!(r.image_threshold_raw, manifest(&model)["calibration"]["image_threshold"].as_f64().unwrap() as f32);
+    let image_auroc = unit(r.image_auroc, "image_auroc");
     assert!(image_auroc > 0.9, "image AUROC {image_auroc} on easy synthetic data");
 
-    let per_defect = report["per_defect"].as_object().expect("per_defect object");
-    assert_eq!(per_defect.keys().cloned().collect::<Vec<_>>(), ds.defect_types());
-    for (name, m) in per_defect {
-        assert_eq!(m["n_images"].as_u64(), Some(cfg.n_test_per_defect as u64), "{name}");
-        for key in ["image_auroc", "pixel_auroc", "aupro"] {
-            unit(m, key);
-        }
+    assert_eq!(r.per_defect.keys().cloned().collect::<Vec<_>>(), ds.defect_types());
+    for (name, m) in &r.per_defect {
+        assert_eq!(m.n_images, cfg.n_test_per_defect, "{name}");
+        unit(m.image_auroc, &format!("{name} image_auroc"));
+        unit(m.pixel_auroc, &format!("{name} pixel_auroc"));
+        unit(m.aupro, &format!("{name} aupro"));
     }
 
-    assert!(report["image_f1_at_threshold"].as_f64().is_some_and(|v| (0.0..=1.0).contains(&v)), "{report:#}");
+    unit(r.image_f1_at_threshold, "image_f1_at_threshold");
 
     // Calibration on labelled validation images (another synthetic set, not the test set):
     // F1-optimal thresholds replace the held-out-good ones; the old model.json is kept.
@@ -164,8 +178,7 @@ fn eval_reports_metrics_on_synthetic_data() {
     // --limit-per-type takes the first N images of every test folder.
     let out = eval(&model, &data, &json, &["--limit-per-type", "1"]);
     check(&out, "eval --limit-per-type 1");
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    assert_eq!(report["n_images"].as_u64(), Some(1 + ds.defect_types().len() as u64));
+    assert_eq!(report(&json).n_images, 1 + ds.defect_types().len());
 }
 
 #[test]
@@ -200,10 +213,10 @@ fn retrieval_model_fits_evaluates_and_refuses_a_bank_without_images() {
     let json = tmp.path().join("eval.json");
     let run_eval = || eval(&model, &data, &json, &[]);
     check(&run_eval(), "eval of a retrieval model");
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    let image_auroc = unit(&report, "image_auroc");
+    let r = report(&json);
+    let image_auroc = unit(r.image_auroc, "image_auroc");
     assert!(image_auroc > 0.9, "image AUROC {image_auroc} on easy synthetic data with retrieval");
-    unit(&report, "pixel_auroc");
+    unit(r.pixel_auroc, "pixel_auroc");
 
     // The same bank without the image of each row cannot serve retrieval: a clear error that
     // names model.json and both ways out.

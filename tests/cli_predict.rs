@@ -4,8 +4,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // whole-flow tests: a failed unwrap is the test failing
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
+
+use anomaly_inspector::evaluation::{ImagePrediction, PredictLine, Verdict};
 
 fn cli() -> Command {
     Command::new(env!("CARGO_BIN_EXE_anomaly_inspector"))
@@ -18,8 +20,19 @@ fn run_ok(cmd: &mut Command) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-fn json_lines(stdout: &str) -> Vec<serde_json::Value> {
-    stdout.lines().map(|l| serde_json::from_str(l).expect("one JSON object per line")).collect()
+fn json_lines(stdout: &str) -> Vec<PredictLine> {
+    stdout.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a predict line ({e}): {l}"))).collect()
+}
+
+/// The lines of inspected images, in order; panics at a failed one.
+fn inspected(lines: &[PredictLine]) -> Vec<&ImagePrediction> {
+    lines
+        .iter()
+        .map(|l| match l {
+            PredictLine::Inspected(p) => p,
+            PredictLine::Failed { image, error } => panic!("{} failed: {error}", image.display()),
+        })
+        .collect()
 }
 
 fn mean(v: &[f64]) -> f64 {
@@ -59,31 +72,36 @@ fn synth_fit_predict_on_built_in_data() {
     let n_images = std::fs::read_dir(data.join("test/good")).unwrap().count()
         + std::fs::read_dir(data.join("test/scratch")).unwrap().count();
     assert_eq!(lines.len(), n_images + 2);
-    let errors: Vec<&serde_json::Value> = lines.iter().filter(|l| l.get("error").is_some()).collect();
+    let errors: Vec<(&PathBuf, &String)> = lines
+        .iter()
+        .filter_map(|l| match l {
+            PredictLine::Failed { image, error } => Some((image, error)),
+            PredictLine::Inspected(_) => None,
+        })
+        .collect();
     assert_eq!(errors.len(), 2, "exactly the corrupt and the missing file fail: {errors:?}");
-    assert!(errors.iter().any(|e| e["error"].as_str().unwrap().contains("missing.png")));
+    assert!(errors.iter().any(|(image, error)| *image == &missing && error.contains("missing.png")), "{errors:?}");
     let jsonl = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
     assert_eq!(jsonl.lines().count(), lines.len(), "results.jsonl mirrors stdout");
 
+    let scored = inspected(&lines[..n_images]);
     let (mut good, mut bad) = (Vec::new(), Vec::new());
-    for l in lines.iter().filter(|l| l.get("error").is_none()) {
-        let score = l["score"].as_f64().unwrap();
-        assert!(Path::new(l["heatmap"].as_str().unwrap()).is_file());
-        let overlay = image::open(l["overlay"].as_str().unwrap()).unwrap();
+    for p in &scored {
+        let score = f64::from(p.score);
+        assert!(p.heatmap.is_file());
+        let overlay = image::open(&p.overlay).unwrap();
         assert_eq!((overlay.width(), overlay.height()), (256, 256), "overlay keeps the input size");
-        assert_eq!(l["is_anomalous"].as_bool().unwrap(), l["verdict"] == "ANOMALOUS");
-        if l["image"].as_str().unwrap().contains("/good/") {
+        assert_eq!(p.is_anomalous, p.verdict == Verdict::Anomalous);
+        assert_eq!(p.is_anomalous, p.score >= p.threshold);
+        if p.image.to_string_lossy().contains("/good/") {
             good.push(score)
         } else {
             bad.push(score)
         }
     }
     assert!(mean(&bad) > mean(&good) + 0.2, "scratches {bad:?} vs good {good:?}");
-    let flagged = lines
-        .iter()
-        .filter(|l| l["image"].as_str().is_some_and(|p| p.contains("/scratch/")))
-        .filter(|l| !l["regions"].as_array().unwrap().is_empty())
-        .count();
+    let flagged =
+        scored.iter().filter(|p| p.image.to_string_lossy().contains("/scratch/")).filter(|p| !p.regions.is_empty()).count();
     assert!(flagged >= bad.len() - 1, "scratches should come with defect regions");
 }
 
@@ -119,9 +137,10 @@ fn fit_and_predict_on_magnetic_tile() {
     );
     let lines = json_lines(&stdout);
     assert_eq!(lines.len(), goods.len() + defects.len());
-    let raw = |l: &serde_json::Value| l["raw_score"].as_f64().expect("no errors on real images");
-    let good: Vec<f64> = lines[..goods.len()].iter().map(raw).collect();
-    let bad: Vec<f64> = lines[goods.len()..].iter().map(raw).collect();
+    let raw = |p: &&ImagePrediction| f64::from(p.raw_score);
+    let scored = inspected(&lines);
+    let good: Vec<f64> = scored[..goods.len()].iter().map(raw).collect();
+    let bad: Vec<f64> = scored[goods.len()..].iter().map(raw).collect();
     eprintln!("magnetic tile raw scores: good {good:?}\ndefective {bad:?}");
     assert!(mean(&bad) > mean(&good), "defective tiles must score higher on average");
 }
@@ -158,12 +177,13 @@ fn keep_aspect_models_take_images_of_any_shape() {
     let lines =
         json_lines(&run_ok(cli().args(["predict", "--device", "cpu", "--model"]).arg(&model).arg("--out").arg(&out).arg(&wide)));
     assert_eq!(lines.len(), 1);
-    assert!(lines[0]["score"].as_f64().is_some_and(|s| (0.0..=1.0).contains(&s)), "{}", lines[0]);
-    let heatmap = image::open(lines[0]["heatmap"].as_str().unwrap()).unwrap();
+    let p = inspected(&lines)[0];
+    assert!((0.0..=1.0).contains(&p.score), "{p:?}");
+    let heatmap = image::open(&p.heatmap).unwrap();
     assert_eq!((heatmap.width(), heatmap.height()), (250, 90), "the map covers the image at its own shape");
-    for r in lines[0]["regions"].as_array().unwrap() {
-        assert!(r["x"].as_u64().unwrap() + r["width"].as_u64().unwrap() <= 250, "{r}");
-        assert!(r["y"].as_u64().unwrap() + r["height"].as_u64().unwrap() <= 90, "{r}");
+    for r in &p.regions {
+        assert!(r.x + r.width <= 250, "{r:?}");
+        assert!(r.y + r.height <= 90, "{r:?}");
     }
     // DRAEM trains on one input size: the option is refused with a reason.
     let draem = cli()
