@@ -112,3 +112,39 @@ fn parameter_yaml_loads_into_the_node() {
     assert!(!text.contains("invalid parameters"), "the shipped YAML has an invalid value");
     assert!(exit.is_some_and(|e| e.success()));
 }
+
+#[test]
+fn help_prints_usage_with_every_parameter_and_exits_without_starting_the_node() {
+    let tmp = tempfile::tempdir().unwrap();
+    for flag in ["--help", "-h"] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_anomaly_inspector_node"));
+        cmd.arg(flag).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+        // Were --help ignored, the node would start and spin: its DDS traffic stays on loopback.
+        common::ros_env(&mut cmd, 97, &tmp.path().join("ros"));
+        let mut child = cmd.spawn().unwrap();
+        let t0 = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if t0.elapsed() > std::time::Duration::from_secs(60) {
+                common::Proc(Some(child)).stop();
+                panic!("{flag}: still running after 60 s: it started the node instead of printing usage");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+        assert!(status.success(), "{flag}: {status:?}\n{out}");
+        assert!(out.contains("Usage: anomaly_inspector_node"), "{out}");
+        for name in declared_params() {
+            assert!(out.contains(&format!("  {name} (default ")), "{flag}: parameter {name} missing:\n{out}");
+        }
+        for name in INPUT_NAMES.iter().chain(OUTPUT_NAMES.iter()) {
+            assert!(out.contains(name), "{flag}: {name} missing:\n{out}");
+        }
+        assert!(out.contains("Region of interest"), "descriptions are printed:\n{out}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_anomaly_inspector_node")).arg("--version").output().unwrap();
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+}

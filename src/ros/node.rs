@@ -42,6 +42,63 @@ pub const OUTPUT_NAMES: [&str; 8] = [
     "/diagnostics",
 ];
 
+/// What `anomaly_inspector_node --help` prints: how to run it, every parameter with its default
+/// and description (the same text `ros2 param describe` shows), and the names it uses.
+pub fn usage() -> String {
+    use r2r::RosParams;
+    let mut declared = r2r::indexmap::IndexMap::new();
+    let mut text = format!(
+        "{NODE_NAME}_node {}: surface anomaly detection on camera images (ROS 2 node)\n\n\
+         Usage: {NODE_NAME}_node [--help | --version] [--ros-args -p <name>:=<value> ... -r <from>:=<to> ...]\n\n\
+         Parameters (-p name:=value, or a params file with --params-file):\n",
+        env!("CARGO_PKG_VERSION")
+    );
+    match NodeParams::default().register_parameters("", None, &mut declared) {
+        Ok(()) => {
+            for (name, p) in &declared {
+                text.push_str(&format!("  {name} (default {}):\n", parameter_value(&p.value)));
+                // Wrapped at about 90 columns, for a terminal.
+                let mut line = String::new();
+                for word in p.description.split_whitespace() {
+                    if !line.is_empty() && line.len() + word.len() > 84 {
+                        text.push_str(&format!("      {line}\n"));
+                        line.clear();
+                    }
+                    if !line.is_empty() {
+                        line.push(' ');
+                    }
+                    line.push_str(word);
+                }
+                text.push_str(&format!("      {line}\n"));
+            }
+        }
+        Err(e) => text.push_str(&format!("  (cannot list them: {e})\n")),
+    }
+    text.push_str(&format!(
+        "\nSubscribes (relative names; remap with -r): {}\nPublishes: {}\n\
+         Services: ~/inspect, ~/teach, ~/load_model, ~/set_threshold\n\
+         Keep DDS on this machine with ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST and your own ROS_DOMAIN_ID.\n",
+        INPUT_NAMES.join(", "),
+        OUTPUT_NAMES.join(", ")
+    ));
+    text
+}
+
+/// A parameter value as it is written on the command line.
+fn parameter_value(value: &r2r::ParameterValue) -> String {
+    use r2r::ParameterValue as V;
+    match value {
+        V::String(s) if s.is_empty() => "''".into(),
+        V::String(s) => s.clone(),
+        V::Bool(b) => b.to_string(),
+        V::Integer(i) => i.to_string(),
+        V::Double(d) => format!("{d:?}"),
+        V::IntegerArray(v) => format!("{v:?}"),
+        V::DoubleArray(v) => format!("{v:?}"),
+        other => format!("{other:?}"),
+    }
+}
+
 /// Runs the node until SIGINT/SIGTERM. ROS arguments (`--ros-args -p ... -r ...`) come from
 /// the command line, as for any ROS 2 node.
 pub fn run() -> anyhow::Result<()> {

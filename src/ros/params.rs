@@ -8,46 +8,40 @@ use r2r::{Parameter, ParameterValue, RosParams};
 use crate::{DeviceChoice, Error, Plane, PostprocessConfig, Result, Roi};
 
 /// Raw ROS parameters as the user sets them (`--ros-args -p`, a params file, or at run time).
+///
+/// Each field's doc comment is one line on purpose: r2r takes a field's first doc line as the
+/// description that `ros2 param describe` and `--help` show.
 #[derive(Clone, Debug, RosParams)]
 pub struct NodeParams {
-    /// Model directory (written by `anomaly_inspector fit` or the teach service). Changing it at
-    /// run time loads the new model between two frames; on failure the old one stays.
+    /// Model directory (written by `anomaly_inspector fit` or the teach service). Changing it at run time loads the new model between two frames; on failure the old one stays.
     pub model: String,
     /// Directory where the teach service writes new models (empty = the current model's parent).
     pub model_root: String,
     /// Inference device: auto, cpu or cuda. Read at start-up.
     pub device: String,
-    /// CPU threads libtorch uses for inference; 0 = one per core (libtorch's default). Set it
-    /// to the cores free for inference when other busy processes share the machine: more
-    /// threads than free cores makes each frame several times slower. Read at start-up.
+    /// CPU threads libtorch uses for inference; 0 = one per core (libtorch's default). Set it to the cores free for inference when other busy processes share the machine: more threads than free cores makes each frame several times slower. Read at start-up.
     pub inference_threads: i64,
     /// Normalised image-score threshold for is_anomalous (0.5 = the model's calibrated threshold).
     pub threshold: f64,
     /// Defect regions smaller than this many pixels are not reported.
     pub min_region_area: i64,
-    /// Input transport: raw (sensor_msgs/Image on `image`) or compressed
-    /// (sensor_msgs/CompressedImage on `image/compressed`). Read at start-up.
+    /// Input transport: raw (sensor_msgs/Image on `image`) or compressed (sensor_msgs/CompressedImage on `image/compressed`). Read at start-up.
     pub input_transport: String,
     /// Input QoS: sensor_data (best effort, REP-2003) or reliable. Read at start-up.
     pub input_qos: String,
-    /// Output QoS of results, images and markers: reliable (REP-2003 default for results) or
-    /// best_effort (e.g. over a lossy wireless link). Read at start-up.
+    /// Output QoS of results, images and markers: reliable (REP-2003 default for results) or best_effort (e.g. over a lossy wireless link). Read at start-up.
     pub output_qos: String,
-    /// Region of interest [x, y, width, height] in input pixels; only this part of each frame is
-    /// inspected (results stay in full-frame pixels). Empty or all zeros = the whole frame.
+    /// Region of interest [x, y, width, height] in input pixels; only this part of each frame is inspected (results stay in full-frame pixels). Empty or all zeros = the whole frame.
     pub roi: IntList,
     /// Publish the colour heatmap, overlay and 32FC1 anomaly map (turn off to save bandwidth).
     pub publish_images: bool,
     /// Publish defect regions as visualization_msgs/MarkerArray on anomaly/markers.
     pub publish_markers: bool,
-    /// Distance (m) from the camera to the inspected surface, for 3-D markers; with camera_info
-    /// received, regions are projected onto the plane z = working_distance. 0 = no projection.
+    /// Distance (m) from the camera to the inspected surface, for 3-D markers; with camera_info received, regions are projected onto the plane z = working_distance. 0 = no projection.
     pub working_distance: f64,
-    /// Surface plane [a, b, c, d] (a x + b y + c z = d, camera optical frame); overrides
-    /// working_distance when set.
+    /// Surface plane [a, b, c, d] (a x + b y + c z = d, camera optical frame); overrides working_distance when set.
     pub surface_plane: FloatList,
-    /// Marker scale (m per pixel) when no 3-D projection is available: regions are drawn on the
-    /// image plane of the frame_id.
+    /// Marker scale (m per pixel) when no 3-D projection is available: regions are drawn on the image plane of the frame_id.
     pub marker_pixel_size: f64,
 }
 
@@ -418,6 +412,19 @@ mod tests {
         p.set_parameter("threshold", &ParameterValue::Double(0.7)).unwrap();
         p.set_parameter("roi", &ParameterValue::IntegerArray(vec![1, 2, 3, 4])).unwrap();
         assert_eq!((p.threshold, p.settings().unwrap().roi.map(|r| r.width)), (0.7, Some(3)));
+    }
+
+    #[test]
+    fn every_parameter_has_a_whole_description() {
+        // r2r takes only a field's first doc line: a description cut at a line break would end
+        // mid-sentence in `ros2 param describe` and `--help`.
+        let mut declared = IndexMap::new();
+        NodeParams::default().register_parameters("", None, &mut declared).unwrap();
+        assert_eq!(declared.len(), 15);
+        for (name, p) in &declared {
+            let d = p.description.trim();
+            assert!(d.len() > 20 && (d.ends_with('.') || d.ends_with(')')), "{name}: '{d}'");
+        }
     }
 
     #[test]
