@@ -120,7 +120,7 @@ fn help_prints_usage_with_every_parameter_and_exits_without_starting_the_node() 
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_anomaly_inspector_node"));
         cmd.arg(flag).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
         // Were --help ignored, the node would start and spin: its DDS traffic stays on loopback.
-        common::ros_env(&mut cmd, 97, &tmp.path().join("ros"));
+        common::ros_env(&mut cmd, 99, &tmp.path().join("ros"));
         let mut child = cmd.spawn().unwrap();
         let t0 = std::time::Instant::now();
         let status = loop {

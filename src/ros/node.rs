@@ -99,11 +99,41 @@ fn parameter_value(value: &r2r::ParameterValue) -> String {
     }
 }
 
+/// The environment variables Fast DDS reads its XML profiles from (new name, old name).
+const FASTDDS_PROFILES_ENV: [&str; 2] = ["FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES_FILE"];
+
+/// Gives the node's own DDS participant `config/fastdds_large_frames.xml` (a 64 MiB
+/// shared-memory segment), unless the user chose a profile: Fast DDS puts a sample into shared
+/// memory only when it fits the publisher's segment (512 KB by default), and the node publishes
+/// heatmaps, overlays and 32FC1 maps of the camera's size, which otherwise go over UDP in
+/// fragments and reach RViz late or not at all (README, "QoS and large frames"). Returns what
+/// was done, for the log. Call it before the ROS context exists and before other threads run.
+fn use_large_frames_profile() -> String {
+    if let Some((name, value)) = FASTDDS_PROFILES_ENV.iter().find_map(|n| std::env::var_os(n).map(|v| (n, v))) {
+        return format!(
+            "Fast DDS profile from {name}={} (yours; config/fastdds_large_frames.xml not used)",
+            value.to_string_lossy()
+        );
+    }
+    let profile = crate::project_root().join("config/fastdds_large_frames.xml");
+    if !profile.is_file() {
+        return format!(
+            "{} not found: Fast DDS defaults, so heatmaps and maps above 512 KB travel over UDP to local subscribers",
+            profile.display()
+        );
+    }
+    // Edition 2021: set_var is safe here, and no other thread exists yet to race it.
+    std::env::set_var(FASTDDS_PROFILES_ENV[0], &profile);
+    format!("Fast DDS profile {} (large frames through shared memory)", profile.display())
+}
+
 /// Runs the node until SIGINT/SIGTERM. ROS arguments (`--ros-args -p ... -r ...`) come from
 /// the command line, as for any ROS 2 node.
 pub fn run() -> anyhow::Result<()> {
     // Before any tch call: make sure a CUDA libtorch registers its backend.
     let cuda = crate::load_cuda_backend();
+    // Before the DDS participant exists, and before any other thread does.
+    let profile = use_large_frames_profile();
 
     let ctx = r2r::Context::create().context("cannot initialise ROS 2 (rcl_init)")?;
     let mut node = r2r::Node::create(ctx, NODE_NAME, "").context("cannot create the ROS 2 node")?;
@@ -112,6 +142,7 @@ pub fn run() -> anyhow::Result<()> {
     if let Ok(lib) = &cuda {
         r2r::log_info!(&logger, "CUDA backend registered ({lib})");
     }
+    r2r::log_info!(&logger, "{profile}");
 
     let params = Arc::new(Mutex::new(CheckedParams::new(NodeParams::default(), &logger)));
     let (param_handler, mut param_events) =
