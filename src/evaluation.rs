@@ -13,7 +13,7 @@ use crate::dataset::{load_mask, MvtecDataset, TestSample};
 use crate::metrics::{self, PixelScores, AUPRO_FPR_LIMIT};
 use crate::model_file::{Calibration, Method};
 use crate::DefectRegion;
-use crate::{device, imaging, Inspector};
+use crate::{imaging, Inspector};
 use crate::{Error, Result};
 
 /// What the reports' `notes` say about how the numbers were made.
@@ -319,13 +319,12 @@ struct EvalImage {
     raw_score: f32,
 }
 
-/// Evaluates `inspector` (loaded from `model_dir`) on the labelled test images of `data`:
+/// Evaluates `inspector` on the labelled test images of `data`:
 /// image AUROC and F1-max, pixel AUROC and AUPRO, overall and per defect type, and speed. An
 /// image that cannot be inspected is skipped and reported, as is a defective image without a
 /// mask (for the pixel metrics only); an error only when no image at all could be inspected.
 pub fn evaluate(
     inspector: &Inspector,
-    model_dir: &Path,
     data: &MvtecDataset,
     options: &EvalOptions,
     progress: &mut dyn FnMut(Progress<'_>),
@@ -436,10 +435,10 @@ pub fn evaluate(
     let frac = |i: usize| if counted[i] == 0 { None } else { Some(saturated[i] as f64 / counted[i] as f64) };
     Ok(EvalReport {
         model: inspector.model_id().to_string(),
-        model_dir: model_dir.to_path_buf(),
+        model_dir: inspector.model_dir().to_path_buf(),
         method: inspector.manifest().method(),
         data: data.root.clone(),
-        device: device::describe(inspector.device()),
+        device: inspector.device_name(),
         n_images: n,
         n_good: n_in(0),
         n_anomalous: n - n_in(0),

@@ -263,7 +263,7 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
             a.options.pixel_max_side
         )
     };
-    let mut r = evaluation::evaluate(&inspector, &a.model, &data, &a.options, &mut image_bar(&mut pb, "eval", on_start))?;
+    let mut r = evaluation::evaluate(&inspector, &data, &a.options, &mut image_bar(&mut pb, "eval", on_start))?;
     pb.iter().for_each(ProgressBar::finish_and_clear);
     // The wall time has always counted the model's loading too.
     r.wall_seconds = t_start.elapsed().as_secs_f64();

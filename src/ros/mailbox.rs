@@ -12,7 +12,7 @@ use image::RgbImage;
 use r2r::std_msgs::msg::Header;
 
 use super::convert::Frame;
-use super::LockOrRecover as _;
+use super::{recovered, LockOrRecover as _};
 use crate::error::catch_panic;
 
 /// A frame converted to RGB by the conversion thread (or why it could not be).
@@ -144,8 +144,8 @@ impl<C> Mailbox<C> {
                         break;
                     }
                     s = match (waiting, s.convert_not_before) {
-                        (true, Some(t)) => self.raw_ready.wait_timeout(s, t - now).unwrap_or_else(|e| e.into_inner()).0,
-                        _ => self.raw_ready.wait(s).unwrap_or_else(|e| e.into_inner()),
+                        (true, Some(t)) => recovered(self.raw_ready.wait_timeout(s, t - now)).0,
+                        _ => recovered(self.raw_ready.wait(s)),
                     };
                 }
                 match s.frame.take() {
@@ -203,7 +203,7 @@ impl<C> Mailbox<C> {
                 s.inference_idle = true;
                 self.raw_ready.notify_one();
             }
-            s = self.work_ready.wait_timeout(s, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+            s = recovered(self.work_ready.wait_timeout(s, deadline - now)).0;
         }
     }
 }

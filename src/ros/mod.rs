@@ -41,11 +41,11 @@ mod status;
 
 pub use node::run;
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{LockResult, Mutex, MutexGuard};
 
 /// A lock that a panicked holder does not make unusable. The node's shared state (status
-/// counters, camera intrinsics, parameters) stays valid whatever a thread was doing when it
-/// panicked, and the node must keep serving; so a poisoned lock is simply taken over.
+/// counters, camera intrinsics, parameters, the mailbox) stays valid whatever a thread was doing
+/// when it panicked, and the node must keep serving; so a poisoned lock is simply taken over.
 trait LockOrRecover<T> {
     /// The guard, poisoned or not.
     fn locked(&self) -> MutexGuard<'_, T>;
@@ -53,6 +53,11 @@ trait LockOrRecover<T> {
 
 impl<T> LockOrRecover<T> for Mutex<T> {
     fn locked(&self) -> MutexGuard<'_, T> {
-        self.lock().unwrap_or_else(|e| e.into_inner())
+        recovered(self.lock())
     }
+}
+
+/// What a lock (or a condition variable's wait on it) hands back, poisoned or not.
+fn recovered<G>(result: LockResult<G>) -> G {
+    result.unwrap_or_else(|e| e.into_inner())
 }
