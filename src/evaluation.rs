@@ -296,8 +296,9 @@ pub fn predict_image(inspector: &Inspector, path: &Path, out: &Path) -> Result<I
     let hm = out.join(format!("{stem}_heatmap.png"));
     let ov = out.join(format!("{stem}_overlay.png"));
     let save_err = |path: &Path, e: image::ImageError| Error::io(path, std::io::Error::other(e));
-    insp.heatmap().save(&hm).map_err(|e| save_err(&hm, e))?;
-    insp.overlay(&image).save(&ov).map_err(|e| save_err(&ov, e))?;
+    let (_, heatmap, overlay) = insp.pictures(&image);
+    heatmap.save(&hm).map_err(|e| save_err(&hm, e))?;
+    overlay.save(&ov).map_err(|e| save_err(&ov, e))?;
     Ok(ImagePrediction {
         image: path.to_path_buf(),
         score: insp.score,
@@ -381,7 +382,7 @@ pub fn evaluate(
         let (pw, ph) = eval_size(w, h, options.pixel_max_side);
         let pixel_error = match eval_mask(s, w, h, pw, ph) {
             Ok(mask) => {
-                let map = insp.map.resized(pw, ph);
+                let map = insp.map().resized(pw, ph);
                 for (&v, &m) in map.data().iter().zip(&mask) {
                     counted[m as usize] += 1;
                     saturated[m as usize] += u64::from(v >= 1.0);
@@ -487,7 +488,7 @@ pub fn calibrate(
             let insp = inspector.inspect(&image).map_err(|e| error_chain(&e))?;
             let (w, h) = image.dimensions();
             let (pw, ph) = eval_size(w, h, options.pixel_max_side);
-            Ok((insp.raw_score, insp.map.resized(pw, ph), eval_mask(s, w, h, pw, ph)?))
+            Ok((insp.raw_score, insp.map().resized(pw, ph), eval_mask(s, w, h, pw, ph)?))
         })();
         match scored {
             Ok((raw, map, mask)) => {

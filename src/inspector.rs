@@ -10,7 +10,7 @@ use crate::config::{DeviceChoice, PostprocessConfig};
 use crate::error::{catch_panic, Error, FrameFault, Result};
 use crate::model_file::{self, LoadedModel};
 use crate::models::ModelOutput;
-use crate::postprocess::{find_regions, heatmap, overlay, AnomalyMap, DefectRegion};
+use crate::postprocess::{find_regions_resized, heatmap, overlay, AnomalyMap, DefectRegion};
 use crate::preprocess::Preprocessor;
 
 /// Normalised scores are 0..1 with the calibrated threshold at one half, for maps as for images.
@@ -72,23 +72,51 @@ pub struct Inspection {
     pub threshold: f32,
     /// `score >= threshold`.
     pub is_anomalous: bool,
-    /// Normalised per-pixel scores at the input image's size (0.5 = pixel threshold).
-    pub map: AnomalyMap,
-    /// Connected regions of `map >= 0.5`, largest first, in input-image pixels.
+    /// Connected regions of the map at or over 0.5, largest first, in input-image pixels.
     pub regions: Vec<DefectRegion>,
     /// Time spent in [`Inspector::inspect`].
     pub elapsed: Duration,
+    /// Normalised per-pixel scores (0.5 = pixel threshold) at the model's resolution: the frame
+    /// or its ROI is brought to that size only when a picture asks for it ([`Inspection::map`]),
+    /// so that a 5 MP frame's verdict does not wait for a 20 MB map.
+    model_map: AnomalyMap,
+    /// The inspected frame's size, and the part of it the map covers (all of it, or the ROI).
+    frame_size: (u32, u32),
+    area: Roi,
 }
 
 impl Inspection {
+    /// Normalised per-pixel scores at the inspected frame's size (0.5 = pixel threshold; zero
+    /// outside the ROI when one was inspected). Computed on each call: keep the result.
+    pub fn map(&self) -> AnomalyMap {
+        let a = self.area;
+        let map = self.model_map.resized(a.width, a.height);
+        if (a.x, a.y, a.width, a.height) == (0, 0, self.frame_size.0, self.frame_size.1) {
+            return map;
+        }
+        // The area was checked to lie in the frame (Roi::crop), so the placement fits.
+        match map.placed_in(self.frame_size.0, self.frame_size.1, a.x, a.y) {
+            Ok(placed) => placed,
+            Err(_) => map,
+        }
+    }
+
     /// The map as a colour picture (turbo: blue = normal, red = at least twice the threshold).
     pub fn heatmap(&self) -> RgbImage {
-        heatmap(&self.map, NORMALISED_RANGE.0, NORMALISED_RANGE.1)
+        heatmap(&self.map(), NORMALISED_RANGE.0, NORMALISED_RANGE.1)
     }
 
     /// `frame` (the inspected image) with the map blended in and the regions outlined.
     pub fn overlay(&self, frame: &RgbImage) -> RgbImage {
-        overlay(frame, &self.map, NORMALISED_RANGE.0, NORMALISED_RANGE.1, PIXEL_THRESHOLD, &self.regions)
+        overlay(frame, &self.map(), NORMALISED_RANGE.0, NORMALISED_RANGE.1, PIXEL_THRESHOLD, &self.regions)
+    }
+
+    /// The map, the heatmap and the overlay on `frame` together, from one resize of the map.
+    pub fn pictures(&self, frame: &RgbImage) -> (AnomalyMap, RgbImage, RgbImage) {
+        let map = self.map();
+        let colours = heatmap(&map, NORMALISED_RANGE.0, NORMALISED_RANGE.1);
+        let blended = overlay(frame, &map, NORMALISED_RANGE.0, NORMALISED_RANGE.1, PIXEL_THRESHOLD, &self.regions);
+        (map, colours, blended)
     }
 }
 
@@ -226,7 +254,8 @@ impl Inspector {
             let Some(roi) = roi else { return Ok((self.inspect(frame)?, None)) };
             let part = roi.crop(frame)?;
             let mut inspection = self.inspect(&part)?;
-            inspection.map = inspection.map.placed_in(frame.width(), frame.height(), roi.x, roi.y)?;
+            inspection.frame_size = frame.dimensions();
+            inspection.area = roi;
             inspection.regions = inspection.regions.iter().map(|r| r.offset(roi.x, roi.y)).collect();
             Ok((inspection, Some(part)))
         })
@@ -263,16 +292,55 @@ impl Inspector {
         // The map has the network input's size, which with keep_aspect differs per frame.
         let (h, w) = (map.size()[0], map.size()[1]);
         let data = Vec::<f32>::try_from(map.f_view([-1])?)?;
-        let map = AnomalyMap::new(w as u32, h as u32, data)?.resized(width, height);
-        let regions = find_regions(&map, PIXEL_THRESHOLD, self.postprocess.min_region_area);
+        let model_map = AnomalyMap::new(w as u32, h as u32, data)?;
+        let regions = find_regions_resized(&model_map, width, height, PIXEL_THRESHOLD, self.postprocess.min_region_area);
         Ok(Inspection {
             score,
             raw_score,
             threshold: self.threshold,
             is_anomalous: score >= self.threshold,
-            map,
             regions,
             elapsed: Duration::ZERO,
+            model_map,
+            frame_size: (width, height),
+            area: Roi { x: 0, y: 0, width, height },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inspection(model_map: AnomalyMap, frame_size: (u32, u32), area: Roi) -> Inspection {
+        let (score, raw_score, threshold, is_anomalous) = (0.5, 1.0, 0.5, true);
+        Inspection {
+            score,
+            raw_score,
+            threshold,
+            is_anomalous,
+            regions: Vec::new(),
+            elapsed: Duration::ZERO,
+            model_map,
+            frame_size,
+            area,
+        }
+    }
+
+    #[test]
+    fn the_map_comes_at_the_frame_size_with_the_roi_in_place() {
+        let ones = AnomalyMap::new(2, 2, vec![1.0; 4]).unwrap();
+        let whole = inspection(ones.clone(), (8, 6), Roi { x: 0, y: 0, width: 8, height: 6 }).map();
+        assert_eq!((whole.width(), whole.height()), (8, 6));
+        assert!(whole.data().iter().all(|&v| v == 1.0));
+        let part = inspection(ones, (8, 6), Roi { x: 4, y: 2, width: 4, height: 4 }).map();
+        assert_eq!((part.width(), part.height()), (8, 6));
+        assert_eq!(
+            (part.get(4, 2), part.get(7, 5), part.get(3, 2), part.get(4, 1)),
+            (Some(1.0), Some(1.0), Some(0.0), Some(0.0))
+        );
+        let frame = RgbImage::new(8, 6);
+        let (map, heatmap, overlay) = inspection(part.clone(), (8, 6), Roi { x: 0, y: 0, width: 8, height: 6 }).pictures(&frame);
+        assert_eq!((map, heatmap.dimensions(), overlay.dimensions()), (part, (8, 6), (8, 6)));
     }
 }

@@ -1,10 +1,26 @@
 //! From a model's per-pixel anomaly scores to what an operator sees: connected defect regions
 //! with boxes and scores, a colour heatmap, and the inspected image with both drawn on it.
+use std::ops::Range;
+
 use image::{Rgb, RgbImage};
 use imageproc::rect::Rect;
 use imageproc::region_labelling::{connected_components, Connectivity};
 
 use crate::error::{Error, Result};
+
+/// For each of `out` resized columns (or rows): the two source indices and the weight of the
+/// second, pixel centres aligned.
+fn bilinear_taps(out: u32, src: u32) -> Vec<(usize, usize, f32)> {
+    let scale = f64::from(src) / f64::from(out);
+    (0..out)
+        .map(|o| {
+            let pos = ((f64::from(o) + 0.5) * scale - 0.5).clamp(0.0, f64::from(src - 1));
+            let i0 = pos.floor() as usize;
+            let i1 = (i0 + 1).min(src as usize - 1);
+            (i0, i1, (pos - i0 as f64) as f32)
+        })
+        .collect()
+}
 
 /// Per-pixel anomaly scores of one image, row-major; higher means more anomalous.
 ///
@@ -90,35 +106,34 @@ impl AnomalyMap {
     /// (feature distances) are not bounded by 1.
     pub fn resized(&self, width: u32, height: u32) -> AnomalyMap {
         let (width, height) = (width.max(1), height.max(1));
-        if (width, height) == (self.width, self.height) {
-            return self.clone();
-        }
-        // For each output column/row: the two source indices and the weight of the second.
-        let taps = |out: u32, src: u32| -> Vec<(usize, usize, f32)> {
-            let scale = f64::from(src) / f64::from(out);
-            (0..out)
-                .map(|o| {
-                    let pos = ((f64::from(o) + 0.5) * scale - 0.5).clamp(0.0, f64::from(src - 1));
-                    let i0 = pos.floor() as usize;
-                    let i1 = (i0 + 1).min(src as usize - 1);
-                    (i0, i1, (pos - i0 as f64) as f32)
-                })
-                .collect()
-        };
-        let xs = taps(width, self.width);
-        let ys = taps(height, self.height);
+        self.resized_part(width, height, 0..width, 0..height)
+    }
+
+    /// The `cols` x `rows` part of `self.resized(width, height)`, computed alone: the same
+    /// numbers without the rest of a large frame. Ranges are clipped to the resized map; `width`
+    /// and `height` must be at least 1.
+    fn resized_part(&self, width: u32, height: u32, cols: Range<u32>, rows: Range<u32>) -> AnomalyMap {
+        let cols = cols.start.min(width)..cols.end.min(width).max(cols.start.min(width));
+        let rows = rows.start.min(height)..rows.end.min(height).max(rows.start.min(height));
+        let (pw, ph) = (cols.len() as u32, rows.len() as u32);
         let sw = self.width as usize;
-        let mut data = Vec::with_capacity(width as usize * height as usize);
-        for &(y0, y1, ty) in &ys {
+        if (width, height) == (self.width, self.height) {
+            let data = rows.flat_map(|y| &self.data[y as usize * sw + cols.start as usize..y as usize * sw + cols.end as usize]);
+            return AnomalyMap { width: pw, height: ph, data: data.copied().collect() };
+        }
+        let xs = &bilinear_taps(width, self.width)[cols.start as usize..cols.end as usize];
+        let ys = &bilinear_taps(height, self.height)[rows.start as usize..rows.end as usize];
+        let mut data = Vec::with_capacity(xs.len() * ys.len());
+        for &(y0, y1, ty) in ys {
             let (r0, r1) = (&self.data[y0 * sw..(y0 + 1) * sw], &self.data[y1 * sw..(y1 + 1) * sw]);
-            for &(x0, x1, tx) in &xs {
+            for &(x0, x1, tx) in xs {
                 // a + (b - a) * t keeps equal neighbours exactly equal (constant maps stay constant).
                 let top = r0[x0] + (r0[x1] - r0[x0]) * tx;
                 let bottom = r1[x0] + (r1[x1] - r1[x0]) * tx;
                 data.push(top + (bottom - top) * ty);
             }
         }
-        AnomalyMap { width, height, data }
+        AnomalyMap { width: pw, height: ph, data }
     }
 
     /// The map smoothed with a Gaussian of standard deviation `sigma` pixels (PatchCore smooths
@@ -298,6 +313,42 @@ pub fn find_regions(map: &AnomalyMap, threshold: f32, min_area: u32) -> Vec<Defe
     regions
 }
 
+/// [`find_regions`] of `map.resized(width, height)`, with the resize done only where regions
+/// can be. A resized score is a weighted mean of (at most) four source scores, so a frame pixel
+/// reaches `threshold` only next to a source score that does; the part of the frame around
+/// those is resized and labelled, nothing else. The same regions, at a cost that follows the
+/// defects instead of the frame (a 5 MP frame's whole map is 20 MB, and most frames show good
+/// parts).
+pub fn find_regions_resized(map: &AnomalyMap, width: u32, height: u32, threshold: f32, min_area: u32) -> Vec<DefectRegion> {
+    let (width, height) = (width.max(1), height.max(1));
+    if !threshold.is_finite() {
+        return find_regions(&map.resized(width, height), threshold, min_area);
+    }
+    // The weighted mean is computed in f32: allow it a rounding above its largest source.
+    let near = threshold - threshold.abs().max(1.0) * 1e-5;
+    let (mut c0, mut c1, mut r0, mut r1) = (usize::MAX, 0, usize::MAX, 0);
+    for (i, _) in map.data.iter().enumerate().filter(|(_, &v)| v >= near) {
+        let (x, y) = (i % map.width as usize, i / map.width as usize);
+        (c0, c1, r0, r1) = (c0.min(x), c1.max(x), r0.min(y), r1.max(y));
+    }
+    if c0 == usize::MAX {
+        return Vec::new();
+    }
+    // The resized columns (rows) whose two taps touch c0..=c1 (r0..=r1).
+    let span = |taps: Vec<(usize, usize, f32)>, lo: usize, hi: usize| -> Range<u32> {
+        let start = taps.iter().position(|&(_, i1, _)| i1 >= lo).unwrap_or(taps.len());
+        let end = taps.iter().rposition(|&(i0, _, _)| i0 <= hi).map_or(0, |e| e + 1);
+        start as u32..end.max(start) as u32
+    };
+    let (cols, rows) = (span(bilinear_taps(width, map.width), c0, c1), span(bilinear_taps(height, map.height), r0, r1));
+    if cols.is_empty() || rows.is_empty() {
+        return Vec::new();
+    }
+    let (dx, dy) = (cols.start, rows.start);
+    let part = map.resized_part(width, height, cols, rows);
+    find_regions(&part, threshold, min_area).iter().map(|r| r.offset(dx, dy)).collect()
+}
+
 /// Position of `v` in `lo..hi` as 0..1 (clamped; NaN and an empty or inverted range count as
 /// a step at `lo`).
 fn normalised(v: f32, lo: f32, hi: f32) -> f32 {
@@ -404,6 +455,7 @@ pub fn overlay(image: &RgbImage, map: &AnomalyMap, lo: f32, hi: f32, threshold: 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::Strategy;
 
     /// 10x8 map with two blobs: a 2x2 square and a 3-pixel diagonal (8-connected only).
     fn two_blobs() -> AnomalyMap {
@@ -476,6 +528,54 @@ mod tests {
         let r = find_regions(&zero, 0.0, 1);
         assert_eq!((r.len(), r[0].area_px, r[0].width, r[0].height), (1, 12, 4, 3));
         assert!(close(r[0].centroid_x, 1.5) && close(r[0].centroid_y, 1.0));
+    }
+
+    #[test]
+    fn regions_of_the_resized_part_are_those_of_the_whole_resized_map() {
+        // Upscaled (a camera frame), downscaled, equal, stretched one way: regions and the numbers
+        // inside them must not change when only the part around the hot scores is resized.
+        let blobs = two_blobs();
+        for (w, h) in [(10, 8), (97, 61), (5, 4), (10, 33), (1, 1), (640, 480)] {
+            for t in [0.5, 0.45, 0.7, 0.0, -1.0, 2.0] {
+                let whole = find_regions(&blobs.resized(w, h), t, 1);
+                let part = find_regions_resized(&blobs, w, h, t, 1);
+                assert_eq!(part.len(), whole.len(), "{w}x{h} t {t}");
+                for (p, q) in part.iter().zip(&whole) {
+                    assert_eq!(
+                        (p.x, p.y, p.width, p.height, p.area_px),
+                        (q.x, q.y, q.width, q.height, q.area_px),
+                        "{w}x{h} t {t}"
+                    );
+                    assert_eq!((p.peak_score, p.mean_score), (q.peak_score, q.mean_score));
+                    assert!(close(p.centroid_x, q.centroid_x) && close(p.centroid_y, q.centroid_y));
+                }
+            }
+        }
+        let part = blobs.resized_part(97, 61, 10..40, 5..9);
+        let whole = blobs.resized(97, 61);
+        assert_eq!((part.width(), part.height()), (30, 4));
+        assert_eq!(part.get(3, 2), whole.get(13, 7));
+        assert!(find_regions_resized(&blobs, 640, 480, f32::NAN, 0).is_empty());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn regions_of_the_resized_part_match_on_random_maps(
+            (w, h, data) in (1u32..12, 1u32..12).prop_flat_map(|(w, h)| {
+                (proptest::strategy::Just(w), proptest::strategy::Just(h),
+                 proptest::collection::vec(proptest::prop_oneof![3 => 0.0f32..1.0, 1 => proptest::strategy::Just(0.5f32)], (w * h) as usize))
+            }),
+            out_w in 1u32..90, out_h in 1u32..90, t in 0.3f32..0.8,
+        ) {
+            let map = AnomalyMap::new(w, h, data).unwrap();
+            let whole = find_regions(&map.resized(out_w, out_h), t, 1);
+            let part = find_regions_resized(&map, out_w, out_h, t, 1);
+            proptest::prop_assert_eq!(part.len(), whole.len());
+            for (p, q) in part.iter().zip(&whole) {
+                proptest::prop_assert_eq!((p.x, p.y, p.width, p.height, p.area_px), (q.x, q.y, q.width, q.height, q.area_px));
+                proptest::prop_assert_eq!(p.peak_score, q.peak_score);
+            }
+        }
     }
 
     #[test]

@@ -118,9 +118,10 @@ impl ImageThread {
         let (jobs, queue) = sync_channel::<ImageJob>(1);
         let thread = std::thread::Builder::new().name("image_outputs".into()).spawn(move || {
             for job in queue {
-                let _ = publishers.map.publish(&convert::map_to_image(&job.header, &job.inspection.map));
-                let _ = publishers.heatmap.publish(&convert::rgb_to_image(&job.header, job.inspection.heatmap()));
-                let _ = publishers.overlay.publish(&convert::rgb_to_image(&job.header, job.inspection.overlay(&job.frame)));
+                let (map, heatmap, overlay) = job.inspection.pictures(&job.frame);
+                let _ = publishers.map.publish(&convert::map_to_image(&job.header, &map));
+                let _ = publishers.heatmap.publish(&convert::rgb_to_image(&job.header, heatmap));
+                let _ = publishers.overlay.publish(&convert::rgb_to_image(&job.header, overlay));
             }
         })?;
         Ok(Self { jobs, thread, skipped: 0 })

@@ -514,7 +514,8 @@ mod tests {
         let img = crate::synthetic::render_defect(5, 99, 80, crate::synthetic::DefectKind::Stain).0;
         let r = insp.inspect(&img).unwrap();
         assert!(r.raw_score.is_finite() && r.score.is_finite());
-        assert_eq!((r.map.width(), r.map.height()), (80, 80));
+        let map = r.map();
+        assert_eq!((map.width(), map.height()), (80, 80));
     }
 
     #[test]
