@@ -13,6 +13,7 @@ use image::RgbImage;
 use r2r::anomaly_inspector_msgs::msg::AnomalyResult;
 use tokio::sync::{broadcast, oneshot};
 
+use super::lifecycle::{Lifecycle, State};
 use super::mailbox::{Mailbox, PreparedFrame, Work};
 use super::params::Settings;
 use super::publishing::{FrameInfo, ImagePublishers, ImageThread, ResultPublishers};
@@ -60,6 +61,19 @@ pub enum Command {
     },
     /// A model fitted by a teach-in, ready to switch to.
     Install(Box<Inspector>, PathBuf, u32, f32, oneshot::Sender<TeachOutcome>),
+    /// The inference thread's part of a lifecycle transition; the reply says whether it is done.
+    Lifecycle(LifecycleStep, oneshot::Sender<Result<(), String>>),
+}
+
+/// What a lifecycle transition asks of the inference thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LifecycleStep {
+    /// configure: load and check the model named by the parameters (an error if it does not load).
+    Configure,
+    /// deactivate: finish the frame under way, drop waiting frames, end a teach-in.
+    Quiesce,
+    /// cleanup, shutdown, error processing: as `Quiesce`, then free the model.
+    Unload,
 }
 
 /// A result with the time its frame arrived (for the inspect service's "fresh frame" rule).
@@ -82,6 +96,20 @@ pub struct Shared {
     pub camera: Mutex<Option<PinholeCamera>>,
     /// Every published result, for the inspect service.
     pub results: broadcast::Sender<Published>,
+    /// The lifecycle state: frames are taken and inspected only when it is active.
+    pub lifecycle: Mutex<Lifecycle>,
+}
+
+impl Shared {
+    /// The lifecycle state now.
+    pub fn lifecycle_state(&self) -> State {
+        self.lifecycle.locked().state()
+    }
+
+    /// Whether frames are inspected (lifecycle state active).
+    pub fn is_active(&self) -> bool {
+        self.lifecycle_state() == State::Active
+    }
 }
 
 /// A teach-in collecting frames.
@@ -127,13 +155,25 @@ struct InferenceLoop {
     teach: Option<TeachJob>,
     errors: ErrorLog,
     logger: String,
+    /// Configured (lifecycle): a model was asked for. Unconfigured, parameter changes of
+    /// `model` are only noted and `~/load_model` is refused.
+    configured: bool,
 }
 
-/// The inference thread's loop; returns when the mailbox is closed.
-pub fn run(shared: Arc<Shared>, settings: Settings, results: ResultPublishers, images: ImagePublishers, logger: String) {
+/// The inference thread's loop; returns when the mailbox is closed. `configure_now`: load the
+/// model at once (an unmanaged node); else wait for the lifecycle's configure.
+pub fn run(
+    shared: Arc<Shared>,
+    settings: Settings,
+    results: ResultPublishers,
+    images: ImagePublishers,
+    logger: String,
+    configure_now: bool,
+) {
     let _inference = InferenceThread::enter(settings.inference_threads);
-    let inspector = match load_inspector(&settings.model, &settings, &logger) {
-        Ok(i) => Some(i),
+    let loaded = if configure_now { load_inspector(&settings.model, &settings, &logger).map(Some) } else { Ok(None) };
+    let inspector = match loaded {
+        Ok(i) => i,
         Err(e) => {
             r2r::log_error!(
                 &logger,
@@ -144,8 +184,15 @@ pub fn run(shared: Arc<Shared>, settings: Settings, results: ResultPublishers, i
         }
     };
     update_status_model(&shared.status, inspector.as_ref());
-    let mut state =
-        InferenceLoop { errors: ErrorLog::new(&logger), shared: shared.clone(), settings, inspector, teach: None, logger };
+    let mut state = InferenceLoop {
+        errors: ErrorLog::new(&logger),
+        shared: shared.clone(),
+        settings,
+        inspector,
+        teach: None,
+        logger,
+        configured: configure_now,
+    };
     let mut images = match ImageThread::start(images) {
         Ok(t) => t,
         Err(e) => {
@@ -216,6 +263,10 @@ impl InferenceLoop {
         let PreparedFrame { header, received, rgb, convert_ms } = frame;
         let taken = Instant::now();
         let shared = &self.shared;
+        // Taken just before a deactivation: not inspected.
+        if !shared.is_active() {
+            return;
+        }
         let Some(insp) = self.inspector.as_ref() else {
             self.errors.report(&shared.status, "no_model", "no model loaded".into());
             return;
@@ -270,7 +321,8 @@ impl InferenceLoop {
         match cmd {
             Command::Settings(mut new, reply) => {
                 let mut outcome = Ok(());
-                if new.model != self.settings.model {
+                // Unconfigured, the new model is only noted: configure loads it.
+                if new.model != self.settings.model && self.configured {
                     match load_inspector(&new.model, &new, logger) {
                         Ok(i) => self.inspector = Some(i),
                         Err(e) => {
@@ -289,6 +341,13 @@ impl InferenceLoop {
                 }
                 self.settings = new;
                 let _ = reply.send(outcome);
+            }
+            Command::LoadModel(_, reply) if !self.configured => {
+                let state = self.shared.lifecycle_state().label();
+                let _ = reply.send(Err(format!(
+                    "the node is {state} (lifecycle): configure it first, which loads the model named by parameter 'model' \
+                     (ros2 lifecycle set <node> configure)"
+                )));
             }
             Command::LoadModel(path, reply) => {
                 let outcome = load_inspector(&path, &self.settings, logger).map(|i| {
@@ -327,8 +386,44 @@ impl InferenceLoop {
                 self.settings.model = path.clone();
                 let _ = reply.send(TeachOutcome { model_path: path, frames_used, fit_seconds, result: Ok(id) });
             }
+            Command::Lifecycle(step, reply) => {
+                let _ = reply.send(self.lifecycle_step(step));
+            }
         }
         update_status_model(&self.shared.status, self.inspector.as_ref());
+    }
+}
+
+impl InferenceLoop {
+    /// The inference thread's part of a lifecycle transition. Frames stop at the subscription
+    /// once the state leaves active; the ones already waiting are dropped here.
+    fn lifecycle_step(&mut self, step: LifecycleStep) -> Result<(), String> {
+        let logger = self.logger.as_str();
+        if step != LifecycleStep::Configure {
+            self.shared.mailbox.discard_frames();
+            if let Some(job) = self.teach.take() {
+                let why = format!("teach-in ended by the lifecycle ({step:?}) after {} frames", job.collected.len());
+                r2r::log_warn!(logger, "{why}");
+                let _ = job.reply.send(TeachOutcome::failed(0, 0.0, why));
+            }
+        }
+        match step {
+            LifecycleStep::Configure => {
+                let model = self.settings.model.clone();
+                let inspector = load_inspector(&model, &self.settings, logger)
+                    .map_err(|e| format!("cannot load model {}: {e}", model.display()))?;
+                self.inspector = Some(inspector);
+                self.configured = true;
+            }
+            LifecycleStep::Quiesce => {}
+            LifecycleStep::Unload => {
+                if let Some(insp) = self.inspector.take() {
+                    r2r::log_info!(logger, "model '{}' freed", insp.model_id());
+                }
+                self.configured = false;
+            }
+        }
+        Ok(())
     }
 }
 

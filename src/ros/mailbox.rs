@@ -114,6 +114,14 @@ impl<C> Mailbox<C> {
         self.raw_ready.notify_one();
     }
 
+    /// Drops the frames waiting (raw and converted), e.g. when the node stops inspecting. They
+    /// are not counted as dropped: nobody was going to inspect them.
+    pub fn discard_frames(&self) {
+        let mut s = self.state.locked();
+        s.frame = None;
+        s.prepared = None;
+    }
+
     /// Queues a command (handled before the next frame).
     pub fn put_command(&self, command: C) {
         let mut s = self.state.locked();

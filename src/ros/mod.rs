@@ -5,6 +5,7 @@
 //! both so).
 //!
 //! One file per job, each using only those above it in this list:
+//! - [`lifecycle`]: the managed-node state machine (states, transitions, ids), pure
 //! - [`params`]: parameters declared up front, parsed into [`params::Settings`]
 //! - [`convert`]: sensor_msgs / anomaly_inspector_msgs <-> core types
 //! - [`mailbox`]: the newest frame, its converted successor and the command queue; the
@@ -13,6 +14,7 @@
 //! - [`publishing`]: the output publishers, markers, the 32FC1 map, the image thread
 //! - [`inference`]: the inference thread: commands, models, frames, teach-in
 //! - [`services`]: `~/inspect`, `~/teach`, `~/load_model`, `~/set_threshold`
+//! - [`managed`]: the lifecycle services and `~/transition_event`, and each transition's work
 //! - [`node`]: wiring, parameter events, the executor loop
 //!
 //! All names are relative, so `--ros-args -r __ns:=/cell1` and remapping work as usual:
@@ -32,7 +34,9 @@
 //! | `~/inspect`, `~/teach`, `~/load_model`, `~/set_threshold` | anomaly_inspector_msgs/srv | services |
 pub mod convert;
 mod inference;
+pub mod lifecycle;
 mod mailbox;
+mod managed;
 pub mod node;
 pub mod params;
 mod publishing;

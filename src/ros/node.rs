@@ -17,7 +17,9 @@ use tokio::sync::{broadcast, oneshot};
 
 use super::convert::Frame;
 use super::inference::{self, Command, Shared};
+use super::lifecycle::Lifecycle;
 use super::mailbox::Mailbox;
+use super::managed::{spawn_lifecycle_services, Transitions};
 use super::params::{CheckedParams, InputQos, InputTransport, NodeParams};
 use super::services::{spawn_services, store};
 use super::status::{diagnostics, Status};
@@ -76,7 +78,9 @@ pub fn usage() -> String {
     }
     text.push_str(&format!(
         "\nSubscribes (relative names; remap with -r): {}\nPublishes: {}\n\
-         Services: ~/inspect, ~/teach, ~/load_model, ~/set_threshold\n\
+         Services: ~/inspect, ~/teach, ~/load_model, ~/set_threshold, and the lifecycle services \
+         (~/change_state, ~/get_state, ~/get_available_states, ~/get_available_transitions, \
+         ~/get_transition_graph; events on ~/transition_event)\n\
          Keep DDS on this machine with ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST and your own ROS_DOMAIN_ID.\n",
         INPUT_NAMES.join(", "),
         OUTPUT_NAMES.join(", ")
@@ -178,6 +182,7 @@ pub fn run() -> anyhow::Result<()> {
         status: Mutex::new(Status::default()),
         camera: Mutex::new(None),
         results: results_tx,
+        lifecycle: Mutex::new(Lifecycle::default()),
     });
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -194,7 +199,9 @@ pub fn run() -> anyhow::Result<()> {
             let shared = shared.clone();
             rt.spawn(async move {
                 while let Some(msg) = sub.next().await {
-                    shared.mailbox.put_frame(Frame::Raw(msg));
+                    if shared.is_active() {
+                        shared.mailbox.put_frame(Frame::Raw(msg));
+                    }
                 }
             });
             "image"
@@ -206,7 +213,9 @@ pub fn run() -> anyhow::Result<()> {
             let shared = shared.clone();
             rt.spawn(async move {
                 while let Some(msg) = sub.next().await {
-                    shared.mailbox.put_frame(Frame::Compressed(msg));
+                    if shared.is_active() {
+                        shared.mailbox.put_frame(Frame::Compressed(msg));
+                    }
                 }
             });
             "image/compressed"
@@ -281,6 +290,14 @@ pub fn run() -> anyhow::Result<()> {
     }
 
     spawn_services(&mut node, &rt, &shared, &params, &node_params, &logger)?;
+    let transitions = Arc::new(Transitions::new(&mut node, shared.clone(), &logger).context("cannot create ~/transition_event")?);
+    spawn_lifecycle_services(&mut node, &rt, &transitions).context("cannot create the lifecycle services")?;
+    let managed = settings.managed;
+    if managed {
+        r2r::log_info!(&logger, "managed start-up: unconfigured until a lifecycle manager configures and activates the node");
+    } else {
+        transitions.start_active();
+    }
 
     // Diagnostics at 1 Hz.
     {
@@ -303,6 +320,7 @@ pub fn run() -> anyhow::Result<()> {
                     &status,
                     shared.mailbox.received.load(Ordering::Relaxed),
                     shared.mailbox.dropped.load(Ordering::Relaxed),
+                    shared.lifecycle_state().label(),
                 );
                 let _ = diagnostics_pub.publish(&msg);
             }
@@ -314,7 +332,7 @@ pub fn run() -> anyhow::Result<()> {
         let logger = logger.clone();
         std::thread::Builder::new()
             .name("inference".into())
-            .spawn(move || inference::run(shared, settings, result_pubs, image_pubs, logger))
+            .spawn(move || inference::run(shared, settings, result_pubs, image_pubs, logger, !managed))
             .context("cannot start the inference thread")?
     };
 

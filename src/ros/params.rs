@@ -43,6 +43,8 @@ pub struct NodeParams {
     pub surface_plane: FloatList,
     /// Marker scale (m per pixel) when no 3-D projection is available: regions are drawn on the image plane of the frame_id.
     pub marker_pixel_size: f64,
+    /// Managed (lifecycle) start-up: true = start unconfigured and wait for a lifecycle manager (configure loads the model, activate starts inspecting); false = configure and activate at once. Read at start-up.
+    pub managed: bool,
 }
 
 impl Default for NodeParams {
@@ -63,6 +65,7 @@ impl Default for NodeParams {
             working_distance: 0.0,
             surface_plane: FloatList::default(),
             marker_pixel_size: 0.001,
+            managed: false,
         }
     }
 }
@@ -123,7 +126,7 @@ list_param!(FloatList, f64, DoubleArray, "A double-array parameter.");
 
 /// Parameters read only at start-up. Changing them at run time is refused (as rclcpp does for
 /// read-only parameters) rather than accepted and silently ignored.
-pub const STARTUP_ONLY: [&str; 5] = ["device", "inference_threads", "input_transport", "input_qos", "output_qos"];
+pub const STARTUP_ONLY: [&str; 6] = ["device", "inference_threads", "input_transport", "input_qos", "output_qos", "managed"];
 
 /// [`NodeParams`] as the parameter services see them: a new value is stored only when the whole
 /// set still parses (and, for `model`, names a readable model), so the caller of
@@ -278,6 +281,8 @@ pub struct Settings {
     pub surface_plane: Option<Plane>,
     /// Metres per pixel for image-plane markers.
     pub marker_pixel_size: f64,
+    /// Start unconfigured and wait for a lifecycle manager.
+    pub managed: bool,
 }
 
 impl NodeParams {
@@ -352,6 +357,7 @@ impl NodeParams {
             publish_markers: self.publish_markers,
             surface_plane,
             marker_pixel_size: self.marker_pixel_size,
+            managed: self.managed,
         })
     }
 }
@@ -420,7 +426,7 @@ mod tests {
         // mid-sentence in `ros2 param describe` and `--help`.
         let mut declared = IndexMap::new();
         NodeParams::default().register_parameters("", None, &mut declared).unwrap();
-        assert_eq!(declared.len(), 15);
+        assert_eq!(declared.len(), 16);
         for (name, p) in &declared {
             let d = p.description.trim();
             assert!(d.len() > 20 && (d.ends_with('.') || d.ends_with(')')), "{name}: '{d}'");

@@ -13,6 +13,7 @@ use r2r::QosProfile;
 use tokio::sync::{broadcast, oneshot};
 
 use super::inference::{Command, Shared};
+use super::lifecycle::State;
 use super::params::{CheckedParams, NodeParams};
 use super::LockOrRecover as _;
 
@@ -66,6 +67,19 @@ fn no_result_reason(shared: &Shared, waited: Duration) -> String {
     }
 }
 
+/// Why a service that needs frames cannot be served now: the node is not active (lifecycle).
+fn inactive(shared: &Shared) -> Option<String> {
+    let state = shared.lifecycle_state();
+    match state {
+        State::Active => None,
+        State::Finalized => Some("inactive: the node is finalized (lifecycle shut down); restart it".into()),
+        _ => Some(format!(
+            "inactive: the node is {} (lifecycle); activate it first (ros2 lifecycle set <node> activate)",
+            state.label()
+        )),
+    }
+}
+
 /// Creates the services and answers them on `rt`.
 pub fn spawn_services(
     node: &mut r2r::Node,
@@ -84,6 +98,10 @@ pub fn spawn_services(
             let sh = sh.clone();
             // Each call waits on its own task, so several trees can ask at once.
             tokio::spawn(async move {
+                if let Some(message) = inactive(&sh) {
+                    let _ = req.respond(Inspect::Response { success: false, message, result: AnomalyResult::default() });
+                    return;
+                }
                 let asked = Instant::now();
                 let wait = timeout_or(req.message.timeout_s, DEFAULT_INSPECT_TIMEOUT_S);
                 let mut rx = sh.results.subscribe();
@@ -119,6 +137,10 @@ pub fn spawn_services(
     let np = node_params.clone();
     rt.spawn(async move {
         while let Some(req) = teach.next().await {
+            if let Some(message) = inactive(&sh) {
+                let _ = req.respond(Teach::Response { success: false, message, ..Default::default() });
+                continue;
+            }
             let frames = if req.message.num_frames == 0 { DEFAULT_TEACH_FRAMES } else { req.message.num_frames };
             let bad_name = |n: &str| n.contains('/') || n.contains("..") || n.starts_with('.');
             let name = if req.message.model_name.trim().is_empty() {

@@ -116,12 +116,15 @@ pub fn diagnostics(
     status: &Status,
     received: u64,
     dropped: u64,
+    lifecycle: &str,
 ) -> DiagnosticArray {
     let lat = &status.recent_latency_ms;
     let mean = if lat.is_empty() { 0.0 } else { lat.iter().sum::<f64>() / lat.len() as f64 };
     let max = lat.iter().cloned().fold(0.0, f64::max);
     let rate = status.rate_hz();
     let (level, message) = match (&status.model_id, rate > 0.0, &status.last_error) {
+        // Not inspecting on purpose: a lifecycle manager holds it there.
+        _ if lifecycle != "active" => (OK, format!("{lifecycle} (lifecycle): not inspecting")),
         (None, _, _) => (ERROR, "no model loaded".to_string()),
         (Some(_), false, Some(e)) if received > status.inspected => (WARN, format!("frames rejected: {e}")),
         (Some(_), false, _) => (WARN, "no frames inspected in the last 5 s".to_string()),
@@ -129,6 +132,7 @@ pub fn diagnostics(
     };
     let kv = |k: &str, v: String| KeyValue { key: k.into(), value: v };
     let mut values = vec![
+        kv("lifecycle_state", lifecycle.to_string()),
         kv("model", status.model_id.clone().unwrap_or_default()),
         kv("method", status.method.clone()),
         kv("device", status.device.clone()),
