@@ -241,6 +241,21 @@ impl Inspector {
         self.postprocess = postprocess.clone();
     }
 
+    /// What this inspector is, for a cell's logs: model directory and id, method, device, the
+    /// threshold and minimum region area in force, and the model's model.json as written (its
+    /// settings, calibration and training summary).
+    pub fn describe(&self) -> serde_json::Value {
+        serde_json::json!({
+            "model_id": self.model_id,
+            "model_dir": self.model_dir,
+            "method": self.method(),
+            "device": self.device_name(),
+            "threshold": self.threshold,
+            "min_region_area": self.postprocess.min_region_area,
+            "model_json": serde_json::to_value(&self.loaded.manifest).unwrap_or_default(),
+        })
+    }
+
     /// The model and its preprocessor, for the stage timings of [`crate::bench`].
     pub(crate) fn parts(&self) -> (&model_file::AnomalyModel, &Preprocessor) {
         (&self.loaded.model, &self.preprocessor)

@@ -148,3 +148,37 @@ fn help_prints_usage_with_every_parameter_and_exits_without_starting_the_node() 
     let out = Command::new(env!("CARGO_BIN_EXE_anomaly_inspector_node")).arg("--version").output().unwrap();
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
 }
+
+/// Every `.rs` file under `dir`.
+fn rust_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            rust_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+}
+
+#[test]
+fn package_xml_depends_on_every_interface_package_the_node_uses() {
+    // colcon (and rosdep) build and install only what package.xml names.
+    let package = std::fs::read_to_string(root().join("package.xml")).unwrap();
+    let mut files = Vec::new();
+    rust_files(&root().join("src"), &mut files);
+    let mut used = BTreeSet::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        for (i, _) in text.match_indices("r2r::") {
+            let name: String = text[i + 5..].chars().take_while(|c| c.is_ascii_lowercase() || *c == '_').collect();
+            if name.ends_with("_msgs") || name.ends_with("_interfaces") {
+                used.insert(name);
+            }
+        }
+    }
+    assert!(used.contains("lifecycle_msgs") && used.contains("sensor_msgs"), "{used:?}");
+    for name in used {
+        assert!(package.contains(&format!("<depend>{name}</depend>")), "package.xml does not depend on {name}");
+    }
+}

@@ -107,6 +107,18 @@ fn a_lifecycle_client_takes_the_managed_node_through_every_transition() {
     assert!(step(&obs, "configure")["inspect"][1].as_str().unwrap().contains("inactive"));
     assert_eq!(step(&obs, "configure")["available"], serde_json::json!(["cleanup", "activate", "inactive_shutdown"]));
     assert_eq!(outcome(step(&obs, "activate")), (true, "active", 4, true));
+    // ~/describe (std_srvs/Trigger, JSON): nothing loaded while unconfigured; then the model.
+    let before = &obs["start_describe"];
+    assert_eq!((before["lifecycle_state"].as_str(), before["model"].is_null()), (Some("unconfigured"), true), "{before}");
+    assert_eq!(before["parameters"]["managed"], true);
+    let d = &obs["active_describe"];
+    assert_eq!((d["lifecycle_state"].as_str(), d["model"]["model_id"].as_str()), (Some("active"), Some("good")), "{d}");
+    assert_eq!(d["model"]["method"], "patchcore");
+    assert!(d["model"]["model_json"]["calibration"]["image_threshold"].as_f64().unwrap() > 0.0, "{d}");
+    assert_eq!(d["model"]["model_json"]["training"]["data"], "synthetic", "the training summary: {d}");
+    assert!(d["model"]["device"].as_str().unwrap().starts_with("cpu"), "{d}");
+    assert_eq!(d["parameters"]["model"], d["model"]["model_dir"]);
+    assert!(d["frames_inspected"].as_u64().unwrap() >= 4, "{d}");
     assert_eq!(outcome(step(&obs, "deactivate")), (true, "inactive", 0, false));
     assert_eq!(outcome(step(&obs, "activate_again")), (true, "active", 4, true));
     assert_eq!(outcome(step(&obs, "deactivate_again")), (true, "inactive", 0, false));

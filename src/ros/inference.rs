@@ -63,6 +63,8 @@ pub enum Command {
     Install(Box<Inspector>, PathBuf, u32, f32, oneshot::Sender<TeachOutcome>),
     /// The inference thread's part of a lifecycle transition; the reply says whether it is done.
     Lifecycle(LifecycleStep, oneshot::Sender<Result<(), String>>),
+    /// The model in force described ([`Inspector::describe`]); null when none is loaded.
+    Describe(oneshot::Sender<serde_json::Value>),
 }
 
 /// What a lifecycle transition asks of the inference thread.
@@ -388,6 +390,9 @@ impl InferenceLoop {
             }
             Command::Lifecycle(step, reply) => {
                 let _ = reply.send(self.lifecycle_step(step));
+            }
+            Command::Describe(reply) => {
+                let _ = reply.send(self.inspector.as_ref().map(Inspector::describe).unwrap_or_default());
             }
         }
         update_status_model(&self.shared.status, self.inspector.as_ref());

@@ -13,7 +13,7 @@
 //! - [`status`]: counters and latencies, the once-per-kind error log, /diagnostics
 //! - [`publishing`]: the output publishers, markers, the 32FC1 map, the image thread
 //! - [`inference`]: the inference thread: commands, models, frames, teach-in
-//! - [`services`]: `~/inspect`, `~/teach`, `~/load_model`, `~/set_threshold`
+//! - [`services`]: `~/inspect`, `~/teach`, `~/load_model`, `~/set_threshold`, `~/describe`
 //! - [`managed`]: the lifecycle services and `~/transition_event`, and each transition's work
 //! - [`node`]: wiring, parameter events, the executor loop
 //!
@@ -32,6 +32,8 @@
 //! | `anomaly/markers` | visualization_msgs/MarkerArray | boxes, centroids, labels |
 //! | `/diagnostics` | diagnostic_msgs/DiagnosticArray | 1 Hz |
 //! | `~/inspect`, `~/teach`, `~/load_model`, `~/set_threshold` | anomaly_inspector_msgs/srv | services |
+//! | `~/describe` | std_srvs/Trigger | JSON: model, thresholds, training summary, parameters |
+//! | `~/change_state`, `~/get_state`, ... | lifecycle_msgs/srv | managed node (`managed`) |
 pub mod convert;
 mod inference;
 pub mod lifecycle;

@@ -78,7 +78,7 @@ pub fn usage() -> String {
     }
     text.push_str(&format!(
         "\nSubscribes (relative names; remap with -r): {}\nPublishes: {}\n\
-         Services: ~/inspect, ~/teach, ~/load_model, ~/set_threshold, and the lifecycle services \
+         Services: ~/inspect, ~/teach, ~/load_model, ~/set_threshold, ~/describe, and the lifecycle services \
          (~/change_state, ~/get_state, ~/get_available_states, ~/get_available_transitions, \
          ~/get_transition_graph; events on ~/transition_event)\n\
          Keep DDS on this machine with ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST and your own ROS_DOMAIN_ID.\n",

@@ -1,6 +1,7 @@
 //! The node's services: `~/inspect` (the verdict on the next fresh frame, for behaviour
 //! trees), `~/teach` (fit a new model on the next good frames), `~/load_model` and
-//! `~/set_threshold`. Each answers from its own task, so a slow one never holds up another.
+//! `~/set_threshold`, and `~/describe` (what the node runs, for a cell's logs). Each answers
+//! from its own task, so a slow one never holds up another.
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -9,6 +10,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use r2r::anomaly_inspector_msgs::msg::AnomalyResult;
 use r2r::anomaly_inspector_msgs::srv::{Inspect, LoadModel, SetThreshold, Teach};
+use r2r::std_srvs::srv::Trigger;
 use r2r::QosProfile;
 use tokio::sync::{broadcast, oneshot};
 
@@ -80,6 +82,29 @@ fn inactive(shared: &Shared) -> Option<String> {
     }
 }
 
+/// The parameters in force as JSON (name -> value), as `ros2 param dump` would list them.
+fn parameters_json(mut params: NodeParams) -> serde_json::Value {
+    use r2r::RosParams;
+    let mut declared = r2r::indexmap::IndexMap::new();
+    // register_parameters takes &mut self, though it only reads the values.
+    if params.register_parameters("", None, &mut declared).is_err() {
+        return serde_json::Value::Null;
+    }
+    let value = |v: &r2r::ParameterValue| -> serde_json::Value {
+        use r2r::ParameterValue as V;
+        match v {
+            V::Bool(b) => (*b).into(),
+            V::Integer(i) => (*i).into(),
+            V::Double(d) => (*d).into(),
+            V::String(s) => s.clone().into(),
+            V::IntegerArray(a) => a.clone().into(),
+            V::DoubleArray(a) => a.clone().into(),
+            other => format!("{other:?}").into(),
+        }
+    };
+    declared.iter().map(|(k, p)| (k.clone(), value(&p.value))).collect::<serde_json::Map<_, _>>().into()
+}
+
 /// Creates the services and answers them on `rt`.
 pub fn spawn_services(
     node: &mut r2r::Node,
@@ -126,6 +151,36 @@ pub fn spawn_services(
                     },
                 };
                 let _ = req.respond(response);
+            });
+        }
+    });
+
+    // std_srvs/Trigger: any tool can call it; the message is one JSON document.
+    let mut describe = node.create_service::<Trigger::Service>("~/describe", qos.clone())?;
+    let sh = shared.clone();
+    let prm = params.clone();
+    let name = node.fully_qualified_name().unwrap_or_default();
+    rt.spawn(async move {
+        while let Some(req) = describe.next().await {
+            let (sh, prm, name) = (sh.clone(), prm.clone(), name.clone());
+            tokio::spawn(async move {
+                let (tx, rx) = oneshot::channel();
+                sh.mailbox.put_command(Command::Describe(tx));
+                let model = tokio::time::timeout(Duration::from_secs(10), rx).await.ok().and_then(Result::ok);
+                let st = sh.status.locked().clone();
+                let in_force = prm.locked().in_force.clone();
+                let text = serde_json::json!({
+                    "node": name,
+                    "lifecycle_state": sh.lifecycle_state().label(),
+                    "model": model.unwrap_or_default(),
+                    "parameters": parameters_json(in_force),
+                    "frames_received": sh.mailbox.received.load(Ordering::Relaxed),
+                    "frames_inspected": st.inspected,
+                    "frames_rejected": st.rejected,
+                    "last_error": st.last_error,
+                    "version": env!("CARGO_PKG_VERSION"),
+                });
+                let _ = req.respond(Trigger::Response { success: true, message: text.to_string() });
             });
         }
     });

@@ -19,6 +19,7 @@ from lifecycle_msgs.msg import Transition, TransitionEvent
 from lifecycle_msgs.srv import ChangeState, GetAvailableStates, GetAvailableTransitions, GetState
 from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
 from rcl_interfaces.srv import SetParameters
+from std_srvs.srv import Trigger
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image
@@ -41,6 +42,7 @@ class Client(Node):
         self.inspect = self.create_client(Inspect, f"{ns}/inspect")
         self.load = self.create_client(LoadModel, f"{ns}/load_model")
         self.params = self.create_client(SetParameters, f"{ns}/set_parameters")
+        self.describe_client = self.create_client(Trigger, f"{ns}/describe")
         self.pub = self.create_publisher(Image, "image", RELIABLE)
         self.results = {}
         self.events = []
@@ -86,6 +88,10 @@ class Client(Node):
         r = fut.result() if fut.done() else None
         return (bool(r and r.success), r.message if r else "no reply")
 
+    def describe(self):
+        r = call(self, self.describe_client, Trigger.Request(), 15.0)
+        return json.loads(r.message) if r and r.success else None
+
     def set_model(self, path):
         p = Parameter(name="model", value=ParameterValue(type=ParameterType.PARAMETER_STRING, string_value=path))
         r = call(self, self.params, SetParameters.Request(parameters=[p]), 10.0)
@@ -121,6 +127,7 @@ def main():
     obs["start_available"] = c.available_labels()
     obs["start_frames_answered"] = c.frames_answered()
     obs["start_inspect"] = c.inspect_call()
+    obs["start_describe"] = c.describe()
     r = call(c, c.states, GetAvailableStates.Request(), 10.0)
     obs["states"] = [(s.id, s.label) for s in r.available_states] if r else None
     r = call(c, c.graph, GetAvailableTransitions.Request(), 10.0)
@@ -138,6 +145,7 @@ def main():
         obs["set_good_model"] = c.set_model(a.model)
         step(c, obs, "configure", tid=Transition.TRANSITION_CONFIGURE)
         step(c, obs, "activate", tid=Transition.TRANSITION_ACTIVATE)
+        obs["active_describe"] = c.describe()
         step(c, obs, "deactivate", label="deactivate")
         step(c, obs, "activate_again", label="activate")
         step(c, obs, "deactivate_again", tid=Transition.TRANSITION_DEACTIVATE)
