@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use futures::StreamExt;
 use r2r::diagnostic_msgs::msg::DiagnosticArray;
+use r2r::rcl_interfaces::msg::ParameterEvent;
 use r2r::sensor_msgs::msg::{CameraInfo, CompressedImage, Image};
 use r2r::QosProfile;
 use tokio::sync::{broadcast, oneshot};
@@ -20,7 +21,7 @@ use super::inference::{self, Command, Shared};
 use super::lifecycle::Lifecycle;
 use super::mailbox::Mailbox;
 use super::managed::{spawn_lifecycle_services, Transitions};
-use super::params::{CheckedParams, InputQos, InputTransport, NodeParams};
+use super::params::{parameter_event, CheckedParams, InputQos, InputTransport, NodeParams};
 use super::services::{spawn_services, store};
 use super::status::{diagnostics, Status};
 use super::{publishing, LockOrRecover as _};
@@ -240,6 +241,22 @@ pub fn run() -> anyhow::Result<()> {
         });
     }
 
+    // r2r publishes no /parameter_events: the node announces its declared values, then each
+    // change it takes, as rclcpp and rclpy nodes do (rqt_reconfigure and parameter event
+    // handlers listen there).
+    let parameter_events = node
+        .create_publisher::<ParameterEvent>("/parameter_events", QosProfile::parameter_events())
+        .context("cannot create the /parameter_events publisher")?;
+    let qualified_name = node.fully_qualified_name().unwrap_or_else(|_| format!("/{NODE_NAME}"));
+    let ros_now = {
+        let clock = node.get_ros_clock();
+        move || clock.lock().ok().and_then(|mut c| c.get_now().ok()).map(|d| r2r::Clock::to_builtin_time(&d)).unwrap_or_default()
+    };
+    {
+        let declared: Vec<_> = node_params.locked().iter().map(|(k, p)| (k.clone(), p.value.clone())).collect();
+        let _ = parameter_events.publish(&parameter_event(&qualified_name, ros_now(), &declared, &[]));
+    }
+
     // Parameter changes -> inference thread. Values that do not parse never get here
     // (CheckedParams refuses them in the set_parameters reply); a model that does not load is
     // refused here: the parameter goes back to the model in force.
@@ -283,6 +300,8 @@ pub fn run() -> anyhow::Result<()> {
                     None => {
                         let _ = params.locked().in_force.set_parameter(&name, &value);
                         r2r::log_info!(&logger, "parameter {name} set to {value:?}");
+                        let changed = [(name.clone(), value.clone())];
+                        let _ = parameter_events.publish(&parameter_event(&qualified_name, ros_now(), &[], &changed));
                     }
                 }
             }

@@ -362,6 +362,46 @@ impl NodeParams {
     }
 }
 
+/// `value` as rcl_interfaces/ParameterValue, for /parameter_events (r2r keeps its own
+/// conversion private, and publishes no events itself).
+pub fn value_msg(value: &ParameterValue) -> r2r::rcl_interfaces::msg::ParameterValue {
+    let mut m = r2r::rcl_interfaces::msg::ParameterValue::default();
+    // The PARAMETER_* type constants of rcl_interfaces/ParameterType.
+    match value.clone() {
+        ParameterValue::NotSet => m.type_ = 0,
+        ParameterValue::Bool(b) => (m.type_, m.bool_value) = (1, b),
+        ParameterValue::Integer(i) => (m.type_, m.integer_value) = (2, i),
+        ParameterValue::Double(d) => (m.type_, m.double_value) = (3, d),
+        ParameterValue::String(s) => (m.type_, m.string_value) = (4, s),
+        ParameterValue::ByteArray(v) => (m.type_, m.byte_array_value) = (5, v),
+        ParameterValue::BoolArray(v) => (m.type_, m.bool_array_value) = (6, v),
+        ParameterValue::IntegerArray(v) => (m.type_, m.integer_array_value) = (7, v),
+        ParameterValue::DoubleArray(v) => (m.type_, m.double_array_value) = (8, v),
+        ParameterValue::StringArray(v) => (m.type_, m.string_array_value) = (9, v),
+    }
+    m
+}
+
+/// A /parameter_events message from `node` (its fully qualified name): `new` parameters
+/// declared, `changed` ones set, as rclcpp and rclpy announce them.
+pub fn parameter_event(
+    node: &str,
+    stamp: r2r::builtin_interfaces::msg::Time,
+    new: &[(String, ParameterValue)],
+    changed: &[(String, ParameterValue)],
+) -> r2r::rcl_interfaces::msg::ParameterEvent {
+    let msgs = |list: &[(String, ParameterValue)]| {
+        list.iter().map(|(name, v)| r2r::rcl_interfaces::msg::Parameter { name: name.clone(), value: value_msg(v) }).collect()
+    };
+    r2r::rcl_interfaces::msg::ParameterEvent {
+        stamp,
+        node: node.to_string(),
+        new_parameters: msgs(new),
+        changed_parameters: msgs(changed),
+        deleted_parameters: Vec::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -418,6 +458,17 @@ mod tests {
         p.set_parameter("threshold", &ParameterValue::Double(0.7)).unwrap();
         p.set_parameter("roi", &ParameterValue::IntegerArray(vec![1, 2, 3, 4])).unwrap();
         assert_eq!((p.threshold, p.settings().unwrap().roi.map(|r| r.width)), (0.7, Some(3)));
+    }
+
+    #[test]
+    fn parameter_values_become_rcl_messages_of_their_type() {
+        let m = value_msg(&ParameterValue::Double(0.6));
+        assert_eq!((m.type_, m.double_value), (3, 0.6));
+        let m = value_msg(&ParameterValue::IntegerArray(vec![1, 2]));
+        assert_eq!((m.type_, m.integer_array_value), (7, vec![1, 2]));
+        assert_eq!((value_msg(&ParameterValue::Bool(true)).type_, value_msg(&ParameterValue::String("a".into())).type_), (1, 4));
+        let e = parameter_event("/ns/n", Default::default(), &[], &[("threshold".into(), ParameterValue::Double(0.7))]);
+        assert_eq!((e.node.as_str(), e.new_parameters.len(), e.changed_parameters[0].name.as_str()), ("/ns/n", 0, "threshold"));
     }
 
     #[test]
