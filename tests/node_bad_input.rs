@@ -232,7 +232,7 @@ fn raw_frames_models_teach_and_parameters() {
         (0, "threshold -0.5: must be within 0..=1"),
         (1, "threshold NaN"),
         (2, "threshold"),
-        (3, "input_qos 'bogus': use sensor_data or reliable"),
+        (3, "input_qos 'bogus': use auto, sensor_data or reliable"),
         (4, "read at start-up only"),
         (5, "tpu"),
         (6, "roi [0, 0, -5, 10]"),

@@ -60,3 +60,37 @@ fn every_large_frame_is_answered_whatever_the_qos() {
     }
     assert!(summary["markers"].as_u64().unwrap() >= 6 * frames as u64, "one MarkerArray per frame");
 }
+
+#[test]
+fn a_reliable_camera_without_our_profile_is_followed_and_loses_nothing() {
+    // A camera that knows nothing of config/fastdds_large_frames.xml: frames over 512 KB go over
+    // UDP fragments, which a best-effort reader loses (README, "QoS and large frames"). With
+    // the default input_qos auto the node reads a reliable camera reliably.
+    let frames: usize = std::env::var("ANOMALY_INSPECTOR_LARGE_FRAMES").ok().and_then(|v| v.parse().ok()).unwrap_or(30);
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = SyntheticConfig { n_train: 12, n_test_good: 1, n_test_per_defect: 0, ..SyntheticConfig::default() };
+    let (_, model) = synthetic_model(tmp.path(), &cfg, "large");
+    let ros_home = tmp.path().join("ros");
+    let log_path = tmp.path().join("node.log");
+    let params = [format!("model:={}", model.display()), "publish_images:=false".into()];
+    let mut node = start_node(DOMAIN, &ros_home, &params, &log_path);
+    let summary_path = tmp.path().join("summary.json");
+    let mut peer = Command::new(python());
+    peer.arg(root().join("tests/peers/large_frames.py"))
+        .args(["--sizes", "640x480,1280x1024", "--qos", "reliable", "--settle", "3"])
+        .args(["--frames", &frames.to_string(), "--timeout", "5", "--summary"])
+        .arg(&summary_path)
+        .env_remove("FASTDDS_DEFAULT_PROFILES_FILE")
+        .env_remove("FASTRTPS_DEFAULT_PROFILES_FILE");
+    ros_env(&mut peer, DOMAIN, &ros_home);
+    let status = peer.status().expect("run the rclpy peer");
+    let exit = node.stop();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    eprintln!("--- node log ---\n{log}");
+    assert!(status.success() && exit.is_some_and(|e| e.success()), "peer {status:?}, node {exit:?}");
+    assert!(log.contains("now read reliable"), "the node did not follow the reliable camera");
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&summary_path).unwrap()).unwrap();
+    for p in summary["phases"].as_array().unwrap() {
+        assert_eq!(p["answered"].as_u64(), Some(frames as u64), "{} {}: frames lost", p["size"], p["qos"]);
+    }
+}

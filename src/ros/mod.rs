@@ -13,6 +13,7 @@
 //! - [`status`]: counters and latencies, the once-per-kind error log, /diagnostics
 //! - [`publishing`]: the output publishers, markers, the 32FC1 map, the image thread
 //! - [`inference`]: the inference thread: commands, models, frames, teach-in
+//! - [`input`]: the camera subscription; with `input_qos: auto`, reliability following the camera
 //! - [`services`]: `~/inspect`, `~/teach`, `~/load_model`, `~/set_threshold`, `~/describe`
 //! - [`managed`]: the lifecycle services and `~/transition_event`, and each transition's work
 //! - [`node`]: wiring, parameter events, the executor loop
@@ -21,7 +22,7 @@
 //!
 //! | name | type | QoS / notes |
 //! |---|---|---|
-//! | `image` (in) | sensor_msgs/Image | sensor data (overridable: `input_qos`) |
+//! | `image` (in) | sensor_msgs/Image | best effort, reliable once the camera is (`input_qos`) |
 //! | `image/compressed` (in) | sensor_msgs/CompressedImage | with `input_transport: compressed` |
 //! | `camera_info` (in) | sensor_msgs/CameraInfo | optional, for 3-D markers |
 //! | `anomaly/result` | anomaly_inspector_msgs/AnomalyResult | reliable, depth 10 |
@@ -36,6 +37,7 @@
 //! | `~/change_state`, `~/get_state`, ... | lifecycle_msgs/srv | managed node (`managed`) |
 pub mod convert;
 mod inference;
+mod input;
 pub mod lifecycle;
 mod mailbox;
 mod managed;

@@ -12,16 +12,16 @@ use anyhow::Context as _;
 use futures::StreamExt;
 use r2r::diagnostic_msgs::msg::DiagnosticArray;
 use r2r::rcl_interfaces::msg::ParameterEvent;
-use r2r::sensor_msgs::msg::{CameraInfo, CompressedImage, Image};
+use r2r::sensor_msgs::msg::CameraInfo;
 use r2r::QosProfile;
 use tokio::sync::{broadcast, oneshot};
 
-use super::convert::Frame;
 use super::inference::{self, Command, Shared};
+use super::input::CameraInput;
 use super::lifecycle::Lifecycle;
 use super::mailbox::Mailbox;
 use super::managed::{spawn_lifecycle_services, Transitions};
-use super::params::{parameter_event, CheckedParams, InputQos, InputTransport, NodeParams};
+use super::params::{parameter_event, CheckedParams, NodeParams};
 use super::services::{spawn_services, store};
 use super::status::{diagnostics, Status};
 use super::{publishing, LockOrRecover as _};
@@ -169,10 +169,6 @@ pub fn run() -> anyhow::Result<()> {
         }
     };
 
-    let input_qos = match settings.input_qos {
-        InputQos::SensorData => QosProfile::sensor_data().keep_last(1),
-        InputQos::Reliable => QosProfile::default().keep_last(1),
-    };
     let (result_pubs, image_pubs) =
         publishing::create(&mut node, settings.output_reliable).context("cannot create the output publishers")?;
     let diagnostics_pub = node.create_publisher::<DiagnosticArray>("/diagnostics", QosProfile::default().keep_last(10))?;
@@ -194,34 +190,8 @@ pub fn run() -> anyhow::Result<()> {
     rt.spawn(param_handler);
 
     // Frames -> mailbox.
-    let input_topic = match settings.input_transport {
-        InputTransport::Raw => {
-            let mut sub = node.subscribe::<Image>("image", input_qos).context("cannot subscribe to 'image'")?;
-            let shared = shared.clone();
-            rt.spawn(async move {
-                while let Some(msg) = sub.next().await {
-                    if shared.is_active() {
-                        shared.mailbox.put_frame(Frame::Raw(msg));
-                    }
-                }
-            });
-            "image"
-        }
-        InputTransport::Compressed => {
-            let mut sub = node
-                .subscribe::<CompressedImage>("image/compressed", input_qos)
-                .context("cannot subscribe to 'image/compressed'")?;
-            let shared = shared.clone();
-            rt.spawn(async move {
-                while let Some(msg) = sub.next().await {
-                    if shared.is_active() {
-                        shared.mailbox.put_frame(Frame::Compressed(msg));
-                    }
-                }
-            });
-            "image/compressed"
-        }
-    };
+    let mut input = CameraInput::start(&mut node, &rt, &shared, settings.input_transport, settings.input_qos, &logger)?;
+    let input_topic = input.topic();
     {
         let mut sub = node.subscribe::<CameraInfo>("camera_info", QosProfile::default().keep_last(1))?;
         let shared = shared.clone();
@@ -371,6 +341,7 @@ pub fn run() -> anyhow::Result<()> {
     r2r::log_info!(&logger, "waiting for frames on '{input_topic}'");
     while !shutdown.load(Ordering::SeqCst) {
         node.spin_once(Duration::from_millis(10));
+        input.follow_publishers(&mut node, &rt, &shared);
     }
     r2r::log_info!(&logger, "shutting down");
     shared.mailbox.close();

@@ -27,7 +27,7 @@ pub struct NodeParams {
     pub min_region_area: i64,
     /// Input transport: raw (sensor_msgs/Image on `image`) or compressed (sensor_msgs/CompressedImage on `image/compressed`). Read at start-up.
     pub input_transport: String,
-    /// Input QoS: sensor_data (best effort, REP-2003) or reliable. Read at start-up.
+    /// Input QoS: auto (best effort, becoming reliable once every publisher on the input is reliable, so that large frames from a reliable camera are resent rather than lost), sensor_data (best effort, REP-2003) or reliable. Read at start-up.
     pub input_qos: String,
     /// Output QoS of results, images and markers: reliable (REP-2003 default for results) or best_effort (e.g. over a lossy wireless link). Read at start-up.
     pub output_qos: String,
@@ -57,7 +57,7 @@ impl Default for NodeParams {
             threshold: 0.5,
             min_region_area: PostprocessConfig::default().min_region_area as i64,
             input_transport: "raw".into(),
-            input_qos: "sensor_data".into(),
+            input_qos: "auto".into(),
             output_qos: "reliable".into(),
             roi: IntList::default(),
             publish_images: true,
@@ -244,6 +244,8 @@ pub enum InputTransport {
 /// Input QoS choice.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum InputQos {
+    /// Best effort until every publisher on the input is reliable, then reliable (src/ros/input.rs).
+    Auto,
     /// Best effort, shallow queue (REP-2003 sensor data).
     SensorData,
     /// Reliable, shallow queue.
@@ -309,9 +311,10 @@ impl NodeParams {
             other => return Err(Error::Config(format!("input_transport '{other}': use raw or compressed"))),
         };
         let input_qos = match self.input_qos.as_str() {
+            "auto" => InputQos::Auto,
             "sensor_data" => InputQos::SensorData,
             "reliable" => InputQos::Reliable,
-            other => return Err(Error::Config(format!("input_qos '{other}': use sensor_data or reliable"))),
+            other => return Err(Error::Config(format!("input_qos '{other}': use auto, sensor_data or reliable"))),
         };
         let output_reliable = match self.output_qos.as_str() {
             "reliable" => true,
@@ -444,13 +447,13 @@ mod tests {
         assert_eq!(p.threshold, 0.5);
         assert!(p.set_parameter("threshold", &ParameterValue::String("high".into())).is_err());
         let err = p.set_parameter("input_qos", &ParameterValue::String("bogus".into())).unwrap_err().to_string();
-        assert!(err.contains("use sensor_data or reliable"), "{err}");
+        assert!(err.contains("use auto, sensor_data or reliable"), "{err}");
         let err = p.set_parameter("input_qos", &ParameterValue::String("reliable".into())).unwrap_err().to_string();
         assert!(err.contains("start-up only"), "{err}");
         let err = p.set_parameter("inference_threads", &ParameterValue::Integer(1)).unwrap_err().to_string();
         assert!(err.contains("start-up only"), "{err}");
         // The value in force may be set again (a params file applied twice).
-        p.set_parameter("input_qos", &ParameterValue::String("sensor_data".into())).unwrap();
+        p.set_parameter("input_qos", &ParameterValue::String("auto".into())).unwrap();
         assert!(p.set_parameter("roi", &ParameterValue::IntegerArray(vec![0, 0, -5, 10])).is_err());
         assert_eq!(p.roi, IntList::default());
         let err = p.set_parameter("model", &ParameterValue::String("/nonexistent/model".into())).unwrap_err().to_string();

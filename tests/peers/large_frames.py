@@ -29,6 +29,7 @@ def main():
     p.add_argument("--frames", type=int, default=100)
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for one frame's result")
     p.add_argument("--summary", required=True)
+    p.add_argument("--settle", type=float, default=1.0, help="seconds after the match before the first frame")
     a = p.parse_args()
 
     rclpy.init()
@@ -52,7 +53,7 @@ def main():
                 reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST, depth=1)
             pub = node.create_publisher(Image, "image", qos)
             spin_until(node, lambda: pub.get_subscription_count() > 0, 20.0)
-            spin_until(node, lambda: False, 1.0)  # the node's side of discovery
+            spin_until(node, lambda: False, a.settle)  # the node's side of discovery (and its QoS choice)
             # A grey frame with a brighter square: the content does not matter here, the bytes do.
             row = bytes([128] * (w * 3))
             data = bytearray(row * h)
