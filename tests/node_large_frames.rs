@@ -63,6 +63,7 @@ fn every_large_frame_is_answered_whatever_the_qos() {
 
 #[test]
 fn a_reliable_camera_without_our_profile_is_followed_and_loses_nothing() {
+    // rgb8 and mono8 (a monochrome inspection camera's usual encoding), 640x480 and 5 MP.
     // A camera that knows nothing of config/fastdds_large_frames.xml: frames over 512 KB go over
     // UDP fragments, which a best-effort reader loses (README, "QoS and large frames"). With
     // the default input_qos auto the node reads a reliable camera reliably.
@@ -77,7 +78,7 @@ fn a_reliable_camera_without_our_profile_is_followed_and_loses_nothing() {
     let summary_path = tmp.path().join("summary.json");
     let mut peer = Command::new(python());
     peer.arg(root().join("tests/peers/large_frames.py"))
-        .args(["--sizes", "640x480,1280x1024", "--qos", "reliable", "--settle", "3"])
+        .args(["--sizes", "640x480,2448x2048", "--encodings", "rgb8,mono8", "--qos", "reliable", "--settle", "3"])
         .args(["--frames", &frames.to_string(), "--timeout", "5", "--summary"])
         .arg(&summary_path)
         .env_remove("FASTDDS_DEFAULT_PROFILES_FILE")
@@ -90,7 +91,9 @@ fn a_reliable_camera_without_our_profile_is_followed_and_loses_nothing() {
     assert!(status.success() && exit.is_some_and(|e| e.success()), "peer {status:?}, node {exit:?}");
     assert!(log.contains("now read reliable"), "the node did not follow the reliable camera");
     let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&summary_path).unwrap()).unwrap();
-    for p in summary["phases"].as_array().unwrap() {
-        assert_eq!(p["answered"].as_u64(), Some(frames as u64), "{} {}: frames lost", p["size"], p["qos"]);
+    let phases = summary["phases"].as_array().unwrap();
+    assert_eq!(phases.len(), 4, "2 sizes x rgb8 and mono8");
+    for p in phases {
+        assert_eq!(p["answered"].as_u64(), Some(frames as u64), "{} {} {}: frames lost", p["size"], p["encoding"], p["qos"]);
     }
 }

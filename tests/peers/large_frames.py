@@ -26,6 +26,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--sizes", required=True)
     p.add_argument("--qos", default="best_effort,reliable")
+    p.add_argument("--encodings", default="rgb8", help="rgb8 and/or mono8, comma separated")
     p.add_argument("--frames", type=int, default=100)
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for one frame's result")
     p.add_argument("--summary", required=True)
@@ -46,8 +47,9 @@ def main():
 
     phases = []
     stamp = 1_000
-    for size in a.sizes.split(","):
+    for size, encoding in [(s, e) for s in a.sizes.split(",") for e in a.encodings.split(",")]:
         w, h = (int(v) for v in size.split("x"))
+        channels = 1 if encoding == "mono8" else 3
         for qos_name in a.qos.split(","):
             qos = qos_profile_sensor_data if qos_name == "best_effort" else QoSProfile(
                 reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST, depth=1)
@@ -55,16 +57,16 @@ def main():
             spin_until(node, lambda: pub.get_subscription_count() > 0, 20.0)
             spin_until(node, lambda: False, a.settle)  # the node's side of discovery (and its QoS choice)
             # A grey frame with a brighter square: the content does not matter here, the bytes do.
-            row = bytes([128] * (w * 3))
+            row = bytes([128] * (w * channels))
             data = bytearray(row * h)
-            msg = Image(width=w, height=h, encoding="rgb8", step=w * 3)
+            msg = Image(width=w, height=h, encoding=encoding, step=w * channels)
             msg.header.frame_id = "camera_optical"
             stamps, answered, waits = [], 0, []
             t_phase = time.monotonic()
             for i in range(a.frames):
                 stamp += 1
                 msg.header.stamp.sec, msg.header.stamp.nanosec = stamp, 0
-                data[(i % h) * w * 3:(i % h) * w * 3 + 30] = bytes([255] * 30)
+                data[(i % h) * w * channels:(i % h) * w * channels + 30] = bytes([255] * 30)
                 msg.data = bytes(data)
                 k = stamp * 1_000_000_000
                 t0 = time.monotonic()
@@ -86,7 +88,7 @@ def main():
             spin_until(node, lambda: False, 2.0)  # the last pictures
             node.destroy_publisher(pub)
             phases.append({
-                "size": size, "qos": qos_name, "sent": a.frames, "answered": answered,
+                "size": size, "encoding": encoding, "qos": qos_name, "sent": a.frames, "answered": answered,
                 "seconds": time.monotonic() - t_phase,
                 "max_result_wait_s": max(waits) if waits else None,
                 "pictures": {t.split("/")[1]: sum(1 for s in stamps if s in seen) for t, seen in pictures.items()},
