@@ -32,6 +32,7 @@ STAGE="$ROOT/.gpu_check"
 TORCH_VERSION=2.11.0   # the device's torch (../.library/device/KINDS.md)
 TCH_VERSION=0.24.0     # the tch release built for it (torch-sys 0.24's TORCH_VERSION)
 SETS=(magnetic_tile mvtec_screw bsdata_pitting)
+# ONLY_SETS=a,b runs only those sets; BENCH_IMAGE=good times a defect-free frame.
 # The dry run shortens what only the GPU makes quick (DRAEM's paper preset is minutes a step here).
 DRAEM_PRESET="${DRAEM_PRESET:-paper}"; DRAEM_STEPS="${DRAEM_STEPS:-20}"; FRAMES="${FRAMES:-256x256,640x480,2448x2048}"
 [ -z "${ONLY_SETS:-}" ] || read -r -a SETS <<< "${ONLY_SETS//,/ }"
@@ -157,7 +158,12 @@ PY
   echo "draem fit seconds (training and calibration): $(secs "$t0" "$(date +%s.%N)")"
   echo; echo "== engine stages on $device (anomaly_inspector bench) =="
   local image models=()
-  image="$(find "$STAGE/data/${SETS[-1]}/test" -type f | sort | tail -1)"
+  # BENCH_IMAGE=good: a defect-free test image (the usual frame on a line) instead of a defective one.
+  if [ "${BENCH_IMAGE:-}" = good ]; then
+    image="$(find "$STAGE/data/${SETS[-1]}/test/good" -type f | sort | head -1)"
+  else
+    image="$(find "$STAGE/data/${SETS[-1]}/test" -type f | sort | tail -1)"
+  fi
   for s in "${SETS[@]}"; do models+=(--model "$work/$s.dev"); done
   "$bin" bench "${models[@]}" --model "$work/draem" --image "$image" --frame "$FRAMES" --iterations 30 \
       --bank-rows 1000,40000,100000 --device "$device" --json "$out/bench.json"
