@@ -15,7 +15,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
 use anomaly_inspector::synthetic::SyntheticConfig;
-use common::{python, root, ros_env, start_node, synthetic_model};
+use common::{python, root, ros_env, run_peer_beside, start_node, synthetic_model, PeerRun};
 use serde_json::Value;
 
 /// This file's own DDS domain (92-95 belong to node_features, 91 to node_roundtrip).
@@ -114,11 +114,7 @@ fn run_scenario(scenario: &str, node_params: &[String]) -> (Value, String) {
         .arg("--out")
         .arg(&obs_path);
     ros_env(&mut peer, DOMAIN, &ros_home);
-    let status = peer.status().expect("run the peer");
-    let alive = node.0.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)));
-    let exit = node.stop();
-    let log = std::fs::read_to_string(&log_path).unwrap();
-    eprintln!("--- node log ---\n{log}");
+    let PeerRun { peer: status, node_alive: alive, node_exit: exit, log } = run_peer_beside(&mut node, &mut peer, &log_path);
     assert!(alive, "the node died during the bad input: {exit:?}");
     assert!(status.success(), "peer failed");
     assert!(exit.is_some_and(|e| e.success()), "node did not exit cleanly: {exit:?}");

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::sync::Mutex;
 
 use anomaly_inspector::synthetic::SyntheticConfig;
-use common::{python, root, ros_env, start_node, synthetic_model};
+use common::{python, root, ros_env, run_peer_beside, start_node, synthetic_model, PeerRun};
 use serde_json::Value;
 
 /// This file's own DDS domain.
@@ -61,11 +61,7 @@ fn drive(unmanaged: bool) -> (Value, String) {
         peer.arg("--unmanaged");
     }
     ros_env(&mut peer, DOMAIN, &ros_home);
-    let status = peer.status().expect("run the peer");
-    let alive = node.0.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)));
-    let exit = node.stop();
-    let log = std::fs::read_to_string(&log_path).unwrap();
-    eprintln!("--- node log ---\n{log}");
+    let PeerRun { peer: status, node_alive: alive, node_exit: exit, log } = run_peer_beside(&mut node, &mut peer, &log_path);
     assert!(alive && status.success(), "node alive {alive}, peer {status:?}");
     assert!(exit.is_some_and(|e| e.success()), "node did not exit cleanly: {exit:?}");
     let obs: Value = serde_json::from_str(&std::fs::read_to_string(&obs_path).unwrap()).unwrap();

@@ -245,8 +245,7 @@ impl Lifecycle {
         if !self.state.is_primary() {
             return Err(Refusal::Busy(self.state.label()));
         }
-        let available = self.available();
-        let found = available.iter().copied().find(|r| {
+        let found = self.available().into_iter().find(|r| {
             let e = r.edge();
             if label.is_empty() {
                 e.id == id
@@ -254,11 +253,13 @@ impl Lifecycle {
                 e.label == label || (label == "shutdown" && e.goal == State::ShuttingDown)
             }
         });
-        found.ok_or_else(|| Refusal::NotAvailable {
-            asked: if label.is_empty() { format!("id {id}") } else { format!("'{label}'") },
-            state: self.state.label(),
-            available: available.iter().map(|r| r.edge().label).collect::<Vec<_>>().join(", "),
-        })
+        found.ok_or_else(|| self.not_available(if label.is_empty() { format!("id {id}") } else { format!("'{label}'") }))
+    }
+
+    /// The refusal of `asked`, naming what the current state allows.
+    fn not_available(&self, asked: String) -> Refusal {
+        let available = self.available().iter().map(|r| r.edge().label).collect::<Vec<_>>().join(", ");
+        Refusal::NotAvailable { asked, state: self.state.label(), available }
     }
 
     /// Starts `request`: into its transition state. Returns the edge taken (for the
@@ -269,11 +270,7 @@ impl Lifecycle {
             return Err(Refusal::Busy(self.state.label()));
         }
         if edge.start != self.state {
-            return Err(Refusal::NotAvailable {
-                asked: format!("'{}'", edge.label),
-                state: self.state.label(),
-                available: self.available().iter().map(|r| r.edge().label).collect::<Vec<_>>().join(", "),
-            });
+            return Err(self.not_available(format!("'{}'", edge.label)));
         }
         self.state = edge.goal;
         Ok(edge)

@@ -104,6 +104,11 @@ fn parameter_value(value: &r2r::ParameterValue) -> String {
     }
 }
 
+/// The ROS clock's time now, as message stamps carry it (zero if the clock cannot be read).
+fn ros_time(clock: &Mutex<r2r::Clock>) -> r2r::builtin_interfaces::msg::Time {
+    clock.lock().ok().and_then(|mut c| c.get_now().ok()).map(|d| r2r::Clock::to_builtin_time(&d)).unwrap_or_default()
+}
+
 /// The environment variables Fast DDS reads its XML profiles from (new name, old name).
 const FASTDDS_PROFILES_ENV: [&str; 2] = ["FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES_FILE"];
 
@@ -220,7 +225,7 @@ pub fn run() -> anyhow::Result<()> {
     let qualified_name = node.fully_qualified_name().unwrap_or_else(|_| format!("/{NODE_NAME}"));
     let ros_now = {
         let clock = node.get_ros_clock();
-        move || clock.lock().ok().and_then(|mut c| c.get_now().ok()).map(|d| r2r::Clock::to_builtin_time(&d)).unwrap_or_default()
+        move || ros_time(&clock)
     };
     {
         let declared: Vec<_> = node_params.locked().iter().map(|(k, p)| (k.clone(), p.value.clone())).collect();
@@ -297,12 +302,7 @@ pub fn run() -> anyhow::Result<()> {
             loop {
                 tick.tick().await;
                 let status = shared.status.locked().clone();
-                let stamp = clock
-                    .lock()
-                    .ok()
-                    .and_then(|mut c| c.get_now().ok())
-                    .map(|d| r2r::Clock::to_builtin_time(&d))
-                    .unwrap_or_default();
+                let stamp = ros_time(&clock);
                 let msg = diagnostics(
                     stamp,
                     &node_name,

@@ -70,6 +70,30 @@ impl Proc {
     }
 }
 
+/// What a peer run beside a node came to.
+#[allow(dead_code)] // not every test file that includes this module runs a peer
+pub struct PeerRun {
+    /// The peer's exit.
+    pub peer: std::process::ExitStatus,
+    /// Whether the node was still running when the peer ended.
+    pub node_alive: bool,
+    /// The node's exit after SIGTERM.
+    pub node_exit: Option<std::process::ExitStatus>,
+    /// The node's log (also printed).
+    pub log: String,
+}
+
+/// Runs `peer` to its end beside `node` (its output in `log`), then stops the node.
+#[allow(dead_code)]
+pub fn run_peer_beside(node: &mut Proc, peer: &mut Command, log: &Path) -> PeerRun {
+    let peer = peer.status().expect("run the peer");
+    let node_alive = node.0.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)));
+    let node_exit = node.stop();
+    let log = std::fs::read_to_string(log).unwrap();
+    eprintln!("--- node log ---\n{log}");
+    PeerRun { peer, node_alive, node_exit, log }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         self.stop();

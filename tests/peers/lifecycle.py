@@ -66,15 +66,18 @@ class Client(Node):
         r = call(self, self.available, GetAvailableTransitions.Request(), 10.0)
         return [d.transition.label for d in r.available_transitions] if r else None
 
-    def frames_answered(self, n=4, wait=1.5):
-        """Publishes n frames and counts the results for them."""
-        stamps = []
+    def frames_answered(self, n=4, wait=5.0):
+        """Publishes n frames lock-step and counts the results for them. A frame gets `wait`
+        seconds while frames are answered (a slow first inspection must not make the next frame
+        replace a waiting one), 0.3 s once one was not (an inactive node answers none)."""
+        stamps, answering = [], True
         for _ in range(n):
             self.stamp += 1_000_000
             self.frame.header.stamp.sec, self.frame.header.stamp.nanosec = divmod(self.stamp, 1_000_000_000)
             self.pub.publish(self.frame)
             stamps.append(self.stamp)
-            spin_until(self, lambda s=self.stamp: s in self.results, wait)
+            answering = spin_until(self, lambda s=self.stamp: s in self.results, wait if answering else 0.3)
+        spin_until(self, lambda: False, 0.3)  # a late result still counts
         return sum(s in self.results for s in stamps)
 
     def inspect_call(self):
