@@ -43,6 +43,8 @@ fn every_large_frame_is_answered_whatever_the_qos() {
     assert!(status.success(), "peer failed");
     assert!(exit.is_some_and(|e| e.success()), "node did not exit cleanly: {exit:?}");
     assert!(log.contains("fastdds_large_frames.xml (large frames through shared memory)"), "profile not used");
+    // The node's own heatmap and overlay are Image topics too: the input must be found as /image.
+    assert!(log.contains("input_qos auto: '/image' is read best effort"), "input resolved to another topic");
 
     let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&summary_path).unwrap()).unwrap();
     eprintln!("{}", serde_json::to_string_pretty(&summary).unwrap());
@@ -90,6 +92,7 @@ fn a_reliable_camera_without_our_profile_is_followed_and_loses_nothing() {
     eprintln!("--- node log ---\n{log}");
     assert!(status.success() && exit.is_some_and(|e| e.success()), "peer {status:?}, node {exit:?}");
     assert!(log.contains("now read reliable"), "the node did not follow the reliable camera");
+    assert!(log.contains("input_qos auto: '/image' is read best effort"), "input resolved to another topic");
     let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&summary_path).unwrap()).unwrap();
     let phases = summary["phases"].as_array().unwrap();
     assert_eq!(phases.len(), 4, "2 sizes x rgb8 and mono8");

@@ -51,8 +51,13 @@ fn two_nodes_in_two_namespaces_keep_to_their_own_names() {
     ros_env(&mut peer, DOMAIN, &ros_home);
     let status = peer.status().expect("run the peer");
     let (ea, eb) = (a.stop(), b.stop());
-    for l in ["a.log", "b.log"] {
-        eprintln!("--- {l} ---\n{}", std::fs::read_to_string(dir.path().join(l)).unwrap());
+    let logs: Vec<String> = ["a.log", "b.log"].iter().map(|l| std::fs::read_to_string(dir.path().join(l)).unwrap()).collect();
+    for (l, text) in ["a.log", "b.log"].iter().zip(&logs) {
+        eprintln!("--- {l} ---\n{text}");
+    }
+    // input_qos auto follows the publishers of the input's resolved name, remapped or namespaced.
+    for (text, input) in logs.iter().zip(["/cam1/image_raw", "/cell2/top/image"]) {
+        assert!(text.contains(&format!("input_qos auto: '{input}' is read best effort")), "{input} not resolved");
     }
     assert!(status.success(), "peer failed");
     assert!(ea.is_some_and(|e| e.success()) && eb.is_some_and(|e| e.success()), "nodes did not exit cleanly");

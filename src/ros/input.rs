@@ -145,30 +145,84 @@ impl CameraInput {
 }
 
 /// The input's name as rcl resolves it (namespace, remapping): r2r offers no call for it, so a
-/// publisher is made on the same relative name (remapped by the same rules), found among the
-/// topics' publishers by this node's name and namespace, and removed again. It never
+/// publisher is made on the same relative name (remapped by the same rules) and removed again;
+/// the input is the topic on which this node has one publisher more while the probe exists.
+/// Comparing counts, not looking for any topic of the type with a publisher of ours, matters:
+/// the node's own heatmap and overlay are `Image` topics too (a camera followed on
+/// `anomaly/heatmap` read reliable forever and answered no best-effort camera). It never
 /// publishes.
 fn resolve(node: &mut r2r::Node, transport: InputTransport) -> Option<String> {
     let (Ok(name), Ok(namespace)) = (node.name(), node.namespace()) else { return None };
-    let find = |node: &r2r::Node, type_name: &str| -> Option<String> {
-        let topics = node.get_topic_names_and_types().ok()?;
-        topics.into_iter().filter(|(_, types)| types.iter().any(|t| t == type_name)).map(|(t, _)| t).find(|t| {
-            let publishers = node.get_publishers_info_by_topic(t, false).unwrap_or_default();
-            publishers.iter().any(|p| p.node_name == name && p.node_namespace == namespace)
-        })
+    let ours = |node: &r2r::Node, type_name: &str| -> Vec<(String, usize)> {
+        let topics = node.get_topic_names_and_types().unwrap_or_default();
+        topics
+            .into_iter()
+            .filter(|(_, types)| types.iter().any(|t| t == type_name))
+            .map(|(t, _)| {
+                let publishers = node.get_publishers_info_by_topic(&t, false).unwrap_or_default();
+                let n = publishers.iter().filter(|p| p.node_name == name && p.node_namespace == namespace).count();
+                (t, n)
+            })
+            .collect()
     };
-    match transport {
+    let type_name = match transport {
+        InputTransport::Raw => "sensor_msgs/msg/Image",
+        InputTransport::Compressed => "sensor_msgs/msg/CompressedImage",
+    };
+    let before = ours(node, type_name);
+    let after = match transport {
         InputTransport::Raw => {
             let probe = node.create_publisher::<Image>("image", QosProfile::default()).ok()?;
-            let found = find(node, "sensor_msgs/msg/Image");
+            let after = ours(node, type_name);
             node.destroy_publisher(probe);
-            found
+            after
         }
         InputTransport::Compressed => {
             let probe = node.create_publisher::<CompressedImage>("image/compressed", QosProfile::default()).ok()?;
-            let found = find(node, "sensor_msgs/msg/CompressedImage");
+            let after = ours(node, type_name);
             node.destroy_publisher(probe);
-            found
+            after
         }
+    };
+    probe_topic(&before, &after)
+}
+
+/// The one topic whose count of our publishers grew between `before` and `after`; `None` when
+/// not exactly one did (the name stays unknown rather than guessed).
+fn probe_topic(before: &[(String, usize)], after: &[(String, usize)]) -> Option<String> {
+    let count = |t: &str| before.iter().find(|(b, _)| b == t).map_or(0, |(_, n)| *n);
+    let mut grown = after.iter().filter(|(t, n)| *n > count(t)).map(|(t, _)| t.clone());
+    let first = grown.next()?;
+    grown.next().is_none().then_some(first)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::probe_topic;
+
+    fn counts(v: &[(&str, usize)]) -> Vec<(String, usize)> {
+        v.iter().map(|(t, n)| (t.to_string(), *n)).collect()
+    }
+
+    #[test]
+    fn the_probe_topic_is_the_one_that_grew_not_the_first_of_ours() {
+        // Our heatmap sorts before the input and is ours too: it must not be chosen.
+        let before = counts(&[("/anomaly/heatmap", 1), ("/anomaly/overlay", 1), ("/image", 0)]);
+        let after = counts(&[("/anomaly/heatmap", 1), ("/anomaly/overlay", 1), ("/image", 1)]);
+        assert_eq!(probe_topic(&before, &after).as_deref(), Some("/image"));
+        // A topic new to the graph (remapped input nobody published yet).
+        let after = counts(&[("/anomaly/heatmap", 1), ("/anomaly/overlay", 1), ("/cam/raw", 1)]);
+        assert_eq!(probe_topic(&before, &after).as_deref(), Some("/cam/raw"));
+        // Input remapped onto our own heatmap: one more publisher of ours there.
+        let after = counts(&[("/anomaly/heatmap", 2), ("/anomaly/overlay", 1)]);
+        assert_eq!(probe_topic(&before, &after).as_deref(), Some("/anomaly/heatmap"));
+    }
+
+    #[test]
+    fn no_name_is_guessed_when_nothing_or_two_grew() {
+        let before = counts(&[("/image", 0)]);
+        assert_eq!(probe_topic(&before, &before), None);
+        let after = counts(&[("/image", 1), ("/other", 1)]);
+        assert_eq!(probe_topic(&before, &after), None);
     }
 }

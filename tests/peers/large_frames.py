@@ -30,6 +30,8 @@ def main():
     p.add_argument("--frames", type=int, default=100)
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for one frame's result")
     p.add_argument("--summary", required=True)
+    p.add_argument("--give-up-after", type=int, default=3,
+                   help="consecutive unanswered frames that end a phase (a stuck node fails in minutes, not hours)")
     p.add_argument("--settle", type=float, default=1.0, help="seconds after the match before the first frame")
     a = p.parse_args()
 
@@ -61,7 +63,7 @@ def main():
             data = bytearray(row * h)
             msg = Image(width=w, height=h, encoding=encoding, step=w * channels)
             msg.header.frame_id = "camera_optical"
-            stamps, answered, waits = [], 0, []
+            stamps, answered, waits, missed_in_a_row = [], 0, [], 0
             t_phase = time.monotonic()
             for i in range(a.frames):
                 stamp += 1
@@ -71,10 +73,17 @@ def main():
                 k = stamp * 1_000_000_000
                 t0 = time.monotonic()
                 pub.publish(msg)
+                stamps.append(k)
                 if spin_until(node, lambda: k in results, a.timeout):
                     answered += 1
+                    missed_in_a_row = 0
                     waits.append(time.monotonic() - t0)
-                stamps.append(k)
+                else:
+                    missed_in_a_row += 1
+                    if missed_in_a_row >= a.give_up_after:
+                        print(f"{size} {encoding} {qos_name}: {missed_in_a_row} frames in a row unanswered, phase ended",
+                              flush=True)
+                        break
             # ~/inspect answers with the next fresh frame: one more frame, then the reply's time.
             stamp += 1
             msg.header.stamp.sec = stamp
@@ -88,7 +97,7 @@ def main():
             spin_until(node, lambda: False, 2.0)  # the last pictures
             node.destroy_publisher(pub)
             phases.append({
-                "size": size, "encoding": encoding, "qos": qos_name, "sent": a.frames, "answered": answered,
+                "size": size, "encoding": encoding, "qos": qos_name, "sent": len(stamps), "answered": answered,
                 "seconds": time.monotonic() - t_phase,
                 "max_result_wait_s": max(waits) if waits else None,
                 "pictures": {t.split("/")[1]: sum(1 for s in stamps if s in seen) for t, seen in pictures.items()},
