@@ -15,6 +15,7 @@
 //! - [`inference`]: the inference thread: commands, models, frames, teach-in
 //! - [`input`]: the camera subscription; with `input_qos: auto`, reliability following the camera
 //! - [`services`]: `~/inspect`, `~/teach`, `~/load_model`, `~/set_threshold`, `~/describe`
+//! - [`actions`]: `~/inspect` as an action (several frames, feedback, cancel)
 //! - [`managed`]: the lifecycle services and `~/transition_event`, and each transition's work
 //! - [`node`]: wiring, parameter events, the executor loop
 //!
@@ -33,8 +34,10 @@
 //! | `anomaly/markers` | visualization_msgs/MarkerArray | boxes, centroids, labels |
 //! | `/diagnostics` | diagnostic_msgs/DiagnosticArray | 1 Hz |
 //! | `~/inspect`, `~/teach`, `~/load_model`, `~/set_threshold` | anomaly_inspector_msgs/srv | services |
+//! | `~/inspect` (action) | anomaly_inspector_msgs/action/Inspect | N frames, feedback per frame |
 //! | `~/describe` | std_srvs/Trigger | JSON: model, thresholds, training summary, parameters |
 //! | `~/change_state`, `~/get_state`, ... | lifecycle_msgs/srv | managed node (`managed`) |
+mod actions;
 pub mod convert;
 mod inference;
 mod input;

@@ -16,6 +16,7 @@ use r2r::sensor_msgs::msg::CameraInfo;
 use r2r::QosProfile;
 use tokio::sync::{broadcast, oneshot};
 
+use super::actions::spawn_actions;
 use super::inference::{self, Command, Shared};
 use super::input::CameraInput;
 use super::lifecycle::Lifecycle;
@@ -284,6 +285,7 @@ pub fn run() -> anyhow::Result<()> {
     }
 
     spawn_services(&mut node, &rt, &shared, &params, &node_params, &logger)?;
+    spawn_actions(&mut node, &rt, &shared, &logger)?;
     let transitions = Arc::new(Transitions::new(&mut node, shared.clone(), &logger).context("cannot create ~/transition_event")?);
     spawn_lifecycle_services(&mut node, &rt, &transitions).context("cannot create the lifecycle services")?;
     let managed = settings.managed;

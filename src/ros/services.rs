@@ -14,7 +14,7 @@ use r2r::std_srvs::srv::Trigger;
 use r2r::QosProfile;
 use tokio::sync::{broadcast, oneshot};
 
-use super::inference::{Command, Shared};
+use super::inference::{Command, Published, Shared};
 use super::lifecycle::State;
 use super::params::{CheckedParams, NodeParams};
 use super::LockOrRecover as _;
@@ -43,19 +43,35 @@ fn model_in_force(params: &Mutex<CheckedParams>, node_params: &NodeParamMap, pat
     store(node_params, "model", r2r::ParameterValue::String(model));
 }
 
-const DEFAULT_INSPECT_TIMEOUT_S: f32 = 5.0;
+/// `~/inspect`'s wait for a fresh frame when the request names none (service and action).
+pub(super) const DEFAULT_INSPECT_TIMEOUT_S: f32 = 5.0;
 const DEFAULT_TEACH_FRAMES: u32 = 30;
 /// Teach-in frames are held in memory until the fit (500 frames of 1280x1024 RGB: 2 GB), and
 /// PatchCore needs far fewer; a larger request is refused rather than risk the node's memory.
 pub const MAX_TEACH_FRAMES: u32 = 500;
 const DEFAULT_TEACH_TIMEOUT_S: f32 = 120.0;
 
-fn timeout_or(value: f32, default: f32) -> Duration {
+pub(super) fn timeout_or(value: f32, default: f32) -> Duration {
     Duration::from_secs_f32(if value > 0.0 && value.is_finite() { value.min(3600.0) } else { default })
 }
 
+/// The next result whose frame arrived at or after `asked`, waiting at most `wait`; `None` on
+/// timeout or when the node stops.
+pub(super) async fn next_fresh(rx: &mut broadcast::Receiver<Published>, asked: Instant, wait: Duration) -> Option<Published> {
+    let fresh = async {
+        loop {
+            match rx.recv().await {
+                Ok(p) if p.received >= asked => return Some(p),
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    };
+    tokio::time::timeout(wait, fresh).await.ok().flatten()
+}
+
 /// Why no result came: the most useful thing the node knows.
-fn no_result_reason(shared: &Shared, waited: Duration) -> String {
+pub(super) fn no_result_reason(shared: &Shared, waited: Duration) -> String {
     let st = shared.status.locked().clone();
     let received = shared.mailbox.received.load(Ordering::Relaxed);
     match (&st.model_id, received, &st.last_error) {
@@ -70,7 +86,7 @@ fn no_result_reason(shared: &Shared, waited: Duration) -> String {
 }
 
 /// Why a service that needs frames cannot be served now: the node is not active (lifecycle).
-fn inactive(shared: &Shared) -> Option<String> {
+pub(super) fn inactive(shared: &Shared) -> Option<String> {
     let state = shared.lifecycle_state();
     match state {
         State::Active => None,
@@ -130,20 +146,8 @@ pub fn spawn_services(
                 let asked = Instant::now();
                 let wait = timeout_or(req.message.timeout_s, DEFAULT_INSPECT_TIMEOUT_S);
                 let mut rx = sh.results.subscribe();
-                let fresh = tokio::time::timeout(wait, async {
-                    loop {
-                        match rx.recv().await {
-                            Ok(p) if p.received >= asked => return Some(p.result),
-                            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                            Err(broadcast::error::RecvError::Closed) => return None,
-                        }
-                    }
-                })
-                .await
-                .ok()
-                .flatten();
-                let response = match fresh {
-                    Some(result) => Inspect::Response { success: true, message: String::new(), result },
+                let response = match next_fresh(&mut rx, asked, wait).await {
+                    Some(p) => Inspect::Response { success: true, message: String::new(), result: p.result },
                     None => Inspect::Response {
                         success: false,
                         message: no_result_reason(&sh, wait),
