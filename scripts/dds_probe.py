@@ -5,6 +5,7 @@ involved: this measures the middleware alone (README, "QoS and large frames").
     source scripts/env.sh
     python scripts/dds_probe.py                      # the default table
     python scripts/dds_probe.py --sizes 640x480 --frames 100 --rate 10
+    python scripts/dds_probe.py --transport udp      # both sides UDP only (a camera on another host)
 
 Each row runs a publisher and a subscriber in two processes of their own, in a ROS domain of
 their own, on loopback (ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST).
@@ -55,10 +56,15 @@ def child(role, width, height, qos_name, frames, rate):
     rclpy.shutdown()
 
 
-def row(domain, size, qos_name, frames, rate, publisher_profile):
+def row(domain, size, qos_name, frames, rate, publisher_profile, transport):
     """Runs one pair; returns the frames received."""
     env = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", ROS_DOMAIN_ID=str(domain))
     env.pop("FASTDDS_DEFAULT_PROFILES_FILE", None)
+    env.pop("FASTDDS_BUILTIN_TRANSPORTS", None)
+    if transport == "udp":
+        # Fast DDS's own switch: no shared memory, every sample through loopback UDP, as
+        # between two hosts (within the LOCALHOST discovery range).
+        env["FASTDDS_BUILTIN_TRANSPORTS"] = "UDPv4"
     pub_env = dict(env, FASTDDS_DEFAULT_PROFILES_FILE=str(PROFILE)) if publisher_profile else env
     w, h = size
     args = [str(w), str(h), qos_name, str(frames), str(rate)]
@@ -78,6 +84,8 @@ def main():
     p.add_argument("--qos", default="best_effort,reliable")
     p.add_argument("--frames", type=int, default=30)
     p.add_argument("--rate", type=float, default=10.0)
+    p.add_argument("--transport", choices=["default", "udp"], default="default",
+                   help="default: Fast DDS's (shared memory on one host when it fits); udp: UDPv4 only on both sides")
     p.add_argument("--domain", type=int, default=140, help="first ROS_DOMAIN_ID; each row takes the next")
     a = p.parse_args()
     sizes = [tuple(int(v) for v in s.split("x")) for s in a.sizes.split(",")]
@@ -85,10 +93,11 @@ def main():
     print(f"{'frame':>10} {'MB':>5} {'qos':>12} {'publisher':>22} {'received':>9}")
     for size in sizes:
         for qos_name in a.qos.split(","):
-            for profile in (False, True):
-                got = row(domain, size, qos_name, a.frames, a.rate, profile)
+            # Over UDP only, the profile's shared memory cannot be used: one column.
+            for profile in (False, True) if a.transport == "default" else (False,):
+                got = row(domain, size, qos_name, a.frames, a.rate, profile, a.transport)
                 domain += 1
-                label = "fastdds_large_frames" if profile else "Fast DDS defaults"
+                label = "fastdds_large_frames" if profile else ("UDPv4 only" if a.transport == "udp" else "Fast DDS defaults")
                 mb = size[0] * size[1] * 3 / 1e6
                 print(f"{size[0]:>5}x{size[1]:<4} {mb:5.1f} {qos_name:>12} {label:>22} {got:>4}/{a.frames}", flush=True)
 

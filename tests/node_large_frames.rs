@@ -100,3 +100,49 @@ fn a_reliable_camera_without_our_profile_is_followed_and_loses_nothing() {
         assert_eq!(p["answered"].as_u64(), Some(frames as u64), "{} {} {}: frames lost", p["size"], p["encoding"], p["qos"]);
     }
 }
+
+#[test]
+fn a_reliable_camera_on_another_host_is_answered_over_udp() {
+    // A camera on another host reaches the node over UDP only. Fast DDS's own switch
+    // FASTDDS_BUILTIN_TRANSPORTS=UDPv4 on the camera side takes shared memory away, so every
+    // frame, and every output the peer subscribes (map, heatmap, overlay), crosses loopback UDP
+    // in fragments. Reliable (image_transport's default) is what works there: best effort over
+    // UDP loses most frames over half a megabyte whatever the reader does (README, "QoS and
+    // large frames", measured with scripts/dds_probe.py --transport udp).
+    let frames: usize = std::env::var("ANOMALY_INSPECTOR_LARGE_FRAMES").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = SyntheticConfig { n_train: 12, n_test_good: 1, n_test_per_defect: 0, ..SyntheticConfig::default() };
+    let (_, model) = synthetic_model(tmp.path(), &cfg, "large");
+    let ros_home = tmp.path().join("ros");
+    let log_path = tmp.path().join("node.log");
+    let mut node = start_node(DOMAIN, &ros_home, &[format!("model:={}", model.display())], &log_path);
+    let summary_path = tmp.path().join("summary.json");
+    let mut peer = Command::new(python());
+    peer.arg(root().join("tests/peers/large_frames.py"))
+        .args(["--sizes", "640x480,2448x2048", "--qos", "reliable", "--settle", "3"])
+        .args(["--frames", &frames.to_string(), "--timeout", "10", "--summary"])
+        .arg(&summary_path)
+        .env_remove("FASTDDS_DEFAULT_PROFILES_FILE")
+        .env_remove("FASTRTPS_DEFAULT_PROFILES_FILE")
+        .env("FASTDDS_BUILTIN_TRANSPORTS", "UDPv4");
+    ros_env(&mut peer, DOMAIN, &ros_home);
+    let status = peer.status().expect("run the rclpy peer");
+    let exit = node.stop();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    eprintln!("--- node log ---\n{log}");
+    assert!(status.success() && exit.is_some_and(|e| e.success()), "peer {status:?}, node {exit:?}");
+    assert!(log.contains("now read reliable"), "the node did not follow the reliable camera");
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&summary_path).unwrap()).unwrap();
+    eprintln!("{}", serde_json::to_string_pretty(&summary).unwrap());
+    let phases = summary["phases"].as_array().unwrap();
+    assert_eq!(phases.len(), 2, "2 sizes");
+    for p in phases {
+        let what = format!("{} over UDP", p["size"]);
+        assert_eq!(p["answered"].as_u64(), Some(frames as u64), "{what}: frames lost");
+        for topic in ["map", "heatmap", "overlay"] {
+            assert!(p["pictures"][topic].as_u64().unwrap() > 0, "{what}: no {topic} arrived");
+        }
+        assert_eq!(p["picture_sizes_ok"], true, "{what}: a picture of the wrong size");
+        assert_eq!(p["inspect_success"], true, "{what}: ~/inspect failed");
+    }
+}
