@@ -249,7 +249,10 @@ mod tests {
             Cli::try_parse_with_matches(std::iter::once(&"anomaly_inspector").chain(args)).map(|(c, _)| c.command)
         };
         let Ok(Command::Eval(e)) = parse(&["eval", "--model", "m", "--data", "d", "--json", "j"]) else { panic!() };
-        assert_eq!(e.options, EvalOptions { limit_per_type: None, pixel_max_side: 256 });
+        assert_eq!(
+            e.options,
+            EvalOptions { split: crate::evaluation::TestSplit::All, limit_per_type: None, pixel_max_side: 256 }
+        );
         assert!(parse(&["eval", "--model", "m", "--data", "d", "--json", "j", "--pixel-max-side", "4"]).is_err());
         let Ok(Command::Calibrate(c)) = parse(&["calibrate", "--model", "m", "--data", "d"]) else { panic!() };
         assert_eq!((c.options.pixel_max_side, c.dry_run), (256, false));

@@ -22,10 +22,40 @@ pub const EVAL_NOTES: &str = "image metrics on the raw image score; pixel metric
                   scaled to pixel_max_side; AUPRO = area under PRO(FPR) for FPR in 0..aupro_fpr_limit, \
                   divided by the limit; ms_per_image = mean Inspector::inspect time after one warm-up call";
 
+/// Which of a data set's test images [`evaluate`] takes. Settings are chosen on one half and
+/// reported on the other, so that a number in the README was not tuned on the images it reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum TestSplit {
+    /// Every test image.
+    #[default]
+    All,
+    /// Every second image of each test/ folder by name, from the second on (positions 1, 3, ...):
+    /// the half to choose settings on.
+    Validation,
+    /// The other half (positions 0, 2, ...): the half to report.
+    Evaluation,
+}
+
+impl TestSplit {
+    /// Whether the image at `position` (0-based, by name) within its test/ folder belongs here.
+    pub fn keeps(self, position: usize) -> bool {
+        match self {
+            Self::All => true,
+            Self::Validation => position % 2 == 1,
+            Self::Evaluation => position % 2 == 0,
+        }
+    }
+}
+
 /// Options of [`evaluate`] (`anomaly_inspector eval`).
 #[derive(clap::Args, Clone, Debug, PartialEq)]
 pub struct EvalOptions {
-    /// Evaluate only the first N images (by name) of each test/ folder, good included.
+    /// Which test images: all, the validation half or the evaluation half of each test/ folder.
+    #[arg(long, value_enum, default_value_t = TestSplit::All)]
+    pub split: TestSplit,
+    /// Evaluate only the first N images (by name) of each test/ folder, good included (after
+    /// --split).
     #[arg(long)]
     pub limit_per_type: Option<usize>,
     /// Pixel metrics are computed on maps and masks scaled down to at most this many pixels on
@@ -102,6 +132,9 @@ pub struct EvalReport {
     pub data: PathBuf,
     /// The device inference ran on, in words.
     pub device: String,
+    /// Which test images were evaluated.
+    #[serde(default)]
+    pub split: TestSplit,
     /// Images inspected.
     pub n_images: usize,
     /// Good images among them.
@@ -335,12 +368,17 @@ pub fn evaluate(
     let mut group_names = vec!["good".to_string()];
     group_names.extend(data.defect_types());
     let group_of = |s: &TestSample| s.defect.as_ref().map_or(0, |d| group_names.iter().position(|g| g == d).unwrap_or(0));
+    let mut seen = vec![0usize; group_names.len()];
     let mut taken = vec![0usize; group_names.len()];
     let samples: Vec<_> = data
         .test
         .iter()
         .filter(|s| {
             let g = group_of(s);
+            seen[g] += 1;
+            if !options.split.keeps(seen[g] - 1) {
+                return false;
+            }
             taken[g] += 1;
             options.limit_per_type.is_none_or(|n| taken[g] <= n)
         })
@@ -440,6 +478,7 @@ pub fn evaluate(
         method: inspector.manifest().method(),
         data: data.root.clone(),
         device: inspector.device_name(),
+        split: options.split,
         n_images: n,
         n_good: n_in(0),
         n_anomalous: n - n_in(0),
@@ -582,6 +621,14 @@ fn image_metrics(images: &[EvalImage], groups: &[usize]) -> (Option<f64>, Option
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_two_halves_take_alternate_positions_and_all_takes_every_one() {
+        let take = |split: TestSplit| (0..7).filter(|&i| split.keeps(i)).collect::<Vec<_>>();
+        assert_eq!(take(TestSplit::Validation), [1, 3, 5]);
+        assert_eq!(take(TestSplit::Evaluation), [0, 2, 4, 6]);
+        assert_eq!(take(TestSplit::All), [0, 1, 2, 3, 4, 5, 6]);
+    }
 
     #[test]
     fn eval_size_scales_the_long_side_down_only() {

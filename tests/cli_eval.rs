@@ -179,6 +179,22 @@ fn eval_reports_metrics_on_synthetic_data() {
     let out = eval(&model, &data, &json, &["--limit-per-type", "1"]);
     check(&out, "eval --limit-per-type 1");
     assert_eq!(report(&json).n_images, 1 + ds.defect_types().len());
+
+    // --split: the two halves of every test folder, by position, together all images, apart none.
+    let mut per_folder = std::collections::BTreeMap::<Option<String>, usize>::new();
+    for s in &ds.test {
+        *per_folder.entry(s.defect.clone()).or_default() += 1;
+    }
+    let halves = ["validation", "evaluation"].map(|split| {
+        let out = eval(&model, &data, &json, &["--split", split]);
+        check(&out, split);
+        let r = report(&json);
+        assert_eq!(serde_json::to_value(r.split).unwrap(), split);
+        r.n_images
+    });
+    assert_eq!(halves[0], per_folder.values().map(|c| c / 2).sum::<usize>(), "positions 1, 3, ... of each folder");
+    assert_eq!(halves[1], per_folder.values().map(|c| c.div_ceil(2)).sum::<usize>(), "positions 0, 2, ...");
+    assert_eq!(halves[0] + halves[1], ds.test.len());
 }
 
 #[test]

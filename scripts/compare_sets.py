@@ -1,0 +1,189 @@
+#!/usr/bin/env python3
+"""Fit and evaluate settings on every MVTec-layout data set under a folder; one table, one JSON.
+
+    source scripts/env.sh
+    python scripts/compare_sets.py                        # default and paper settings, evaluation half
+    python scripts/compare_sets.py --quick                # the same in minutes (subsets, see below)
+    python scripts/compare_sets.py --configs default,draem --split validation
+    python scripts/compare_sets.py --config 'nodensity=--density-neighbors 0'
+
+Why a script and not a subcommand: it only runs the CLI (`fit`, then `eval`) once per data set and
+setting and gathers what they write (eval's JSON report, model.json), so every number in its table
+is one a user gets from the same two commands.
+
+Defaults are chosen by the MEAN over all sets, on the validation half of each set's test images
+(`--split validation`: every second image of each test/ folder, from the second on), and reported
+on the evaluation half (`--split evaluation`, the default here): a number in the README is then
+not tuned on the images it reports.
+
+--quick: each set shrunk to at most 100 training images (spread evenly over train/good by name) and
+20 test images per folder of the chosen half, through symlinks under --out; DRAEM is left out
+unless named. For day-to-day checks; the README's numbers come from full runs.
+
+Times: `ms/img` is eval's mean Inspector::inspect time, `fit s` the wall time of `fit`. Time only
+on an idle machine (one busy process makes libtorch here 3-15x slower) and compare within a run.
+"""
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = ROOT / "target" / "release" / "anomaly_inspector"
+
+# name -> (what it is, fit arguments). "default" is whatever fit does without options.
+CONFIGS = {
+    "default": ("today's defaults", []),
+    "paper": ("PatchCore paper settings: stretched input, plain kNN distance, one-scale map",
+              ["--stretch", "--guided-bandwidth", "0", "--density-neighbors", "0", "--coarse-blur-sigma", "0"]),
+    "draem": ("DRAEM, cpu-small preset", ["--method", "draem", "--preset", "cpu-small"]),
+}
+METRICS = [("image_auroc", "img AUROC"), ("pixel_auroc", "px AUROC"), ("aupro", "AUPRO"),
+           ("image_f1_at_threshold", "F1@thr"), ("ms_per_image", "ms/img"), ("fit_seconds", "fit s"),
+           ("bank_size", "bank")]
+QUICK_TRAIN = 100
+QUICK_TEST_PER_FOLDER = 20
+
+
+def find_sets(data_root):
+    """Every folder under data_root in the MVTec layout (train/good and test/), sorted by name."""
+    sets = [d for d in sorted(data_root.iterdir()) if (d / "train" / "good").is_dir() and (d / "test").is_dir()]
+    if not sets:
+        sys.exit(f"no data set in the MVTec layout (train/good, test/) under {data_root}")
+    return sets
+
+
+def quick_copy(src, dst):
+    """A symlinked subset of src at dst: QUICK_TRAIN training images spread over train/good, and
+    test/ and ground_truth/ linked whole (eval's --limit-per-type takes the test subset)."""
+    images = sorted(p for p in (src / "train" / "good").iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"))
+    step = max(1, len(images) // QUICK_TRAIN)
+    chosen = images[::step][:QUICK_TRAIN]
+    good = dst / "train" / "good"
+    if dst.exists():
+        subprocess.run(["rm", "-rf", str(dst)], check=True)
+    good.mkdir(parents=True)
+    for p in chosen:
+        (good / p.name).symlink_to(p.resolve())
+    for sub in ("test", "ground_truth"):
+        if (src / sub).is_dir():
+            (dst / sub).symlink_to((src / sub).resolve())
+    return dst
+
+
+def run(cmd, log):
+    """Runs a CLI command, its output to log; exits with the log's tail when it fails."""
+    with open(log, "w") as f:
+        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        sys.exit(f"failed ({done.returncode}): {shlex.join(map(str, cmd))}\n" + "".join(open(log).readlines()[-20:]))
+
+
+def one(data, name, fit_args, out, split, limit):
+    """fit + eval of one setting on one set; returns its row of metrics."""
+    model = out / "models" / data.name / name
+    model.parent.mkdir(parents=True, exist_ok=True)
+    t = time.monotonic()
+    run([CLI, "fit", "--data", data, "--out", model, "--name", f"{data.name}_{name}", *fit_args], out / f"{data.name}_{name}_fit.log")
+    fit_seconds = time.monotonic() - t
+    report = out / "reports" / f"{data.name}_{name}.json"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [CLI, "eval", "--model", model, "--data", data, "--json", report, "--split", split]
+    if limit:
+        cmd += ["--limit-per-type", str(limit)]
+    run(cmd, out / f"{data.name}_{name}_eval.log")
+    r = json.loads(report.read_text())
+    manifest = json.loads((model / "model.json").read_text())
+    bank = manifest.get("training", {}).get("patchcore", {}).get("bank_size")
+    return {
+        "set": data.name, "config": name, "n_images": r["n_images"], "image_auroc": r["image_auroc"],
+        "pixel_auroc": r["pixel_auroc"], "aupro": r["aupro"], "image_f1_at_threshold": r["image_f1_at_threshold"],
+        "ms_per_image": r["ms_per_image"], "fit_seconds": fit_seconds, "bank_size": bank, "device": r["device"],
+    }
+
+
+def mean(rows, key):
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return sum(values) / len(values) if len(values) == len(rows) and values else None
+
+
+def table(rows, configs):
+    """Per set and the mean over the sets, one block per setting."""
+    cell = lambda k, v: "-" if v is None else (f"{v:.0f}" if k in ("bank_size", "ms_per_image") or k == "fit_seconds" and v >= 100
+                                               else f"{v:.1f}" if k == "fit_seconds" else f"{v:.3f}")
+    head = f"{'setting':<10} {'set':<16} {'images':>6} " + " ".join(f"{h:>9}" for _, h in METRICS)
+    lines = [head, "-" * len(head)]
+    for name in configs:
+        mine = [r for r in rows if r["config"] == name]
+        for r in mine:
+            lines.append(f"{name:<10} {r['set']:<16} {r['n_images']:>6} " + " ".join(f"{cell(k, r[k]):>9}" for k, _ in METRICS))
+        m = {k: mean(mine, k) for k, _ in METRICS}
+        lines.append(f"{name:<10} {'MEAN':<16} {sum(r['n_images'] for r in mine):>6} " + " ".join(f"{cell(k, m[k]):>9}" for k, _ in METRICS))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="settings: " + "; ".join(f"{k} = {v[0]}" for k, v in CONFIGS.items()))
+    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data", help="folder holding the data sets")
+    p.add_argument("--sets", help="comma-separated set names (default: every set found)")
+    p.add_argument("--configs", help="comma-separated settings (default: default,paper; with --quick the same)")
+    p.add_argument("--config", action="append", default=[], metavar="NAME=FIT ARGS",
+                   help="an extra setting, e.g. 'nodensity=--density-neighbors 0' (repeatable)")
+    p.add_argument("--split", choices=["validation", "evaluation", "all"], default="evaluation")
+    p.add_argument("--quick", action="store_true", help="subsets: minutes instead of an hour")
+    p.add_argument("--out", type=Path, default=ROOT / "target" / "compare_sets")
+    p.add_argument("--json", type=Path, help="the JSON file (default: <out>/compare_sets.json)")
+    a = p.parse_args()
+    if not CLI.exists():
+        sys.exit(f"{CLI} not found: run `bash scripts/setup.sh` (or cargo build --release) first")
+    configs = dict(CONFIGS)
+    for extra in a.config:
+        name, _, args = extra.partition("=")
+        if not name or not args:
+            sys.exit(f"--config wants NAME=FIT ARGS, got {extra!r}")
+        configs[name] = (args, shlex.split(args))
+    chosen = a.configs.split(",") if a.configs else ["default", "paper"] + [e.partition("=")[0] for e in a.config]
+    unknown = [c for c in chosen if c not in configs]
+    if unknown:
+        sys.exit(f"unknown setting(s) {unknown}; known: {', '.join(configs)}")
+    sets = find_sets(a.data)
+    if a.sets:
+        wanted = a.sets.split(",")
+        missing = [w for w in wanted if w not in {s.name for s in sets}]
+        if missing:
+            sys.exit(f"no data set {missing} under {a.data} (found: {', '.join(s.name for s in sets)})")
+        sets = [s for s in sets if s.name in wanted]
+    a.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    t0 = time.monotonic()
+    for data in sets:
+        used = quick_copy(data, a.out / "quick_data" / data.name) if a.quick else data
+        for name in chosen:
+            t = time.monotonic()
+            print(f"{data.name} / {name}: fit + eval ({a.split} half)...", end="", flush=True)
+            row = one(used, name, configs[name][1], a.out, a.split, QUICK_TEST_PER_FOLDER if a.quick else None)
+            rows.append(row)
+            print(f" {time.monotonic() - t:.0f} s: image AUROC {row['image_auroc']:.3f}", flush=True)
+    text = table(rows, chosen)
+    print()
+    print(text)
+    summary = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": f"{os.cpu_count()} cores ({os.uname().nodename})",
+        "split": a.split, "quick": a.quick, "seconds": time.monotonic() - t0,
+        "settings": {k: {"about": configs[k][0], "fit_args": configs[k][1]} for k in chosen},
+        "rows": rows,
+        "mean": {k: {m: mean([r for r in rows if r["config"] == k], m) for m, _ in METRICS} for k in chosen},
+    }
+    out_json = a.json or a.out / "compare_sets.json"
+    out_json.write_text(json.dumps(summary, indent=1))
+    print(f"written: {out_json} ({summary['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
