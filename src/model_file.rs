@@ -652,7 +652,12 @@ mod tests {
         }"#;
         std::fs::write(dir.path().join("model.json"), json).unwrap();
         let read = read_manifest(dir.path()).unwrap();
-        assert_eq!(read.patchcore(), Some(&PatchCoreConfig::default()), "today's defaults are the same settings");
+        // The defaults of 3db7608, as fitted, whatever today's defaults are.
+        let defaults = PatchCoreConfig::default();
+        let map =
+            crate::config::MapSmoothing { coarse_blur_sigma: Some(32.0), guided_bandwidth: Some(0.45), ..defaults.map.clone() };
+        let as_fitted = PatchCoreConfig { density_neighbors: Some(5), map, ..defaults };
+        assert_eq!(read.patchcore(), Some(&as_fitted), "the settings it was fitted with");
         assert_eq!(read.calibration.image_threshold, 2.5);
         // Written back, it is the same file.
         let original: serde_json::Value = serde_json::from_str(json).unwrap();

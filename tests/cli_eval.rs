@@ -252,38 +252,44 @@ fn retrieval_model_fits_evaluates_and_refuses_a_bank_without_images() {
 }
 
 #[test]
-fn fit_options_cap_the_bank_and_switch_the_coarse_map_density_and_guided_smoothing_off() {
+fn fit_options_cap_the_bank_and_switch_the_coarse_map_density_and_guided_smoothing_on() {
     let tmp = tempfile::tempdir().unwrap();
     let data = synthetic_data(tmp.path(), 10, 1, 1);
+    // The default: the paper's raw distances and one-scale map, no guided smoothing, no spacing.
+    let model = tmp.path().join("model_default");
+    check(&fit(&data, &model, &["--max-bank-size", "150"]), "fit --max-bank-size 150");
+    let m = manifest(&model);
+    assert_eq!(m["patchcore"]["max_bank_size"].as_u64(), Some(150), "{m:#}");
+    for key in ["coarse_blur_sigma", "guided_bandwidth"] {
+        assert_eq!(m["patchcore"][key].as_f64(), Some(0.0), "{key} off by default: {m:#}");
+    }
+    assert_eq!(m["patchcore"]["density_neighbors"].as_i64(), Some(0), "{m:#}");
+    // 8 images fitted would give far more than 150 rows at the default ratio.
+    let tensors = bank_file(&model);
+    assert_eq!(tensor(&tensors, "memory_bank").unwrap().size()[0], 150);
+    assert_eq!(tensors.len(), 1, "raw distances: no spacing saved");
+
+    // Each extra is one option away, and the model keeps what it was fitted with.
     let model = tmp.path().join("model");
     let args = [
         "--max-bank-size",
         "150",
         "--coarse-blur-sigma",
-        "0",
+        "32",
         "--density-neighbors",
-        "0",
+        "5",
         "--guided-bandwidth",
-        "0",
+        "0.45",
         "--guided-sigma",
         "20",
     ];
-    check(&fit(&data, &model, &args), "fit --max-bank-size 150 --coarse-blur-sigma 0 --density-neighbors 0 --guided-bandwidth 0");
+    check(&fit(&data, &model, &args), "fit with the coarse map, density and guided smoothing on");
     let m = manifest(&model);
-    assert_eq!(m["patchcore"]["max_bank_size"].as_u64(), Some(150), "{m:#}");
-    assert_eq!(m["patchcore"]["coarse_blur_sigma"].as_f64(), Some(0.0), "{m:#}");
-    assert_eq!(m["patchcore"]["density_neighbors"].as_i64(), Some(0), "{m:#}");
-    assert_eq!(m["patchcore"]["guided_bandwidth"].as_f64(), Some(0.0), "{m:#}");
+    assert_eq!(m["patchcore"]["coarse_blur_sigma"].as_f64(), Some(32.0), "{m:#}");
+    assert_eq!(m["patchcore"]["density_neighbors"].as_i64(), Some(5), "{m:#}");
+    assert_eq!(m["patchcore"]["guided_bandwidth"].as_f64(), Some(0.45), "{m:#}");
     assert_eq!(m["patchcore"]["guided_sigma"].as_f64(), Some(20.0), "{m:#}");
-    // 8 images fitted would give far more than 150 rows at the default ratio.
-    let tensors = bank_file(&model);
-    assert_eq!(tensor(&tensors, "memory_bank").unwrap().size()[0], 150);
-    assert_eq!(tensors.len(), 1, "raw distances: no spacing saved");
-    // The default keeps the bank's spacing beside it, one value per row, all positive.
-    let model = tmp.path().join("model_default");
-    check(&fit(&data, &model, &["--max-bank-size", "150"]), "fit --max-bank-size 150");
-    assert_eq!(manifest(&model)["patchcore"]["density_neighbors"].as_i64(), Some(5));
-    assert_eq!(manifest(&model)["patchcore"]["guided_bandwidth"].as_f64(), Some(0.45));
+    // Density normalisation keeps the bank's spacing beside it, one value per row, all positive.
     let tensors = bank_file(&model);
     let spacing = tensor(&tensors, "spacing_k5").expect("spacing_k5 saved");
     assert_eq!(spacing.size(), [150]);

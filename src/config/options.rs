@@ -81,18 +81,20 @@ pub struct PatchCoreOptions {
     /// favours large, low-contrast defects over small sharp ones.
     #[arg(long)]
     pub blur_sigma: Option<f64>,
-    /// PatchCore: a second, wide smoothing in network-input pixels (default 32; 0 = off): each
+    /// PatchCore: a second, wide smoothing in network-input pixels (off by default; 32 helped
+    /// large low-contrast defects on Magnetic-Tile; 0 = off): each
     /// pixel scores at least the smoothed mean around it, so large low-contrast defects fill in
     /// while small sharp ones keep their peaks.
     #[arg(long)]
     pub coarse_blur_sigma: Option<f64>,
     /// PatchCore: divide each patch distance by the bank's local spacing at its nearest row, the
-    /// distance from that row to its K-th nearest other row (default 5; 0 = the paper's raw distances).
+    /// distance from that row to its K-th nearest other row (off by default: the paper's raw
+    /// distances; 5 helped Magnetic-Tile; 0 = off).
     #[arg(long, value_name = "K")]
     pub density_neighbors: Option<i64>,
-    /// PatchCore: smooth each frame's patch scores among the patches that look alike (default
-    /// 0.45, the feature bandwidth relative to the frame's median feature distance; 0 = off), so
-    /// that a defect region of one texture scores as a whole.
+    /// PatchCore: smooth each frame's patch scores among the patches that look alike (off by
+    /// default; 0.45 helped Magnetic-Tile: the feature bandwidth relative to the frame's median
+    /// feature distance; 0 = off), so that a defect region of one texture scores as a whole.
     #[arg(long, value_name = "B")]
     pub guided_bandwidth: Option<f64>,
     /// PatchCore: spatial reach of that smoothing, in network-input pixels (default 48).
