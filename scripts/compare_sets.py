@@ -113,8 +113,12 @@ def mean(rows, key):
 
 def table(rows, configs):
     """Per set and the mean over the sets, one block per setting."""
-    cell = lambda k, v: "-" if v is None else (f"{v:.0f}" if k in ("bank_size", "ms_per_image") or k == "fit_seconds" and v >= 100
-                                               else f"{v:.1f}" if k == "fit_seconds" else f"{v:.3f}")
+    def cell(key, v):
+        if v is None:
+            return "-"
+        if key in ("bank_size", "ms_per_image") or (key == "fit_seconds" and v >= 100):
+            return f"{v:.0f}"
+        return f"{v:.1f}" if key == "fit_seconds" else f"{v:.3f}"
     head = f"{'setting':<10} {'set':<16} {'images':>6} " + " ".join(f"{h:>9}" for _, h in METRICS)
     lines = [head, "-" * len(head)]
     for name in configs:

@@ -51,8 +51,9 @@ fn two_nodes_in_two_namespaces_keep_to_their_own_names() {
     ros_env(&mut peer, DOMAIN, &ros_home);
     let status = peer.status().expect("run the peer");
     let (ea, eb) = (a.stop(), b.stop());
-    let logs: Vec<String> = ["a.log", "b.log"].iter().map(|l| std::fs::read_to_string(dir.path().join(l)).unwrap()).collect();
-    for (l, text) in ["a.log", "b.log"].iter().zip(&logs) {
+    let names = ["a.log", "b.log"];
+    let logs: Vec<String> = names.iter().map(|l| std::fs::read_to_string(dir.path().join(l)).unwrap()).collect();
+    for (l, text) in names.iter().zip(&logs) {
         eprintln!("--- {l} ---\n{text}");
     }
     // input_qos auto follows the publishers of the input's resolved name, remapped or namespaced.
