@@ -131,6 +131,48 @@ def table(rows, configs):
     return "\n".join(lines)
 
 
+def markdown(rows, configs, summary):
+    """The README's results section: one table per setting across the sets, with the mean, the
+    date, the machine and the command that made it."""
+    def cell(key, v):
+        if v is None:
+            return "-"
+        if key in ("bank_size", "ms_per_image", "fit_seconds"):
+            return f"{v:,.0f}".replace(",", " ")
+        return f"{v:.3f}"
+    out = [f"Made by `python scripts/compare_sets.py {summary['command']}` on {summary['date']}, "
+           f"{summary['machine']}, {summary['device']}; {summary['split']} half of each set's test images"
+           f"{' (quick subsets)' if summary['quick'] else ''}. ms/img: eval's mean inspect time; fit s: wall time of `fit`.", ""]
+    head = "| set | images | " + " | ".join(h for _, h in METRICS) + " |"
+    for name in configs:
+        about, args = summary["settings"][name]["about"], summary["settings"][name]["fit_args"]
+        out += [f"**{name}**: {about} (`fit {' '.join(args)}`)" if args else f"**{name}**: {about} (`fit` without options)", "",
+                head, "|" + "---|" * (len(METRICS) + 2)]
+        mine = [r for r in rows if r["config"] == name]
+        for r in mine:
+            out.append(f"| {r['set']} | {r['n_images']} | " + " | ".join(cell(k, r[k]) for k, _ in METRICS) + " |")
+        m = summary["mean"][name]
+        out.append(f"| **mean** | {sum(r['n_images'] for r in mine)} | "
+                   + " | ".join(f"**{cell(k, m[k])}**" if k != "bank_size" else "" for k, _ in METRICS) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+README_BEGIN = "<!-- compare_sets results: begin (regenerate with --update-readme) -->"
+README_END = "<!-- compare_sets results: end -->"
+
+
+def update_readme(text):
+    """Replaces the README's section between the two markers with `text`."""
+    readme = ROOT / "README.md"
+    s = readme.read_text()
+    if README_BEGIN not in s or README_END not in s:
+        sys.exit(f"README.md has no {README_BEGIN} ... {README_END} section to update")
+    head, rest = s.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(head + README_BEGIN + "\n" + text + "\n" + README_END + tail)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="settings: " + "; ".join(f"{k} = {v[0]}" for k, v in CONFIGS.items()))
@@ -143,6 +185,8 @@ def main():
     p.add_argument("--quick", action="store_true", help="subsets: minutes instead of an hour")
     p.add_argument("--out", type=Path, default=ROOT / "target" / "compare_sets")
     p.add_argument("--json", type=Path, help="the JSON file (default: <out>/compare_sets.json)")
+    p.add_argument("--markdown", type=Path, help="also write the tables as markdown (the README's results section)")
+    p.add_argument("--update-readme", action="store_true", help="put the markdown tables into README.md's results section")
     a = p.parse_args()
     if not CLI.exists():
         sys.exit(f"{CLI} not found: run `bash scripts/setup.sh` (or cargo build --release) first")
@@ -178,7 +222,8 @@ def main():
     print()
     print(text)
     summary = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": f"{os.cpu_count()} cores ({os.uname().nodename})",
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": f"{os.cpu_count()} CPU cores ({os.uname().nodename})",
+        "device": rows[0]["device"] if rows else "?", "command": " ".join(shlex.quote(v) for v in sys.argv[1:]),
         "split": a.split, "quick": a.quick, "seconds": time.monotonic() - t0,
         "settings": {k: {"about": configs[k][0], "fit_args": configs[k][1]} for k in chosen},
         "rows": rows,
@@ -187,6 +232,14 @@ def main():
     out_json = a.json or a.out / "compare_sets.json"
     out_json.write_text(json.dumps(summary, indent=1))
     print(f"written: {out_json} ({summary['seconds']:.0f} s)")
+    if a.markdown or a.update_readme:
+        md = markdown(rows, chosen, summary)
+        if a.markdown:
+            a.markdown.write_text(md + "\n")
+            print(f"written: {a.markdown}")
+        if a.update_readme:
+            update_readme(md)
+            print("README.md results section updated")
 
 
 if __name__ == "__main__":

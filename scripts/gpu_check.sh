@@ -24,6 +24,8 @@
 #   3. `bench` on cuda: per-stage and per-frame times at 256x256, 640x480 and 2448x2048, the
 #      PatchCore default and a DRAEM paper-preset model (trained 20 steps: its speed does not
 #      depend on its training). Target: PatchCore 256 px under 10 ms per frame.
+#   4. PatchCore tiled (--tiles 1) on the last set: eval beside the default, and in the bench
+#      (the GPU's batch of tiles).
 # The learned method of issue 17 is timed here once it exists.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -156,6 +158,19 @@ PY
   "$bin" fit --method draem --preset "$DRAEM_PRESET" --data "$STAGE/data/${SETS[0]}" --out "$work/draem" \
       --device "$device" --steps "$DRAEM_STEPS" --checkpoint-every 0 2>&1 | tail -2
   echo "draem fit seconds (training and calibration): $(secs "$t0" "$(date +%s.%N)")"
+  # Tiled inference (fit --tiles 1: the frame cut into 256 px tiles at its own scale, one
+  # forward per batch of tiles): the set with the smallest defects, eval and bench beside the
+  # default. TILED=0 leaves it out (the dry run on 2 CPU cores: a 5 MP frame is ~140 tiles).
+  local tiled=()
+  if [ "${TILED:-1}" = 1 ]; then
+    echo; echo "== ${SETS[-1]}: PatchCore tiled (--tiles 1) on $device =="
+    t0=$(date +%s.%N)
+    "$bin" fit --data "$STAGE/data/${SETS[-1]}" --out "$work/tiled" --device "$device" --tiles 1 2>&1 | tail -2
+    echo "tiled fit seconds: $(secs "$t0" "$(date +%s.%N)")"
+    "$bin" eval --model "$work/tiled" --data "$STAGE/data/${SETS[-1]}" --device "$device" --pixel-max-side 1024 2>&1 | tail -n 6
+    "$bin" eval --model "$work/${SETS[-1]}.dev" --data "$STAGE/data/${SETS[-1]}" --device "$device" --pixel-max-side 1024 2>&1 | tail -n 6
+    tiled=(--model "$work/tiled")
+  fi
   echo; echo "== engine stages on $device (anomaly_inspector bench) =="
   local image models=()
   # BENCH_IMAGE=good: a defect-free test image (the usual frame on a line) instead of a defective one.
@@ -165,7 +180,7 @@ PY
     image="$(find "$STAGE/data/${SETS[-1]}/test" -type f | sort | tail -1)"
   fi
   for s in "${SETS[@]}"; do models+=(--model "$work/$s.dev"); done
-  "$bin" bench "${models[@]}" --model "$work/draem" --image "$image" --frame "$FRAMES" --iterations 30 \
+  "$bin" bench "${models[@]}" "${tiled[@]}" --model "$work/draem" --image "$image" --frame "$FRAMES" --iterations 30 \
       --bank-rows 1000,40000,100000 --device "$device" --json "$out/bench.json"
   echo "}" >> "$json"
   rm -rf "$work"
@@ -175,7 +190,7 @@ case "${1:-}" in
   prepare) prepare ;;
   dry-run)
     torch="$ROOT/target/gpu_check/torch$TORCH_VERSION/torch"
-    DRAEM_PRESET=cpu-small DRAEM_STEPS=2 LIBTORCH="$torch" check cpu "$ROOT/target/gpu_check/dry_run" 2>&1 | tee "$ROOT/target/gpu_check/dry_run.log" ;;
+    TILED="${TILED:-0}" DRAEM_PRESET=cpu-small DRAEM_STEPS=2 LIBTORCH="$torch" check cpu "$ROOT/target/gpu_check/dry_run" 2>&1 | tee "$ROOT/target/gpu_check/dry_run.log" ;;
   device)
     # The device's own libtorch (with CUDA): the python3 there is the one that holds torch.
     torch="$(python3 -c 'import os, torch; print(os.path.dirname(torch.__file__))')"

@@ -117,24 +117,26 @@ pub fn bench_engine(inspector: &Inspector, frame: &RgbImage, png: &[u8], iterati
         data: frame.as_raw(),
     };
     let device = inspector.device();
-    let x = pre.frame(frame)?;
+    // With tiles, the network's input is the frame's batch of tiles, all in one forward.
+    let x = pre.inputs(frame)?.0;
 
     let decode_png_ms = median_ms(iterations, || imaging::decode(png).map(drop))?;
     let convert_ms = median_ms(iterations, || imaging::to_rgb(&raw).map(drop))?;
-    let preprocess_ms = median_ms(iterations, || pre.frame(frame).map(|t| sync(&t, device)))?;
+    let preprocess_ms = median_ms(iterations, || pre.inputs(frame).map(|t| sync(&t.0, device)))?;
     let forward_ms = median_ms(iterations, || model.forward(&x).map(|o| sync(&o.anomaly_maps, device)))?;
     let engine_ms = median_ms(iterations, || inspector.inspect(frame).map(drop))?;
     let (network_ms, knn_ms, floor_ms, bank_size) = match model {
         AnomalyModel::PatchCore(m) => {
             let n = m.config().neighbourhood;
+            let frames = x.size()[0];
             let patches = || flatten_patches(&embed(m.backbone(), &x, n)?);
             let network = median_ms(iterations, || patches().map(|t| sync(&t, device)))?;
             let q = patches()?;
             let bank = m.memory_bank();
-            let knn = median_ms(iterations, || m.patch_scores(&q, 1).map(|(d, _)| sync(&d, device)))?;
+            let knn = median_ms(iterations, || m.patch_scores(&q, frames).map(|(d, _)| sync(&d, device)))?;
             let floor = median_ms(iterations, || {
                 let q = patches()?;
-                m.patch_scores(&q, 1).map(|(d, _)| sync(&d, device))
+                m.patch_scores(&q, frames).map(|(d, _)| sync(&d, device))
             })?;
             (network, knn, floor, Some((bank.len(), bank.dim())))
         }
@@ -143,7 +145,7 @@ pub fn bench_engine(inspector: &Inspector, frame: &RgbImage, png: &[u8], iterati
             (network, 0.0, network, None)
         }
     };
-    let out = model.forward(&x)?;
+    let out = pre.run(frame, &|x| model.forward(x))?;
     let postprocess_ms = median_ms(iterations, || inspector.conclude(&out, frame.width(), frame.height()).map(drop))?;
     let (rss_mib, peak_rss_mib) = memory_mib();
     Ok(EngineBench {

@@ -75,7 +75,7 @@ pub enum Normalization {
 }
 
 /// How a frame's shape becomes the network input's shape.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Resize {
     /// Stretched to exactly `image_size` (PatchCore's and anomalib's usual input).
@@ -86,6 +86,38 @@ pub enum Resize {
     /// one scale but cut to different shapes, whose texture a stretch would distort
     /// differently in every image. PatchCore only (its network takes any input shape).
     KeepAspect,
+    /// Tiled: the frame is scaled by `scale` (1 = the camera's own pixels) and cut into
+    /// overlapping tiles of `image_size`, each a network input; the maps are stitched back and
+    /// the image score is the largest tile's. For small defects on large frames, which a resize
+    /// of the whole frame to `image_size` shrinks below one patch. The model is fitted on tiles
+    /// of the good images, cut the same way. PatchCore only.
+    Tiles {
+        /// Frame scale before cutting (0 < scale <= 4; 1 = native pixels, 0.5 = half).
+        scale: f64,
+        /// Fraction of a tile's side shared with its neighbour (0 <= overlap <= 0.75); the
+        /// stitched map weighs each tile down towards its edges over the shared band.
+        overlap: f64,
+    },
+}
+
+impl Resize {
+    /// Tiles of the camera's own pixels with a quarter of each side shared (`fit --tiles 1`).
+    pub fn tiles(scale: f64) -> Self {
+        Resize::Tiles { scale, overlap: 0.25 }
+    }
+
+    /// Checks the tiling's ranges (the other modes have none).
+    pub fn validate(&self) -> Result<()> {
+        if let Resize::Tiles { scale, overlap } = *self {
+            if !(scale > 0.0 && scale <= 4.0) {
+                return Err(Error::Config(format!("tiles scale {scale}: must be in (0, 4] (1 = the camera's own pixels)")));
+            }
+            if !(0.0..=0.75).contains(&overlap) {
+                return Err(Error::Config(format!("tiles overlap {overlap}: must be in 0..=0.75 (a fraction of the tile side)")));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// How a camera frame becomes a network input.
@@ -232,6 +264,7 @@ impl PatchCoreConfig {
         if !(32..=2048).contains(&h) || !(32..=2048).contains(&w) {
             return Err(Error::Config(format!("image_size {h}x{w}: each side must be 32..=2048")));
         }
+        self.preprocess.resize.validate()?;
         if !(self.coreset.ratio > 0.0 && self.coreset.ratio <= 1.0) {
             return Err(Error::Config(format!("coreset_ratio {}: must be in (0, 1]", self.coreset.ratio)));
         }
@@ -518,7 +551,9 @@ impl DraemConfig {
             return Err(Error::Config(format!("image_size {h}x{w}: each side must be 64..=2048 for DRAEM")));
         }
         if self.preprocess.resize != Resize::Stretch {
-            return Err(Error::Config("resize keep_aspect is for PatchCore; DRAEM trains on one input size".into()));
+            return Err(Error::Config(
+                "resize keep_aspect and tiles are for PatchCore; DRAEM trains on one stretched input size".into(),
+            ));
         }
         if !(2..=512).contains(&self.base_width) {
             return Err(Error::Config(format!("base_width {}: must be 2..=512 (paper: 128)", self.base_width)));
@@ -639,6 +674,26 @@ mod tests {
         let negative = serde_json::from_str::<PatchCoreConfig>(r#"{"coarse_blur_sigma": -2}"#).unwrap_err();
         assert!(negative.to_string().contains("coarse_blur_sigma -2"), "{negative}");
         assert!(serde_json::from_str::<PatchCoreConfig>(r#"{"blur_sigmaa": 2}"#).is_err(), "typos are refused");
+    }
+
+    #[test]
+    fn tiles_are_written_with_their_settings_and_checked() {
+        let mut c = PatchCoreConfig::default();
+        c.preprocess.resize = Resize::tiles(0.5);
+        let json = serde_json::to_value(&c).unwrap();
+        assert_eq!(json["preprocess"]["resize"], serde_json::json!({"tiles": {"scale": 0.5, "overlap": 0.25}}), "{json}");
+        assert_eq!(serde_json::from_value::<PatchCoreConfig>(json).unwrap(), c);
+        c.validate().unwrap();
+        for (scale, overlap, what) in
+            [(0.0, 0.25, "scale"), (5.0, 0.25, "scale"), (f64::NAN, 0.25, "scale"), (1.0, 0.8, "overlap")]
+        {
+            c.preprocess.resize = Resize::Tiles { scale, overlap };
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(&format!("tiles {what}")), "{e}");
+        }
+        let mut d = DraemConfig::cpu_small();
+        d.preprocess.resize = Resize::tiles(1.0);
+        assert!(d.validate().unwrap_err().to_string().contains("for PatchCore"));
     }
 
     #[test]

@@ -280,8 +280,7 @@ impl Inspector {
     pub fn inspect(&self, image: &RgbImage) -> Result<Inspection> {
         let t0 = Instant::now();
         let _guard = tch::no_grad_guard();
-        let x = self.preprocessor.frame(image)?;
-        let out = self.loaded.model.forward(&x)?;
+        let out = self.preprocessor.run(image, &|x| self.loaded.model.forward(x))?;
         let mut inspection = self.conclude(&out, image.width(), image.height())?;
         inspection.elapsed = t0.elapsed();
         Ok(inspection)
@@ -304,7 +303,8 @@ impl Inspector {
             .f_to_kind(Kind::Float)?
             .f_to_device(Device::Cpu)?
             .f_contiguous()?;
-        // The map has the network input's size, which with keep_aspect differs per frame.
+        // The map has the network input's size (with tiles, the scaled frame's), which with
+        // keep_aspect differs per frame.
         let (h, w) = (map.size()[0], map.size()[1]);
         let data = Vec::<f32>::try_from(map.f_view([-1])?)?;
         let model_map = AnomalyMap::new(w as u32, h as u32, data)?;

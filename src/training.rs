@@ -115,19 +115,19 @@ pub fn fit_patchcore(
     let pre = Preprocessor::new(&config.preprocess, device)?;
     // Frames of different shapes (keep_aspect) go through the network one at a time.
     let batch_size = if pre.fixed_size() { options.batch_size.max(1) } else { 1 };
+    // Images loaded so far: with tiles, the fit sees each image as a batch of tiles.
+    let loaded = std::cell::Cell::new(0);
     let batches = fit_set.chunks(batch_size).map(|chunk| {
         let imgs = chunk.iter().map(|p| imaging::load(p)).collect::<Result<Vec<_>>>()?;
+        loaded.set(loaded.get() + chunk.len());
         pre.batch(&imgs)
     });
     let total = fit_set.len();
-    let mut done = 0;
-    let (model, summary) = PatchCore::fit(backbone, batches, config, |p| match p {
-        FitProgress::Images(n) => {
-            done += n;
-            progress(FitStage::Features, done, total);
-        }
+    let (model, mut summary) = PatchCore::fit(backbone, batches, config, |p| match p {
+        FitProgress::Images(_) => progress(FitStage::Features, loaded.get(), total),
         FitProgress::Coreset { done, total } => progress(FitStage::Coreset, done, total),
     })?;
+    summary.n_images = total;
 
     let (image_scores, pixel_max) = calibrate(&holdout, &pre, batch_size, &|x| model.forward(x), progress)?;
     let calibration = Calibration::from_good_scores(&image_scores, &pixel_max, options.margin)?;
@@ -221,11 +221,20 @@ fn calibrate(
     let mut pixel_max = Vec::with_capacity(holdout.len());
     for (i, chunk) in holdout.chunks(batch_size).enumerate() {
         let imgs = chunk.iter().map(|p| imaging::load(p)).collect::<Result<Vec<_>>>()?;
-        let out = forward(&pre.batch(&imgs)?)?;
-        image_scores.extend(Vec::<f32>::try_from(&out.image_scores.f_to_device(Device::Cpu)?)?);
-        let n = out.anomaly_maps.size()[0];
-        let maxima = out.anomaly_maps.f_reshape([n, -1])?.f_amax([1i64].as_slice(), false)?.f_to_device(Device::Cpu)?;
-        pixel_max.extend(Vec::<f32>::try_from(&maxima)?);
+        if pre.tiled() {
+            // With tiles, an image's score and map are its tiles' together, as at inference.
+            for image in &imgs {
+                let out = pre.run(image, forward)?;
+                image_scores.push(out.image_scores.f_double_value(&[0])? as f32);
+                pixel_max.push(out.anomaly_maps.f_max()?.f_double_value(&[])? as f32);
+            }
+        } else {
+            let out = forward(&pre.batch(&imgs)?)?;
+            image_scores.extend(Vec::<f32>::try_from(&out.image_scores.f_to_device(Device::Cpu)?)?);
+            let n = out.anomaly_maps.size()[0];
+            let maxima = out.anomaly_maps.f_reshape([n, -1])?.f_amax([1i64].as_slice(), false)?.f_to_device(Device::Cpu)?;
+            pixel_max.extend(Vec::<f32>::try_from(&maxima)?);
+        }
         progress(FitStage::Calibration, (i * batch_size + chunk.len()).min(holdout.len()), holdout.len());
     }
     Ok((image_scores, pixel_max))

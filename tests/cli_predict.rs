@@ -196,3 +196,43 @@ fn keep_aspect_models_take_images_of_any_shape() {
     assert!(!draem.status.success());
     assert!(String::from_utf8_lossy(&draem.stderr).contains("PatchCore options"));
 }
+
+#[test]
+fn tiled_models_find_a_defect_in_its_tile_of_a_large_frame() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mosaics = common::MosaicData::write(tmp.path());
+    let frames = &mosaics.frames;
+    let model = tmp.path().join("model");
+    run_ok(
+        cli()
+            .args(["fit", "--device", "cpu", "--tiles", "1", "--coreset-ratio", "0.05", "--data"])
+            .arg(frames)
+            .arg("--out")
+            .arg(&model),
+    );
+    let m = common::manifest(&model);
+    assert_eq!(m["patchcore"]["preprocess"]["resize"], serde_json::json!({"tiles": {"scale": 1.0, "overlap": 0.25}}), "{m:#}");
+    assert_eq!(m["training"]["patchcore"]["n_images"], 10, "images, not tiles, are counted (2 held out)");
+    assert_eq!(m["training"]["patchcore"]["n_patches"], 10 * 9 * 32 * 32, "9 tiles of 32x32 patches per image");
+
+    let out = tmp.path().join("pred");
+    let lines = json_lines(&run_ok(
+        cli()
+            .args(["predict", "--device", "cpu", "--model"])
+            .arg(&model)
+            .arg("--out")
+            .arg(&out)
+            .arg(&mosaics.good)
+            .arg(&mosaics.scratch),
+    ));
+    let scored = inspected(&lines);
+    assert_eq!(scored.len(), 2);
+    let (good, bad) = (scored[0], scored[1]);
+    assert!(bad.score > good.score + 0.1, "scratch frame {} vs good frame {}", bad.score, good.score);
+    assert!(bad.is_anomalous && !bad.regions.is_empty(), "{bad:?}");
+    for r in &bad.regions {
+        assert!(common::MosaicData::in_scratched_cell(r.x, r.y, r.width, r.height), "a region outside the scratched cell: {r:?}");
+    }
+    let heatmap = image::open(&bad.heatmap).unwrap();
+    assert_eq!((heatmap.width(), heatmap.height()), (512, 512), "the stitched map covers the whole frame");
+}

@@ -66,3 +66,68 @@ fn node_scores_defects_higher_and_keeps_stamps() {
     eprintln!("good scores {good:?}\ndefect scores {bad:?}");
     assert!(min_bad > max_good, "a defective part scored at or below a good one: {bad:?} vs {good:?}");
 }
+
+/// A tiled model in the node: the frame is cut, inspected tile by tile and stitched without the
+/// node knowing; the verdict, regions and heatmap come in the frame's pixels.
+#[test]
+fn node_runs_a_tiled_model_on_large_frames_transparently() {
+    let py = python();
+    let tmp = tempfile::tempdir().unwrap();
+    let mosaics = common::MosaicData::write(tmp.path());
+    let model = tmp.path().join("tiled");
+    let mut config = anomaly_inspector::config::PatchCoreConfig::default();
+    config.preprocess.resize = anomaly_inspector::Resize::tiles(1.0);
+    config.coreset.ratio = 0.05;
+    let ds = anomaly_inspector::dataset::MvtecDataset::open(&mosaics.frames).unwrap();
+    let options = anomaly_inspector::training::FitOptions { name: "tiled".into(), ..Default::default() };
+    let weights = anomaly_inspector::config::default_backbone_weights();
+    anomaly_inspector::training::fit_patchcore(
+        &ds.train_good,
+        "mosaics",
+        &config,
+        &weights,
+        tch::Device::Cpu,
+        &model,
+        &options,
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+
+    let ros_home = tmp.path().join("ros");
+    let domain = 90;
+    let mut node = start_node(domain, &ros_home, &[format!("model:={}", model.display())], &tmp.path().join("node.log"));
+    let (summary_path, saved) = (tmp.path().join("summary.json"), tmp.path().join("saved"));
+    let mut peer = Command::new(py);
+    peer.arg(root().join("scripts/image_peer.py"))
+        .arg("--images")
+        .arg(&mosaics.good)
+        .arg(&mosaics.scratch)
+        .arg("--save-dir")
+        .arg(&saved)
+        .arg("--summary")
+        .arg(&summary_path)
+        .stdout(Stdio::inherit());
+    ros_env(&mut peer, domain, &ros_home);
+    let status = peer.status().expect("run the rclpy peer");
+    node.stop();
+    eprintln!("--- node log ---\n{}", std::fs::read_to_string(tmp.path().join("node.log")).unwrap());
+    assert!(status.success(), "peer failed (missing results?)");
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&summary_path).unwrap()).unwrap();
+    let frames = summary["frames"].as_array().unwrap();
+    let (good, bad) = (&frames[0], &frames[1]);
+    assert_eq!((good["received"].as_bool(), bad["received"].as_bool()), (Some(true), Some(true)));
+    let score = |f: &serde_json::Value| f["score"].as_f64().unwrap();
+    assert!(score(bad) > score(good) + 0.1, "scratch frame {} vs good frame {}", score(bad), score(good));
+    assert_eq!(bad["is_anomalous"], true);
+    let regions = bad["regions"].as_array().unwrap();
+    assert!(!regions.is_empty());
+    for r in regions {
+        let v = |k: &str| r[k].as_u64().unwrap() as u32;
+        assert!(
+            common::MosaicData::in_scratched_cell(v("x"), v("y"), v("w"), v("h")),
+            "a region outside the scratched cell: {r}"
+        );
+    }
+    let heatmap = image::open(bad["heatmap_png"].as_str().unwrap()).unwrap();
+    assert_eq!((heatmap.width(), heatmap.height()), (512, 512), "the stitched heatmap covers the frame");
+}

@@ -51,8 +51,14 @@ pub struct PatchCoreOptions {
     pub keep_aspect: bool,
     /// PatchCore: stretch each image to the square input instead (the paper's and anomalib's
     /// input; the default before December 2026).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "keep_aspect")]
     pub stretch: bool,
+    /// PatchCore: cut each frame into overlapping tiles of the input size after scaling it by
+    /// SCALE (1 = the camera's own pixels, 0.5 = half), instead of resizing the whole frame:
+    /// for small defects on large frames. The bank is fitted on tiles of the good images;
+    /// time grows with the number of tiles (README, "Large frames, small defects").
+    #[arg(long, value_name = "SCALE", conflicts_with_all = ["keep_aspect", "stretch"])]
+    pub tiles: Option<f64>,
     /// Fraction of patches kept in the memory bank.
     #[arg(long)]
     pub coreset_ratio: Option<f64>,
@@ -118,6 +124,9 @@ impl PatchCoreOptions {
         }
         if self.stretch {
             cfg.preprocess.resize = Resize::Stretch;
+        }
+        if let Some(scale) = self.tiles {
+            cfg.preprocess.resize = Resize::tiles(scale);
         }
         set(&mut cfg.coreset.ratio, self.coreset_ratio);
         set(&mut cfg.coreset.max_rows, self.max_bank_size);

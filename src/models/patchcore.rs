@@ -17,7 +17,7 @@ use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::config::{PatchCoreConfig, Search};
+use crate::config::{PatchCoreConfig, Resize, Search};
 use crate::error::{Error, Result};
 use crate::models::backbone::Backbone;
 use crate::models::bank_index::BankIndex;
@@ -29,6 +29,14 @@ const KNN_CHUNK: i64 = 4_096;
 /// Largest `[queries, bank rows]` distance block computed at once: a batch of frames is split
 /// into blocks of this many elements.
 const KNN_BLOCK: i64 = 4_194_304;
+
+/// With tiles (`resize: tiles`), the share of each tile's patches kept by its own greedy
+/// k-center selection before the bank is chosen among all tiles' survivors. Tiles multiply the
+/// patches of a fit (BSData at native scale: 1.6 M, ten times a resized frame's) and the
+/// coreset's cost with them (404 s alone); a selection within one tile of ~1000 patches is cheap
+/// and keeps its outliers first, which is what the bank's selection wants (README, "Large
+/// frames, small defects").
+const TILE_PRESELECT: f64 = 0.25;
 
 /// Defect-free patch features, `[M, D]` float32 on the model's device.
 #[derive(Debug)]
@@ -367,6 +375,7 @@ impl PatchCore {
         let _guard = tch::no_grad_guard();
         let t0 = std::time::Instant::now();
         let by_image = matches!(config.search, Search::Retrieval { .. });
+        let tiled = matches!(config.preprocess.resize, Resize::Tiles { .. });
         let coreset = &config.coreset;
         // Whole-bank fit: every image's patches, thinned together at the end. Image by image
         // (retrieval): each image's own coreset, in selection order, and its descriptor.
@@ -387,6 +396,17 @@ impl PatchCore {
                     let own = patches.f_narrow(0, j * per_image, per_image)?;
                     descriptors.push(image_descriptor(&own)?);
                     let keep = ((per_image as f64 * coreset.ratio).ceil() as i64).max(1);
+                    let seed = config.seed.wrapping_add(n_images as u64 + j as u64);
+                    let rows = coreset_rows(&own, keep, coreset.projection_dim, seed, &mut |_, _| {})?;
+                    feats.push(own.f_index_select(0, &rows)?);
+                }
+                coreset_seconds += t.elapsed().as_secs_f64();
+            } else if tiled {
+                let per_tile = patches.size()[0] / n;
+                let keep = ((per_tile as f64 * TILE_PRESELECT).ceil() as i64).max(1);
+                let t = std::time::Instant::now();
+                for j in 0..n {
+                    let own = patches.f_narrow(0, j * per_tile, per_tile)?;
                     let seed = config.seed.wrapping_add(n_images as u64 + j as u64);
                     let rows = coreset_rows(&own, keep, coreset.projection_dim, seed, &mut |_, _| {})?;
                     feats.push(own.f_index_select(0, &rows)?);
@@ -419,12 +439,13 @@ impl PatchCore {
         } else {
             let all = Tensor::f_cat(&feats, 0)?;
             drop(feats);
-            let keep = ((n_patches as f64 * coreset.ratio).ceil() as i64).clamp(1, coreset.max_rows as i64);
+            // The ratio is of every patch seen, tiles' pre-selections or not.
+            let keep = ((n_patches as f64 * coreset.ratio).ceil() as i64).clamp(1, coreset.max_rows as i64).min(all.size()[0]);
             let t1 = std::time::Instant::now();
             let bank = MemoryBank::coreset(&all, keep, coreset.projection_dim, config.seed, &mut |done, total| {
                 progress(FitProgress::Coreset { done, total })
             })?;
-            coreset_seconds = t1.elapsed().as_secs_f64();
+            coreset_seconds += t1.elapsed().as_secs_f64();
             (bank, None)
         };
         let summary = FitSummary {

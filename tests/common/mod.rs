@@ -125,6 +125,65 @@ pub fn synthetic_model(
     (ds, model)
 }
 
+/// Large frames with small defects, for tiled models: 2x2 mosaics (512x512) of the built-in
+/// 256x256 parts. `frames` is an MVTec-layout set of 12 good mosaics; `good` and `scratch` are
+/// two test frames, the second with a scratched part in its bottom-right cell.
+pub struct MosaicData {
+    /// The training set (`train/good/*.png`).
+    pub frames: PathBuf,
+    /// A good test frame.
+    pub good: PathBuf,
+    /// A test frame with one scratch, in the bottom-right cell.
+    pub scratch: PathBuf,
+}
+
+impl MosaicData {
+    /// Writes the data under `dir`.
+    pub fn write(dir: &Path) -> Self {
+        let data = dir.join("parts");
+        let cfg = anomaly_inspector::synthetic::SyntheticConfig {
+            n_train: 12,
+            n_test_good: 4,
+            n_test_per_defect: 1,
+            ..Default::default()
+        };
+        anomaly_inspector::synthetic::generate_dataset(&data, &cfg).unwrap();
+        let sorted = |sub: &str| {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(data.join(sub)).unwrap().map(|e| e.unwrap().path()).collect();
+            v.sort();
+            v
+        };
+        let good = sorted("train/good");
+        let frames = dir.join("frames");
+        std::fs::create_dir_all(frames.join("train/good")).unwrap();
+        for i in 0..good.len() {
+            let cells = [&good[i], &good[(i + 1) % 12], &good[(i + 5) % 12], &good[(i + 7) % 12]];
+            Self::mosaic(cells).save(frames.join(format!("train/good/{i:03}.png"))).unwrap();
+        }
+        let (test_good, scratch) = (sorted("test/good"), sorted("test/scratch"));
+        let input = dir.join("large_frames");
+        std::fs::create_dir_all(&input).unwrap();
+        let this = Self { frames, good: input.join("a_good.png"), scratch: input.join("b_scratch.png") };
+        Self::mosaic([&test_good[0], &test_good[1], &test_good[2], &test_good[3]]).save(&this.good).unwrap();
+        Self::mosaic([&test_good[0], &test_good[1], &test_good[2], &scratch[0]]).save(&this.scratch).unwrap();
+        this
+    }
+
+    /// Whether a region's centre lies in the scratched (bottom-right) cell.
+    pub fn in_scratched_cell(x: u32, y: u32, width: u32, height: u32) -> bool {
+        x + width / 2 >= 256 && y + height / 2 >= 256
+    }
+
+    fn mosaic(cells: [&PathBuf; 4]) -> image::RgbImage {
+        let mut frame = image::RgbImage::new(512, 512);
+        for (i, cell) in cells.iter().enumerate() {
+            let img = image::open(cell).unwrap().to_rgb8();
+            image::imageops::replace(&mut frame, &img, 256 * (i as i64 % 2), 256 * (i as i64 / 2));
+        }
+        frame
+    }
+}
+
 /// Starts the node binary on loopback in `domain` with `-p device:=cpu` and `params`
 /// (each `name:=value`), its output going to `log`.
 #[cfg(feature = "ros")]
