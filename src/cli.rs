@@ -186,8 +186,8 @@ pub struct BenchArgs {
     /// Timed repetitions per stage (medians are reported).
     #[arg(long, default_value_t = 20)]
     pub iterations: usize,
-    /// Memory-bank sizes for the kNN scaling table (empty: skip it).
-    #[arg(long, value_delimiter = ',', default_value = "1000,5000,20000,40000,100000")]
+    /// Memory-bank sizes for the kNN scaling table (`--bank-rows` with no sizes: skip it).
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "1000,5000,20000,40000,100000")]
     pub bank_rows: Vec<i64>,
     /// auto, cpu or cuda.
     #[arg(long, default_value = "auto")]
@@ -261,6 +261,8 @@ mod tests {
         };
         assert_eq!(b.frame, vec![(64, 48), (256, 256)]);
         assert_eq!(b.bank_rows, vec![1000, 5000, 20000, 40000, 100000]);
+        let Ok(Command::Bench(b)) = parse(&["bench", "--model", "m", "--image", "i", "--bank-rows"]) else { panic!() };
+        assert!(b.bank_rows.is_empty(), "--bank-rows without sizes skips the table");
         assert!(parse(&["bench", "--model", "m", "--image", "i", "--frame", "64y48"]).is_err());
         assert!(parse(&["bench", "--model", "m", "--image", "i", "--frame", "8x8"]).is_err(), "sides below 16 are refused");
     }
