@@ -117,10 +117,10 @@ def main():
     if not spin_until(node, lambda: node.pub.get_subscription_count() > 0, args.connect_timeout):
         sys.exit("no subscriber on 'image' appeared: is anomaly_inspector_node running on this ROS_DOMAIN_ID?")
     spin_until(node, lambda: False, 0.5)
-    # The node's default input_qos (auto) first reads best effort and re-subscribes reliably once
-    # it has seen that every publisher is reliable (about a second): a frame sent in between is
-    # lost with the old subscription. Wait for the reliable one, briefly (a node told to read
-    # best effort never shows one).
+    # The node's default input_qos (auto) first reads best effort and subscribes reliably once it
+    # has seen that every publisher is reliable (about a second): a frame over ~512 KB sent before
+    # that travels as UDP fragments to a best-effort reader, which may lose it (README, large
+    # frames). Wait for the reliable reader, briefly (a node told to read best effort shows none).
     topic = node.resolve_topic_name("image")
     spin_until(node, lambda: any(i.qos_profile.reliability == ReliabilityPolicy.RELIABLE
                                  for i in node.get_subscriptions_info_by_topic(topic)), 3.0)

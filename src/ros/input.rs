@@ -7,7 +7,8 @@
 //! 1 MP). A reliable camera (image_transport's default) resends them to a reliable reader. A
 //! best-effort camera matches only a best-effort reader. So `auto` starts best effort, which
 //! matches every camera, and becomes reliable once every publisher on the topic is reliable.
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -18,9 +19,33 @@ use r2r::QosProfile;
 use super::convert::Frame;
 use super::inference::Shared;
 use super::params::{InputQos, InputTransport};
+use super::LockOrRecover as _;
 
 /// How often the publishers' QoS is read again.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// How long the old subscription keeps reading after `auto` subscribes again: a frame already
+/// on its way to the old reader (sent before the new one matched) still arrives.
+const OVERLAP: Duration = Duration::from_secs(2);
+
+/// While an old and a new subscription both read, a frame may come through both: the second
+/// copy (the same stamp as the frame just before it) is dropped. Only then: a camera that
+/// stamps every frame alike (some set zero) loses nothing otherwise.
+#[derive(Default)]
+struct Overlap {
+    active: AtomicBool,
+    last_stamp: Mutex<Option<(i32, u32)>>,
+}
+
+impl Overlap {
+    /// Whether a frame with `stamp` is new (not the other reader's copy of the one before).
+    fn admit(&self, stamp: (i32, u32)) -> bool {
+        let mut last = self.last_stamp.locked();
+        let copy = self.active.load(Ordering::Relaxed) && *last == Some(stamp);
+        *last = Some(stamp);
+        !copy
+    }
+}
 
 /// The subscription and what it is following.
 pub struct CameraInput {
@@ -30,6 +55,9 @@ pub struct CameraInput {
     /// The input's name after namespace and remapping (auto only; `None`: not found).
     resolved: Option<String>,
     task: Option<tokio::task::JoinHandle<()>>,
+    /// The previous subscription's task, reading on until the given time (auto's switch).
+    retiring: Option<(tokio::task::JoinHandle<()>, Instant)>,
+    overlap: Arc<Overlap>,
     next_check: Instant,
     logger: String,
 }
@@ -61,8 +89,17 @@ impl CameraInput {
                 None => r2r::log_warn!(logger, "input_qos auto: cannot find the input's resolved name; staying best effort"),
             }
         }
-        let mut input =
-            Self { transport, mode, reliable, resolved, task: None, next_check: Instant::now(), logger: logger.into() };
+        let mut input = Self {
+            transport,
+            mode,
+            reliable,
+            resolved,
+            task: None,
+            retiring: None,
+            overlap: Arc::default(),
+            next_check: Instant::now(),
+            logger: logger.into(),
+        };
         input.subscribe(node, rt, shared)?;
         Ok(input)
     }
@@ -79,12 +116,13 @@ impl CameraInput {
         use anyhow::Context as _;
         let qos = input_qos(self.reliable);
         let shared = shared.clone();
+        let overlap = self.overlap.clone();
         let task = match self.transport {
             InputTransport::Raw => {
                 let mut sub = node.subscribe::<Image>("image", qos).context("cannot subscribe to 'image'")?;
                 rt.spawn(async move {
                     while let Some(msg) = sub.next().await {
-                        if shared.is_active() {
+                        if shared.is_active() && overlap.admit((msg.header.stamp.sec, msg.header.stamp.nanosec)) {
                             shared.mailbox.put_frame(Frame::Raw(msg));
                         }
                     }
@@ -96,24 +134,37 @@ impl CameraInput {
                     .context("cannot subscribe to 'image/compressed'")?;
                 rt.spawn(async move {
                     while let Some(msg) = sub.next().await {
-                        if shared.is_active() {
+                        if shared.is_active() && overlap.admit((msg.header.stamp.sec, msg.header.stamp.nanosec)) {
                             shared.mailbox.put_frame(Frame::Compressed(msg));
                         }
                     }
                 })
             }
         };
-        // The old subscription's stream goes with its task (r2r drops the reader on its next
-        // message); the newest frame is kept by the mailbox either way.
+        // The old subscription reads on for OVERLAP, then its stream goes with its task (r2r
+        // drops the reader on its next message).
         if let Some(old) = self.task.replace(task) {
-            old.abort();
+            self.retire_now();
+            self.overlap.active.store(true, Ordering::Relaxed);
+            self.retiring = Some((old, Instant::now() + OVERLAP));
         }
         Ok(())
+    }
+
+    /// Ends the previous subscription, if one is still reading.
+    fn retire_now(&mut self) {
+        if let Some((old, _)) = self.retiring.take() {
+            old.abort();
+            self.overlap.active.store(false, Ordering::Relaxed);
+        }
     }
 
     /// With `auto`: reads the publishers' reliability (at most once a second) and subscribes
     /// again when it no longer fits. Call it from the executor loop.
     pub fn follow_publishers(&mut self, node: &mut r2r::Node, rt: &tokio::runtime::Runtime, shared: &Arc<Shared>) {
+        if self.retiring.as_ref().is_some_and(|(_, until)| Instant::now() >= *until) {
+            self.retire_now();
+        }
         if self.mode != InputQos::Auto || Instant::now() < self.next_check {
             return;
         }
@@ -198,7 +249,7 @@ fn probe_topic(before: &[(String, usize)], after: &[(String, usize)]) -> Option<
 
 #[cfg(test)]
 mod tests {
-    use super::probe_topic;
+    use super::{probe_topic, Ordering, Overlap};
 
     fn counts(v: &[(&str, usize)]) -> Vec<(String, usize)> {
         v.iter().map(|(t, n)| (t.to_string(), *n)).collect()
@@ -224,5 +275,17 @@ mod tests {
         assert_eq!(probe_topic(&before, &before), None);
         let after = counts(&[("/image", 1), ("/other", 1)]);
         assert_eq!(probe_topic(&before, &after), None);
+    }
+
+    #[test]
+    fn only_an_overlap_drops_the_second_copy_of_a_frame() {
+        let o = Overlap::default();
+        assert!(o.admit((0, 0)) && o.admit((0, 0)), "a camera stamping every frame alike keeps them all");
+        o.active.store(true, Ordering::Relaxed);
+        assert!(o.admit((5, 1)));
+        assert!(!o.admit((5, 1)), "the other reader's copy");
+        assert!(o.admit((5, 2)) && o.admit((5, 1)), "new stamps, and an older one again, pass");
+        o.active.store(false, Ordering::Relaxed);
+        assert!(o.admit((5, 1)));
     }
 }
