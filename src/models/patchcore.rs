@@ -389,24 +389,18 @@ impl PatchCore {
             let n = batch.size()[0];
             let patches = flatten_patches(&embed(&backbone, &batch, config.neighbourhood)?)?;
             n_patches += patches.size()[0];
-            if by_image {
-                let per_image = patches.size()[0] / n;
+            // Image by image (retrieval) or tile by tile: each frame of the batch keeps its own
+            // greedy selection of `share` of its patches, in selection order.
+            let share = if by_image { Some(coreset.ratio) } else { tiled.then_some(TILE_PRESELECT) };
+            if let Some(share) = share {
+                let per_frame = patches.size()[0] / n;
+                let keep = ((per_frame as f64 * share).ceil() as i64).max(1);
                 let t = std::time::Instant::now();
                 for j in 0..n {
-                    let own = patches.f_narrow(0, j * per_image, per_image)?;
-                    descriptors.push(image_descriptor(&own)?);
-                    let keep = ((per_image as f64 * coreset.ratio).ceil() as i64).max(1);
-                    let seed = config.seed.wrapping_add(n_images as u64 + j as u64);
-                    let rows = coreset_rows(&own, keep, coreset.projection_dim, seed, &mut |_, _| {})?;
-                    feats.push(own.f_index_select(0, &rows)?);
-                }
-                coreset_seconds += t.elapsed().as_secs_f64();
-            } else if tiled {
-                let per_tile = patches.size()[0] / n;
-                let keep = ((per_tile as f64 * TILE_PRESELECT).ceil() as i64).max(1);
-                let t = std::time::Instant::now();
-                for j in 0..n {
-                    let own = patches.f_narrow(0, j * per_tile, per_tile)?;
+                    let own = patches.f_narrow(0, j * per_frame, per_frame)?;
+                    if by_image {
+                        descriptors.push(image_descriptor(&own)?);
+                    }
                     let seed = config.seed.wrapping_add(n_images as u64 + j as u64);
                     let rows = coreset_rows(&own, keep, coreset.projection_dim, seed, &mut |_, _| {})?;
                     feats.push(own.f_index_select(0, &rows)?);
