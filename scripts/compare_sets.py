@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CLI = ROOT / "target" / "release" / "anomaly_inspector"
+CLI = ROOT / "target" / "release" / "anomaly_inspector"  # --cli picks another build
 
 # name -> (what it is, fit arguments). "default" is whatever fit does without options.
 CONFIGS = {
@@ -44,7 +44,7 @@ CONFIGS = {
 }
 METRICS = [("image_auroc", "img AUROC"), ("pixel_auroc", "px AUROC"), ("aupro", "AUPRO"),
            ("image_f1_at_threshold", "F1@thr"), ("ms_per_image", "ms/img"), ("fit_seconds", "fit s"),
-           ("bank_size", "bank")]
+           ("bank_size", "bank"), ("synthetic_auroc", "syn AUROC")]
 QUICK_TRAIN = 100
 QUICK_TEST_PER_FOLDER = 20
 
@@ -99,16 +99,76 @@ def one(data, name, fit_args, out, split, limit):
     r = json.loads(report.read_text())
     manifest = json.loads((model / "model.json").read_text())
     bank = manifest.get("training", {}).get("patchcore", {}).get("bank_size")
+    check = manifest.get("training", {}).get("self_check") or {}
     return {
         "set": data.name, "config": name, "n_images": r["n_images"], "image_auroc": r["image_auroc"],
         "pixel_auroc": r["pixel_auroc"], "aupro": r["aupro"], "image_f1_at_threshold": r["image_f1_at_threshold"],
         "ms_per_image": r["ms_per_image"], "fit_seconds": fit_seconds, "bank_size": bank, "device": r["device"],
+        "synthetic_auroc": check.get("image_auroc"), "synthetic_pixel_auroc": check.get("pixel_auroc"),
     }
 
 
 def mean(rows, key):
     values = [r[key] for r in rows if r.get(key) is not None]
     return sum(values) / len(values) if len(values) == len(rows) and values else None
+
+
+def ranks(values):
+    """Ranks 1..n (1 = smallest), ties sharing their mean rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    r = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            r[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return r
+
+
+def spearman(a, b):
+    """Spearman's rank correlation of two equally long lists (None when either is constant)."""
+    ra, rb = ranks(a), ranks(b)
+    n = len(a)
+    ma, mb = sum(ra) / n, sum(rb) / n
+    va = sum((x - ma) ** 2 for x in ra)
+    vb = sum((y - mb) ** 2 for y in rb)
+    if va == 0 or vb == 0:
+        return None
+    return sum((x - ma) * (y - mb) for x, y in zip(ra, rb)) / (va * vb) ** 0.5
+
+
+def self_check_agreement(rows, configs):
+    """Per set: does the synthetic-defect AUROC (good images only) rank the settings as the real
+    defects' image AUROC does? Spearman's rho, and what picking the setting with the best
+    synthetic figure (`fit --auto`'s rule) would get in real AUROC against the best and the
+    default. None when fewer than 3 settings or no self-check."""
+    if len(configs) < 3:
+        return None
+    out = []
+    for s in dict.fromkeys(r["set"] for r in rows):
+        mine = [r for r in rows if r["set"] == s and r["config"] in configs]
+        if len(mine) < 3 or any(r.get("synthetic_auroc") is None for r in mine):
+            return None
+        syn = [r["synthetic_auroc"] for r in mine]
+        real = [r["image_auroc"] for r in mine]
+        picked = max(mine, key=lambda r: (r["synthetic_auroc"], -r["ms_per_image"]))
+        default = next((r for r in mine if r["config"] == "default"), mine[0])
+        out.append({"set": s, "spearman": spearman(syn, real), "picked": picked["config"],
+                    "picked_auroc": picked["image_auroc"], "best": max(mine, key=lambda r: r["image_auroc"])["config"],
+                    "best_auroc": max(real), "default_auroc": default["image_auroc"]})
+    return out
+
+
+def agreement_table(agree):
+    lines = [f"{'set':<16} {'rho':>6} {'picked':>10} {'its AUROC':>9} {'best':>10} {'AUROC':>6} {'default':>7}"]
+    for a in agree:
+        rho = "-" if a["spearman"] is None else f"{a['spearman']:+.2f}"
+        lines.append(f"{a['set']:<16} {rho:>6} {a['picked']:>10} {a['picked_auroc']:>9.3f} {a['best']:>10} "
+                     f"{a['best_auroc']:>6.3f} {a['default_auroc']:>7.3f}")
+    return "\n".join(lines)
 
 
 def table(rows, configs):
@@ -174,6 +234,7 @@ def update_readme(text):
 
 
 def main():
+    global CLI
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="settings: " + "; ".join(f"{k} = {v[0]}" for k, v in CONFIGS.items()))
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data", help="folder holding the data sets")
@@ -187,7 +248,11 @@ def main():
     p.add_argument("--json", type=Path, help="the JSON file (default: <out>/compare_sets.json)")
     p.add_argument("--markdown", type=Path, help="also write the tables as markdown (the README's results section)")
     p.add_argument("--update-readme", action="store_true", help="put the markdown tables into README.md's results section")
+    p.add_argument("--cli", type=Path, default=CLI,
+                   help="the anomaly_inspector binary (default: this checkout's release build; a copy keeps a long run "
+                        "safe from rebuilds)")
     a = p.parse_args()
+    CLI = a.cli
     if not CLI.exists():
         sys.exit(f"{CLI} not found: run `bash scripts/setup.sh` (or cargo build --release) first")
     configs = dict(CONFIGS)
@@ -221,12 +286,18 @@ def main():
     text = table(rows, chosen)
     print()
     print(text)
+    agree = self_check_agreement(rows, chosen)
+    if agree:
+        print("Self-check: synthetic-defect image AUROC (good images only) against the real image AUROC, per set:")
+        print("rho = Spearman's rank correlation over the settings; picked = the best synthetic figure (fit --auto's rule)")
+        print(agreement_table(agree))
+        print()
     summary = {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": f"{os.cpu_count()} CPU cores ({os.uname().nodename})",
         "device": rows[0]["device"] if rows else "?", "command": " ".join(shlex.quote(v) for v in sys.argv[1:]),
         "split": a.split, "quick": a.quick, "seconds": time.monotonic() - t0,
         "settings": {k: {"about": configs[k][0], "fit_args": configs[k][1]} for k in chosen},
-        "rows": rows,
+        "rows": rows, "self_check_agreement": agree,
         "mean": {k: {m: mean([r for r in rows if r["config"] == k], m) for m, _ in METRICS} for k in chosen},
     }
     out_json = a.json or a.out / "compare_sets.json"

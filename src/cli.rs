@@ -77,6 +77,10 @@ pub struct FitArgs {
     /// Hold out every N-th good image for calibration.
     #[arg(long, default_value_t = FitOptions::default().holdout_every)]
     pub holdout_every: usize,
+    /// Synthetic-defect copies of held-out images to score after the fit, a sanity figure
+    /// that needs no defective image (0: skip).
+    #[arg(long, default_value_t = FitOptions::default().self_check_images, value_name = "IMAGES")]
+    pub self_check: usize,
     /// auto, cpu or cuda.
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,

@@ -2,6 +2,8 @@
 //!
 //! ```text
 //! <root>/train/good/*.png            defect-free training images (required)
+//! <root>/train/<defect>/*.png         labelled defective training images (optional; masks below
+//!                                     make them fully labelled, without one only the verdict is known)
 //! <root>/test/good/*.png             defect-free test images (optional)
 //! <root>/test/<defect>/*.png         defective test images, one folder per defect type (optional)
 //! <root>/ground_truth/<defect>/<stem>_mask.png   pixel masks, 255 = defect (optional)
@@ -36,6 +38,31 @@ impl TestSample {
     }
 }
 
+/// What the labels of a data set's training images allow a method to learn from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Supervision {
+    /// Good images only (`train/good`): unsupervised.
+    GoodOnly,
+    /// Defective images with their verdict only (no masks): weakly labelled.
+    ImageLabels,
+    /// Every defective image with a mask: fully labelled.
+    PixelMasks,
+    /// Some defective images with masks, some without.
+    Mixed,
+}
+
+impl Supervision {
+    /// How it is said in messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Supervision::GoodOnly => "unsupervised (good images only)",
+            Supervision::ImageLabels => "weakly labelled (defective images without masks)",
+            Supervision::PixelMasks => "fully labelled (defective images with masks)",
+            Supervision::Mixed => "mixed (defective images with and without masks)",
+        }
+    }
+}
+
 /// An MVTec-layout data set: its training images and its labelled test images.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MvtecDataset {
@@ -43,6 +70,9 @@ pub struct MvtecDataset {
     pub root: PathBuf,
     /// `train/good` images, sorted.
     pub train_good: Vec<PathBuf>,
+    /// Labelled defective training images (`train/<defect>/`), sorted by folder then name, each
+    /// with its mask when `ground_truth/` has one; empty for the usual good-only layout.
+    pub train_defective: Vec<TestSample>,
     /// Test images, sorted by folder (defect type) then file name; empty without `test/`.
     pub test: Vec<TestSample>,
 }
@@ -106,24 +136,52 @@ impl MvtecDataset {
             )));
         }
 
-        let mut test = Vec::new();
-        let test_dir = root.join("test");
-        if test_dir.is_dir() {
-            for type_dir in list_sorted(&test_dir, Path::is_dir)? {
-                let Some(kind) = type_dir.file_name().and_then(|n| n.to_str()).map(str::to_owned) else {
-                    continue;
-                };
-                if kind.starts_with('.') {
-                    continue;
-                }
-                let defect = (kind != "good").then_some(kind);
-                for path in list_sorted(&type_dir, is_image)? {
-                    let mask = defect.as_deref().and_then(|d| find_mask(root, d, &path));
-                    test.push(TestSample { path, defect: defect.clone(), mask });
-                }
+        let test = labelled_images(root, &root.join("test"), true)?;
+        let train_defective = labelled_images(root, &root.join("train"), false)?;
+        // A defect's masks share one folder for train/ and test/, and eval must never score an
+        // image that training used: one file name in both is refused, not guessed at.
+        for t in &train_defective {
+            if let Some(twin) = test.iter().find(|s| s.defect == t.defect && s.path.file_name() == t.path.file_name()) {
+                return Err(dataset_err(format!(
+                    "{} is both a training and a test image ({}): evaluation would score an image training used, \
+                     and ground_truth/{} could not tell their masks apart; keep it in one of the two folders",
+                    t.path.display(),
+                    twin.path.display(),
+                    t.defect.as_deref().unwrap_or("")
+                )));
             }
         }
-        Ok(Self { root: root.to_path_buf(), train_good, test })
+        Ok(Self { root: root.to_path_buf(), train_good, train_defective, test })
+    }
+
+    /// What the training labels allow: good only, or defective images with or without masks.
+    pub fn supervision(&self) -> Supervision {
+        let with_mask = self.train_defective.iter().filter(|s| s.mask.is_some()).count();
+        match (self.train_defective.len(), with_mask) {
+            (0, _) => Supervision::GoodOnly,
+            (_, 0) => Supervision::ImageLabels,
+            (n, m) if n == m => Supervision::PixelMasks,
+            _ => Supervision::Mixed,
+        }
+    }
+
+    /// One line on the training labels for `fit` to print, e.g. "200 good training images; 12
+    /// defective of 3 types (8 with masks): mixed (...)".
+    pub fn training_labels(&self) -> String {
+        let good = format!("{} good training images", self.train_good.len());
+        if self.train_defective.is_empty() {
+            return format!("{good}: {}", Supervision::GoodOnly.describe());
+        }
+        let mut types: Vec<&str> = self.train_defective.iter().filter_map(|s| s.defect.as_deref()).collect();
+        types.dedup();
+        let masks = self.train_defective.iter().filter(|s| s.mask.is_some()).count();
+        format!(
+            "{good}; {} defective of {} type{} ({masks} with masks): {}",
+            self.train_defective.len(),
+            types.len(),
+            if types.len() == 1 { "" } else { "s" },
+            self.supervision().describe()
+        )
     }
 
     /// The defect types present in the test set, sorted.
@@ -144,7 +202,31 @@ impl MvtecDataset {
     }
 }
 
-/// The mask of a defective test image: `ground_truth/<defect>/<stem>_mask.png` (MVTec AD), else
+/// The images in the type folders of `dir` (`test/` or `train/`), sorted by folder then name, with
+/// their masks from `root/ground_truth/`. `good` is kept only when `keep_good` (train/good is
+/// listed on its own); hidden folders are skipped; a missing `dir` is empty.
+fn labelled_images(root: &Path, dir: &Path, keep_good: bool) -> Result<Vec<TestSample>> {
+    let mut out = Vec::new();
+    if !dir.is_dir() {
+        return Ok(out);
+    }
+    for type_dir in list_sorted(dir, Path::is_dir)? {
+        let Some(kind) = type_dir.file_name().and_then(|n| n.to_str()).map(str::to_owned) else {
+            continue;
+        };
+        if kind.starts_with('.') || (kind == "good" && !keep_good) {
+            continue;
+        }
+        let defect = (kind != "good").then_some(kind);
+        for path in list_sorted(&type_dir, is_image)? {
+            let mask = defect.as_deref().and_then(|d| find_mask(root, d, &path));
+            out.push(TestSample { path, defect: defect.clone(), mask });
+        }
+    }
+    Ok(out)
+}
+
+/// The mask of a defective image: `ground_truth/<defect>/<stem>_mask.png` (MVTec AD), else
 /// the same stem with `.png` (some conversions keep the image's name).
 fn find_mask(root: &Path, defect: &str, image: &Path) -> Option<PathBuf> {
     let stem = image.file_stem()?.to_str()?;
@@ -213,6 +295,49 @@ mod tests {
         assert_eq!((ds.n_test_good(), ds.n_test_anomalous()), (1, 3));
         // Deterministic.
         assert_eq!(MvtecDataset::open(r).unwrap(), ds);
+    }
+
+    #[test]
+    fn labelled_defects_in_train_set_the_supervision() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = dir.path();
+        touch_png(&r.join("train/good/000.png"), 4, 4, 10);
+        let ds = MvtecDataset::open(r).unwrap();
+        assert!(ds.train_defective.is_empty());
+        assert_eq!(ds.supervision(), Supervision::GoodOnly);
+        assert!(ds.training_labels().starts_with("1 good training images: unsupervised"), "{}", ds.training_labels());
+        // Image-level labels only: no masks.
+        touch_png(&r.join("train/crack/010.png"), 4, 4, 200);
+        touch_png(&r.join("train/.cache/x.png"), 4, 4, 200);
+        let ds = MvtecDataset::open(r).unwrap();
+        assert_eq!(ds.train_defective.len(), 1);
+        assert_eq!(ds.train_defective[0].defect.as_deref(), Some("crack"));
+        assert_eq!(ds.supervision(), Supervision::ImageLabels);
+        // A mask for it: fully labelled; a second type without one: mixed. A mask without an
+        // image changes nothing.
+        touch_png(&r.join("ground_truth/crack/010_mask.png"), 4, 4, 255);
+        touch_png(&r.join("ground_truth/crack/099_mask.png"), 4, 4, 255);
+        assert_eq!(MvtecDataset::open(r).unwrap().supervision(), Supervision::PixelMasks);
+        touch_png(&r.join("train/scratch/000.png"), 4, 4, 200);
+        let ds = MvtecDataset::open(r).unwrap();
+        assert_eq!(ds.supervision(), Supervision::Mixed);
+        assert_eq!(ds.train_defective[0].mask, Some(r.join("ground_truth/crack/010_mask.png")));
+        assert_eq!(
+            ds.training_labels(),
+            format!("1 good training images; 2 defective of 2 types (1 with masks): {}", Supervision::Mixed.describe())
+        );
+        // Test images are unaffected, and train/good never counts as a defect.
+        assert!(ds.test.is_empty());
+        // The same file in train/ and test/ is refused with both paths named.
+        touch_png(&r.join("test/crack/011.png"), 4, 4, 200);
+        assert!(MvtecDataset::open(r).is_ok(), "different names are fine");
+        touch_png(&r.join("test/crack/010.png"), 4, 4, 200);
+        match MvtecDataset::open(r) {
+            Err(Error::Dataset { reason, .. }) => {
+                assert!(reason.contains("train/crack/010.png") && reason.contains("test/crack/010.png"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

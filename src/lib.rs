@@ -19,6 +19,7 @@ pub mod evaluation;
 pub mod imaging;
 pub mod metrics;
 pub mod model_file;
+pub mod self_check;
 pub mod synthetic;
 pub mod training;
 

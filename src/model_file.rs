@@ -25,6 +25,7 @@ use crate::models::backbone::Backbone;
 use crate::models::draem::{Draem, DraemFitSummary};
 use crate::models::patchcore::{self, FitSummary, PatchCore};
 use crate::models::ModelOutput;
+use crate::self_check::SelfCheck;
 
 /// Value of `format` in every model.json.
 pub const FORMAT: &str = "anomaly_inspector_model";
@@ -168,6 +169,9 @@ pub struct TrainingInfo {
     /// Steps, losses and timings of a DRAEM training.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub draem: Option<DraemFitSummary>,
+    /// The good-only self-check on synthetic defects, when the fit ran it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub self_check: Option<SelfCheck>,
     /// Seconds since the Unix epoch when the model was written.
     pub created_unix: u64,
     /// anomaly_inspector version that wrote it.
@@ -683,7 +687,14 @@ mod tests {
     }
 
     fn training_for_test() -> TrainingInfo {
-        TrainingInfo { data: "d".into(), patchcore: None, draem: None, created_unix: 0, written_by: "test".into() }
+        TrainingInfo {
+            data: "d".into(),
+            patchcore: None,
+            draem: None,
+            self_check: None,
+            created_unix: 0,
+            written_by: "test".into(),
+        }
     }
 
     #[test]

@@ -152,7 +152,8 @@ impl Preprocessor {
     /// frames of different input sizes (keep_aspect) cannot share a batch.
     pub fn batch(&self, images: &[RgbImage]) -> Result<Tensor> {
         let frames = images.iter().map(|im| Ok(self.inputs(im)?.0)).collect::<Result<Vec<_>>>()?;
-        if frames.windows(2).any(|f| f[0].size() != f[1].size()) {
+        // With tiles only the tile shape must match: frames of other sizes just have more tiles.
+        if frames.windows(2).any(|f| f[0].size()[1..] != f[1].size()[1..] || (!self.tiled() && f[0].size() != f[1].size())) {
             return Err(Error::Config(
                 "frames of different input sizes (resize keep_aspect) cannot be batched; use batches of 1".into(),
             ));
@@ -335,7 +336,14 @@ mod tests {
         let expected = whole.narrow(2, 44, 256).narrow(3, 172, 256);
         assert!(tiles.get(4).unsqueeze(0).equal(&expected));
         // A batch of two frames holds both frames' tiles.
-        assert_eq!(p.batch(&[frame.clone(), frame]).unwrap().size(), vec![12, 3, 256, 256]);
+        assert_eq!(p.batch(&[frame.clone(), frame.clone()]).unwrap().size(), vec![12, 3, 256, 256]);
+        // Frames of other sizes batch too (Magnetic-Tile's images all differ): 6 + 1 tiles.
+        let small = RgbImage::new(200, 180);
+        assert_eq!(p.batch(&[frame, small.clone()]).unwrap().size(), vec![7, 3, 256, 256]);
+        // Without tiles, kept aspect ratios still cannot share a batch.
+        let keep =
+            Preprocessor::new(&PreprocessConfig { resize: Resize::KeepAspect, ..Default::default() }, Device::Cpu).unwrap();
+        assert!(keep.batch(&[gradient_frame(), small]).is_err());
     }
 
     #[test]

@@ -14,6 +14,7 @@ use crate::models::backbone::Backbone;
 use crate::models::patchcore::{FitProgress, FitSummary, PatchCore};
 use crate::models::ModelOutput;
 use crate::preprocess::Preprocessor;
+use crate::self_check::{self, SelfCheck, SelfCheckPlan, SyntheticDefects};
 
 pub mod adam;
 mod draem;
@@ -36,6 +37,8 @@ pub enum FitStage {
     Coreset,
     /// Scoring held-out good images for the thresholds.
     Calibration,
+    /// Scoring synthetic-defect copies of the held-out images (the self-check).
+    SelfCheck,
 }
 
 /// Options of a fit beyond the model's own configuration.
@@ -50,11 +53,17 @@ pub struct FitOptions {
     pub margin: f32,
     /// Name written into the model (shown as `model_id`).
     pub name: String,
+    /// Synthetic-defect copies of held-out images scored after the fit ([`self_check`]; 0: none).
+    pub self_check_images: usize,
 }
+
+/// Synthetic-defect images of the self-check by default: about 2-3 s of a 256 px model on 2
+/// CPU cores, a minute of a tiled one; enough for an AUROC to two decimals.
+pub const SELF_CHECK_IMAGES: usize = 50;
 
 impl Default for FitOptions {
     fn default() -> Self {
-        Self { holdout_every: 5, batch_size: 8, margin: 1.0, name: String::new() }
+        Self { holdout_every: 5, batch_size: 8, margin: 1.0, name: String::new(), self_check_images: SELF_CHECK_IMAGES }
     }
 }
 
@@ -67,6 +76,8 @@ pub struct FitReport {
     pub calibration: Calibration,
     /// Images held out for calibration.
     pub n_holdout: usize,
+    /// The good-only self-check (None when `self_check_images` is 0).
+    pub self_check: Option<SelfCheck>,
 }
 
 /// Splits `images` into (fit, held-out) deterministically: every `every`-th image, starting with
@@ -129,13 +140,16 @@ pub fn fit_patchcore(
     })?;
     summary.n_images = total;
 
-    let (image_scores, pixel_max) = calibrate(&holdout, &pre, batch_size, &|x| model.forward(x), progress)?;
+    let forward = |x: &Tensor| model.forward(x);
+    let (image_scores, pixel_max) = calibrate(&holdout, &pre, batch_size, &forward, progress)?;
     let calibration = Calibration::from_good_scores(&image_scores, &pixel_max, options.margin)?;
+    let self_check = check_on_synthetic_defects(&holdout, &image_scores, config.seed, &pre, &forward, options, progress)?;
 
     let mut training = training_info(data_label);
     training.patchcore = Some(summary.clone());
+    training.self_check = self_check.clone();
     model_file::save_patchcore(out, &model, backbone_weights, &calibration, training, &model_name(out, options))?;
-    Ok(FitReport { summary, calibration, n_holdout: holdout.len() })
+    Ok(FitReport { summary, calibration, n_holdout: holdout.len(), self_check })
 }
 
 /// What a teach-in fits: its frames are kept beside the model so that it can be audited and redone.
@@ -240,6 +254,29 @@ fn calibrate(
     Ok((image_scores, pixel_max))
 }
 
+/// The self-check of a fitted model ([`self_check::run`]) with `options.self_check_images`
+/// copies, None when that is 0.
+pub(crate) fn check_on_synthetic_defects(
+    holdout: &[PathBuf],
+    good_scores: &[f32],
+    seed: u64,
+    pre: &Preprocessor,
+    forward: &dyn Fn(&Tensor) -> Result<ModelOutput>,
+    options: &FitOptions,
+    progress: &mut dyn FnMut(FitStage, usize, usize),
+) -> Result<Option<SelfCheck>> {
+    if options.self_check_images == 0 {
+        return Ok(None);
+    }
+    let n = options.self_check_images;
+    progress(FitStage::SelfCheck, 0, n);
+    let plan = SelfCheckPlan { images: n, defects: SyntheticDefects::default(), seed };
+    let check = self_check::run(holdout, good_scores, &plan, pre, forward, &mut |done, total| {
+        progress(FitStage::SelfCheck, done, total)
+    })?;
+    Ok(Some(check))
+}
+
 /// The model's name: `options.name`, or the output directory's name.
 fn model_name(out: &Path, options: &FitOptions) -> String {
     if options.name.is_empty() {
@@ -255,6 +292,7 @@ fn training_info(data_label: &str) -> TrainingInfo {
         data: data_label.to_string(),
         patchcore: None,
         draem: None,
+        self_check: None,
         created_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         written_by: format!("anomaly_inspector {}", env!("CARGO_PKG_VERSION")),
     }

@@ -295,3 +295,61 @@ fn fit_options_cap_the_bank_and_switch_the_coarse_map_density_and_guided_smoothi
     assert_eq!(spacing.size(), [150]);
     assert!(spacing.min().double_value(&[]) > 0.0);
 }
+
+#[test]
+fn labelled_defects_in_train_are_reported_never_evaluated_and_fit_checks_itself() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic_data(tmp.path(), 12, 2, 3);
+    let ds = MvtecDataset::open(&data).unwrap();
+    let types = ds.defect_types();
+    // One labelled defect per type moves to train/ (links; the source stays as it was).
+    let split = tmp.path().join("split");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/split_labels.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .args(["--per-type", "1", "--data"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&split)
+        .output()
+        .unwrap();
+    check(&out, "split_labels.py");
+    assert_eq!(MvtecDataset::open(&data).unwrap(), ds, "the source data set changed");
+    let labelled = MvtecDataset::open(&split).unwrap();
+    assert_eq!(labelled.train_defective.len(), types.len());
+    assert_eq!(labelled.test.len(), ds.test.len() - types.len());
+
+    let model = tmp.path().join("model");
+    let out = fit(&split, &model, &["--self-check", "8"]);
+    check(&out, "fit");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let n = types.len();
+    assert!(stderr.contains(&format!("{n} defective of {n} types ({n} with masks): fully labelled")), "{stderr}");
+    assert!(stderr.contains(&format!("the {n} labelled defective images in train/ are not used")), "{stderr}");
+    // The self-check: printed, and kept in model.json; the built-in data's parts are plain, so
+    // a pasted defect must rank above the held-out good images more often than not.
+    assert!(stderr.contains("self-check on synthetic defects: image AUROC"), "{stderr}");
+    let check_json = &manifest(&model)["training"]["self_check"];
+    assert_eq!(check_json["n_synthetic"], 8, "{check_json:#}");
+    let auroc = check_json["image_auroc"].as_f64().unwrap();
+    assert!(auroc > 0.7 && auroc <= 1.0, "self-check image AUROC {auroc}");
+    let out = fit(&split, &tmp.path().join("unchecked"), &["--self-check", "0"]);
+    check(&out, "fit --self-check 0");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("self-check"));
+    assert!(manifest(&tmp.path().join("unchecked"))["training"].get("self_check").is_none());
+
+    // eval scores only the images left in test/.
+    let json = tmp.path().join("eval.json");
+    check(&eval(&model, &split, &json, &[]), "eval");
+    assert_eq!(report(&json).n_images, ds.test.len() - types.len());
+
+    // The same file in train/ and test/: refused by fit and eval, naming both.
+    let moved = &labelled.train_defective[0];
+    let twin = split.join("test").join(moved.defect.as_deref().unwrap()).join(moved.path.file_name().unwrap());
+    std::os::unix::fs::symlink(std::fs::read_link(&moved.path).unwrap(), &twin).unwrap();
+    for out in [fit(&split, &tmp.path().join("m2"), &[]), eval(&model, &split, &json, &[])] {
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("both a training and a test image") && stderr.contains(&*twin.to_string_lossy()), "{stderr}");
+    }
+}

@@ -67,12 +67,25 @@ fn stage_bars<'a>(
 fn fit(a: FitArgs, matches: &ArgMatches) -> anyhow::Result<()> {
     refuse_other_methods_options(a.method, matches)?;
     let data = MvtecDataset::open(&a.data)?;
+    eprintln!("{}", data.training_labels());
+    if !data.train_defective.is_empty() {
+        eprintln!(
+            "{} learns from good images only: the {} labelled defective images in train/ are not used",
+            a.method.as_str(),
+            data.train_defective.len()
+        );
+    }
     let device = device::resolve(a.device)?;
-    let options = FitOptions { holdout_every: a.holdout_every, name: a.name.clone(), ..FitOptions::default() };
+    let options = FitOptions {
+        holdout_every: a.holdout_every,
+        name: a.name.clone(),
+        self_check_images: a.self_check,
+        ..FitOptions::default()
+    };
     let (mut bars, last_loss) = (None, std::cell::Cell::new(f64::NAN));
     let mut progress = stage_bars(&mut bars, &last_loss);
     let label = a.data.to_string_lossy();
-    let (summary, calibration, n_holdout) = if a.method == Method::Draem {
+    let (summary, calibration, n_holdout, self_check) = if a.method == Method::Draem {
         let mut cfg = a.draem.starting_config(&a.out).with_context(|| format!("resuming {}", a.out.display()))?;
         a.shared.apply(&mut cfg.preprocess, &mut cfg.seed);
         a.draem.apply(&mut cfg, split_holdout(&data.train_good, a.holdout_every).0.len());
@@ -92,7 +105,7 @@ fn fit(a: FitArgs, matches: &ArgMatches) -> anyhow::Result<()> {
             "{} steps ({} this run, {:.1} s, {} parameters) on {} images; last losses: total {:.4} = l2 {:.4} + ssim {:.4} + focal {:.4}",
             s.steps, s.steps - s.resumed_from_step.unwrap_or(0), s.train_seconds, s.parameters, s.n_images, l.total, l.l2, l.ssim, l.focal
         );
-        (summary, report.calibration, report.n_holdout)
+        (summary, report.calibration, report.n_holdout, report.self_check)
     } else {
         let mut cfg = PatchCoreConfig::default();
         a.patchcore.apply(&mut cfg)?;
@@ -108,7 +121,7 @@ fn fit(a: FitArgs, matches: &ArgMatches) -> anyhow::Result<()> {
             "memory bank {} x {} from {} patches of {} images (features {:.1} s, coreset {:.1} s)",
             s.bank_size, s.feature_dim, s.n_patches, s.n_images, s.extract_seconds, s.coreset_seconds
         );
-        (summary, report.calibration, report.n_holdout)
+        (summary, report.calibration, report.n_holdout, report.self_check)
     };
     drop(progress);
     if let Some((_, b)) = bars.take() {
@@ -116,6 +129,10 @@ fn fit(a: FitArgs, matches: &ArgMatches) -> anyhow::Result<()> {
     }
     let (image, pixel) = (calibration.image_threshold, calibration.pixel_threshold);
     eprintln!("{summary}; thresholds image {image:.4} pixel {pixel:.4} from {n_holdout} held-out images");
+    if let Some(check) = self_check {
+        let learnt = if a.method == Method::Draem { " (DRAEM trained on defects of this kind: expect it high)" } else { "" };
+        eprintln!("{check}{learnt}");
+    }
     match a.method {
         Method::Draem => eprintln!("model written to {} (checkpoint in {}/checkpoint)", a.out.display(), a.out.display()),
         Method::Patchcore => eprintln!("model written to {}", a.out.display()),

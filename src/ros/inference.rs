@@ -450,7 +450,12 @@ fn start_fit(job: TeachJob, shared: &Arc<Shared>, settings: &Settings, current: 
         let fitted = teach(&job.collected, &base, &request);
         let secs = t0.elapsed().as_secs_f32();
         match fitted {
-            Ok(insp) => shared.mailbox.put_command(Command::Install(Box::new(insp), request.out, n, secs, job.reply)),
+            Ok(insp) => {
+                if let Some(check) = &insp.manifest().training.self_check {
+                    r2r::log_info!(&log, "teach-in: {check}");
+                }
+                shared.mailbox.put_command(Command::Install(Box::new(insp), request.out, n, secs, job.reply))
+            }
             Err(e) => {
                 r2r::log_error!(&log, "teach-in failed: {e}");
                 let _ = job.reply.send(TeachOutcome::failed(n, secs, e.to_string()));

@@ -19,7 +19,7 @@ use tch::{nn, Device, Kind, Reduction, Tensor};
 
 use super::adam::Adam;
 use super::losses::{focal_loss, ssim};
-use super::{calibrate, model_name, split_holdout_checked, training_info, FitOptions, FitStage};
+use super::{calibrate, check_on_synthetic_defects, model_name, split_holdout_checked, training_info, FitOptions, FitStage};
 use crate::config::{AnomalySource, DraemConfig};
 use crate::error::{Error, Result};
 use crate::imaging;
@@ -102,6 +102,8 @@ pub struct DraemFitReport {
     pub calibration: Calibration,
     /// Images held out for calibration.
     pub n_holdout: usize,
+    /// The good-only self-check (None when `self_check_images` is 0).
+    pub self_check: Option<crate::self_check::SelfCheck>,
     /// Losses of every step, resumed runs included.
     pub history: Vec<LossRecord>,
 }
@@ -390,8 +392,11 @@ pub fn fit_draem(
     save_checkpoint(out, &vars, &adam, &state)?;
 
     // Calibration on the held-out good images, with the inference path.
-    let (image_scores, pixel_max) = calibrate(&holdout, &pre, options.batch_size, &|x| net.forward(x), progress)?;
+    let forward = |x: &Tensor| net.forward(x);
+    let (image_scores, pixel_max) = calibrate(&holdout, &pre, options.batch_size, &forward, progress)?;
     let calibration = Calibration::from_good_scores(&image_scores, &pixel_max, options.margin)?;
+    // DRAEM learnt from defects of this kind: its figure flatters it (see self_check.rs).
+    let self_check = check_on_synthetic_defects(&holdout, &image_scores, config.seed, &pre, &forward, options, progress)?;
 
     let tail = &state.history[state.history.len().saturating_sub(50)..];
     let mut final_losses = Losses::default();
@@ -412,10 +417,11 @@ pub fn fit_draem(
     };
     let mut training = training_info(data_label);
     training.draem = Some(summary.clone());
+    training.self_check = self_check.clone();
     let model = Draem::from_trained(vars, net, config);
     let checkpoint = out.join(CHECKPOINT_DIR);
     model_file::save_draem(out, &model, &calibration, training, &model_name(out, options), Some(&checkpoint))?;
-    Ok(DraemFitReport { summary, calibration, n_holdout: holdout.len(), history: state.history })
+    Ok(DraemFitReport { summary, calibration, n_holdout: holdout.len(), self_check, history: state.history })
 }
 
 #[cfg(test)]
@@ -493,7 +499,7 @@ mod tests {
             &mut |r| seen.push(r.step),
         )
         .unwrap();
-        assert_eq!(stages, vec![FitStage::Loading, FitStage::Training, FitStage::Calibration]);
+        assert_eq!(stages, vec![FitStage::Loading, FitStage::Training, FitStage::Calibration, FitStage::SelfCheck]);
         assert_eq!(seen, (1..=20).collect::<Vec<_>>());
         assert_eq!(report.history.len(), 20);
         assert!(report.history.iter().all(|r| r.losses.total.is_finite()));
@@ -510,6 +516,8 @@ mod tests {
         let manifest = insp.manifest();
         assert_eq!(manifest.method(), crate::model_file::Method::Draem);
         assert_eq!(manifest.training.draem.as_ref().unwrap().steps, 20);
+        assert_eq!(manifest.training.self_check, report.self_check, "the self-check is kept in model.json");
+        assert_eq!(report.self_check.as_ref().map(|c| c.n_synthetic), Some(crate::training::SELF_CHECK_IMAGES));
         // an image of another size than the network's: the map comes back at the image's size
         let img = crate::synthetic::render_defect(5, 99, 80, crate::synthetic::DefectKind::Stain).0;
         let r = insp.inspect(&img).unwrap();
