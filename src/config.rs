@@ -447,6 +447,138 @@ impl FromStr for AnomalySource {
     }
 }
 
+/// SuperSimpleNet settings (Rolih, Fučka, Skočaj, "No Label Left Behind: A Unified Surface
+/// Defect Detection Model for all Supervision Regimes", JIM 2024; from SimpleNet, CVPR 2023).
+/// The network shapes and the training run are here and are stored in model.json.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SuperSimpleNetConfig {
+    /// Input size and normalisation (stretched to one size: the heads see a fixed grid).
+    pub preprocess: PreprocessConfig,
+    /// The frozen feature extractor and its layers (shallow to deep).
+    pub backbone: BackboneConfig,
+    /// The feature grid is the largest layer's size times this (paper: 2).
+    pub upscale: i64,
+    /// Side of the neighbourhood averaged around each feature (paper: 3).
+    pub pool: i64,
+    /// Hidden channels of the segmentation head's 1x1 layers (paper: 1024).
+    pub seg_hidden: i64,
+    /// Channels of the classification head's convolution (paper: 128).
+    pub cls_channels: i64,
+    /// Kernel side of the classification head's convolution (paper: 5).
+    pub cls_kernel: i64,
+    /// Standard deviation of the Gaussian noise that simulates anomalies in the features (0.015).
+    pub noise_std: f64,
+    /// Perlin noise above this marks where noise is added (paper: 0.2).
+    pub perlin_threshold: f64,
+    /// Perlin cells per side as powers of two, inclusive (paper: 1 to 32).
+    pub perlin_scale_log2: [u32; 2],
+    /// Passes over the training images.
+    pub epochs: usize,
+    /// Images per optimiser step (each also seen with simulated anomalies: twice as many rows).
+    pub batch_size: usize,
+    /// AdamW learning rate of the feature adaptor (paper: 1e-4).
+    pub adaptor_lr: f64,
+    /// AdamW learning rate of the two heads (paper: 2e-4).
+    pub head_lr: f64,
+    /// AdamW weight decay of the adaptor (PyTorch's default, 1e-2) and of the heads (1e-5).
+    pub weight_decay: [f64; 2],
+    /// Fractions of the epochs after which the learning rates are multiplied by `lr_decay`.
+    pub lr_milestones: Vec<f64>,
+    /// Factor at each milestone (paper: 0.4).
+    pub lr_decay: f64,
+    /// Margin of the truncated L1 loss on the map logits (paper: 0.5).
+    pub truncation: f64,
+    /// Focal loss exponent (paper: 4).
+    pub focal_gamma: f64,
+    /// Standard deviation in pixels of the Gaussian blur of the upsampled map (paper: 4).
+    pub blur_sigma: f64,
+    /// Seed of the initial weights, the simulated anomalies and the order of the images.
+    pub seed: u64,
+}
+
+impl Default for SuperSimpleNetConfig {
+    fn default() -> Self {
+        Self::paper()
+    }
+}
+
+impl SuperSimpleNetConfig {
+    /// The paper's setting at 256 px, on this project's EfficientNet-Lite0 features.
+    pub fn paper() -> Self {
+        Self {
+            preprocess: PreprocessConfig { resize: Resize::Stretch, ..Default::default() },
+            backbone: BackboneConfig::default(),
+            upscale: 2,
+            pool: 3,
+            seg_hidden: 1024,
+            cls_channels: 128,
+            cls_kernel: 5,
+            noise_std: 0.015,
+            perlin_threshold: 0.2,
+            perlin_scale_log2: [0, 5],
+            epochs: 300,
+            batch_size: 32,
+            adaptor_lr: 1e-4,
+            head_lr: 2e-4,
+            weight_decay: [1e-2, 1e-5],
+            lr_milestones: vec![0.8, 0.9],
+            lr_decay: 0.4,
+            truncation: 0.5,
+            focal_gamma: 4.0,
+            blur_sigma: 4.0,
+            seed: 0,
+        }
+    }
+
+    /// Checks ranges; call at the boundary (CLI, model file).
+    pub fn validate(&self) -> Result<()> {
+        let [h, w] = self.preprocess.image_size;
+        if !(32..=2048).contains(&h) || !(32..=2048).contains(&w) {
+            return Err(Error::Config(format!("image_size {h}x{w}: each side must be 32..=2048 for SuperSimpleNet")));
+        }
+        if self.preprocess.resize != Resize::Stretch {
+            return Err(Error::Config("SuperSimpleNet trains on one stretched input size (no keep_aspect or tiles)".into()));
+        }
+        if self.backbone.layers.is_empty() {
+            return Err(Error::Config("SuperSimpleNet needs at least one backbone layer".into()));
+        }
+        let ranges = [
+            ("upscale", self.upscale, 1, 4),
+            ("pool", self.pool, 1, 9),
+            ("seg_hidden", self.seg_hidden, 1, 4096),
+            ("cls_channels", self.cls_channels, 1, 1024),
+            ("cls_kernel", self.cls_kernel, 1, 9),
+        ];
+        for (name, v, lo, hi) in ranges {
+            if !(lo..=hi).contains(&v) {
+                return Err(Error::Config(format!("{name} {v}: must be {lo}..={hi}")));
+            }
+        }
+        if self.pool % 2 == 0 || self.cls_kernel % 2 == 0 {
+            return Err(Error::Config(format!(
+                "pool {} and cls_kernel {} must be odd (the grid keeps its size)",
+                self.pool, self.cls_kernel
+            )));
+        }
+        if self.epochs == 0 || self.batch_size == 0 {
+            return Err(Error::Config("epochs and batch_size must be at least 1".into()));
+        }
+        let positive = [("noise_std", self.noise_std), ("adaptor_lr", self.adaptor_lr), ("head_lr", self.head_lr)];
+        if let Some((name, v)) = positive.iter().find(|(_, v)| !(v.is_finite() && *v > 0.0)) {
+            return Err(Error::Config(format!("{name} {v}: must be a positive number")));
+        }
+        let [lo, hi] = self.perlin_scale_log2;
+        if lo > hi || hi > 8 {
+            return Err(Error::Config(format!("perlin_scale_log2 [{lo}, {hi}]: need lo <= hi <= 8")));
+        }
+        if !(self.lr_decay > 0.0 && self.lr_decay <= 1.0) || self.lr_milestones.iter().any(|m| !(0.0..=1.0).contains(m)) {
+            return Err(Error::Config("lr_decay must be in (0, 1] and lr_milestones in [0, 1]".into()));
+        }
+        Ok(())
+    }
+}
+
 /// DRAEM settings (Zavrtanik, Kristan, Skočaj, "DRAEM – A discriminatively trained
 /// reconstruction embedding for surface anomaly detection", ICCV 2021). Everything that shapes
 /// the networks or the training run is here and is stored in model.json.

@@ -74,6 +74,49 @@ pub fn focal_loss(logits: &Tensor, mask: &Tensor, gamma: f64) -> Result<Tensor> 
     Ok(weight.f_mul(&log_pt)?.f_neg()?.f_mean(Kind::Float)?)
 }
 
+/// Sigmoid focal loss (torchvision's `sigmoid_focal_loss` without class weighting, as
+/// SuperSimpleNet uses it) of logits against 0/1 targets of the same shape: the mean of
+/// `BCE(x, t) * (1 - p_t)^gamma`, p_t = sigmoid(x) for t = 1 and 1 - sigmoid(x) for t = 0.
+pub fn sigmoid_focal_loss(logits: &Tensor, targets: &Tensor, gamma: f64) -> Result<Tensor> {
+    if logits.size() != targets.size() {
+        return Err(Error::Config(format!(
+            "focal loss needs logits and targets of one shape, got {:?} and {:?}",
+            logits.size(),
+            targets.size()
+        )));
+    }
+    let t = targets.f_to_kind(Kind::Float)?;
+    let p = logits.f_sigmoid()?;
+    let ce = logits.f_binary_cross_entropy_with_logits(&t, None::<Tensor>, None::<Tensor>, tch::Reduction::None)?;
+    // 1 - p_t = p + t - 2 p t
+    let one_minus_pt = p.f_add(&t)?.f_sub(&p.f_mul(&t)?.f_mul_scalar(2.0)?)?;
+    Ok(ce.f_mul(&one_minus_pt.f_pow_tensor_scalar(gamma)?)?.f_mean(Kind::Float)?)
+}
+
+/// SuperSimpleNet's truncated L1 on map logits against a 0/1 mask of the same shape: normal
+/// cells are pushed below `-margin`, anomalous ones above `+margin`, and nothing further (so the
+/// map is not over-fitted): `mean(max(x + margin, 0))` over normal cells plus
+/// `mean(max(margin - x, 0))` over anomalous ones, each 0 when there are none.
+pub fn truncated_l1(logits: &Tensor, mask: &Tensor, margin: f64) -> Result<Tensor> {
+    if logits.size() != mask.size() {
+        return Err(Error::Config(format!(
+            "truncated L1 needs logits and a mask of one shape, got {:?} and {:?}",
+            logits.size(),
+            mask.size()
+        )));
+    }
+    let m = mask.f_to_kind(Kind::Float)?.f_gt(0.5)?.f_to_kind(Kind::Float)?;
+    let normal = m.f_neg()?.f_add_scalar(1.0)?;
+    let part = |weight: &Tensor, excess: Tensor| -> Result<Tensor> {
+        let n = weight.f_sum(Kind::Float)?;
+        // Divided by max(n, 1): an empty part contributes 0 and keeps the graph.
+        Ok(excess.f_clamp_min(0.0)?.f_mul(weight)?.f_sum(Kind::Float)?.f_div(&n.f_clamp_min(1.0)?)?)
+    };
+    let true_loss = part(&normal, logits.f_add_scalar(margin)?)?;
+    let fake_loss = part(&m, logits.f_neg()?.f_add_scalar(margin)?)?;
+    Ok(true_loss.f_add(&fake_loss)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,6 +147,41 @@ mod tests {
         let loss: Tensor = 1.0 - ssim(&a, &b, 11, 1.5, 1.0).unwrap();
         loss.backward();
         assert!(a.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
+    }
+
+    #[test]
+    fn sigmoid_focal_loss_hand_case() {
+        // x = 0: p = 0.5, BCE = ln 2, (1 - p_t)^4 = 1/16, whatever the target.
+        let zeros = Tensor::zeros([2, 1, 1, 2], (Kind::Float, Device::Cpu));
+        let t = Tensor::from_slice(&[1.0f32, 0.0, 0.0, 1.0]).view([2, 1, 1, 2]);
+        let l = sigmoid_focal_loss(&zeros, &t, 4.0).unwrap().double_value(&[]);
+        assert!((l - std::f64::consts::LN_2 / 16.0).abs() < 1e-6, "{l}");
+        // x = ln 3: p = 0.75. t = 1: -ln 0.75 * 0.25^2; t = 0: -ln 0.25 * 0.75^2 (gamma 2).
+        let x = Tensor::from_slice(&[3f32.ln(), 3f32.ln()]);
+        let t = Tensor::from_slice(&[1.0f32, 0.0]);
+        let l = sigmoid_focal_loss(&x, &t, 2.0).unwrap().double_value(&[]);
+        let want = (-(0.75f64.ln()) * 0.0625 + -(0.25f64.ln()) * 0.5625) / 2.0;
+        assert!((l - want).abs() < 1e-6, "{l} vs {want}");
+        // gamma 0 is the plain binary cross entropy.
+        let ce = sigmoid_focal_loss(&x, &t, 0.0).unwrap().double_value(&[]);
+        assert!((ce - (-(0.75f64.ln()) - 0.25f64.ln()) / 2.0).abs() < 1e-6);
+        assert!(sigmoid_focal_loss(&x, &Tensor::zeros([3], (Kind::Float, Device::Cpu)), 2.0).is_err());
+    }
+
+    #[test]
+    fn truncated_l1_hand_case_and_empty_parts() {
+        // normal cells at -1 (below -0.5: no loss) and 0 (0.5); anomalous at 2 (no loss) and 0 (0.5).
+        let x = Tensor::from_slice(&[-1.0f32, 0.0, 2.0, 0.0]);
+        let m = Tensor::from_slice(&[0.0f32, 0.0, 1.0, 1.0]);
+        let l = truncated_l1(&x, &m, 0.5).unwrap().double_value(&[]);
+        assert!((l - (0.25 + 0.25)).abs() < 1e-6, "{l}");
+        // No anomalous cell: only the normal part, and it has a gradient.
+        let x = Tensor::from_slice(&[0.5f32, -2.0]).set_requires_grad(true);
+        let l = truncated_l1(&x, &Tensor::zeros([2], (Kind::Float, Device::Cpu)), 0.5).unwrap();
+        assert!((l.double_value(&[]) - 0.5).abs() < 1e-6);
+        l.backward();
+        assert_eq!(Vec::<f32>::try_from(&x.grad()).unwrap(), vec![0.5, 0.0]);
+        assert!(truncated_l1(&x, &Tensor::zeros([3], (Kind::Float, Device::Cpu)), 0.5).is_err());
     }
 
     #[test]
