@@ -3,7 +3,7 @@
 //! way its real defects do? If it did, `fit` could choose settings per part from good images.
 //!
 //!   python scripts/compare_sets.py --split validation --out OUT --configs ...   # fits + real AUROC
-//!   cargo run --release --features studies --example self_check_study -- <data root> OUT [images]
+//!   cargo run --release --features studies --example self_check_study -- <data root> OUT [images [set,set]]
 //!
 //! For every set with models under `OUT/models/<set>/<setting>` and eval reports
 //! `OUT/reports/<set>_<setting>.json` (compare_sets' layout), it scores each family of synthetic
@@ -38,7 +38,7 @@ fn families() -> Vec<(&'static str, SyntheticDefects)> {
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let usage = "usage: self_check_study <data root> <compare_sets out> [images]";
+    let usage = "usage: self_check_study <data root> <compare_sets out> [images [set,set,...]]";
     let data_root = PathBuf::from(args.get(1).ok_or_else(|| anyhow::anyhow!(usage))?);
     let out = PathBuf::from(args.get(2).ok_or_else(|| anyhow::anyhow!(usage))?);
     let n: usize = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(40);
@@ -49,6 +49,10 @@ fn main() -> anyhow::Result<()> {
     let mut rhos: Vec<Vec<f64>> = vec![Vec::new(); families.len()];
     let mut sets: Vec<PathBuf> = std::fs::read_dir(out.join("models"))?.map(|e| Ok(e?.path())).collect::<anyhow::Result<_>>()?;
     sets.sort();
+    if let Some(only) = args.get(4) {
+        let wanted: Vec<&str> = only.split(',').collect();
+        sets.retain(|p| p.file_name().is_some_and(|n| wanted.iter().any(|w| n == *w)));
+    }
     for set_models in sets {
         let set = set_models.file_name().unwrap_or_default().to_string_lossy().into_owned();
         let data = MvtecDataset::open(&data_root.join(&set))?;
@@ -67,6 +71,10 @@ fn main() -> anyhow::Result<()> {
         for dir in &settings {
             let setting = dir.file_name().unwrap_or_default().to_string_lossy().into_owned();
             let report = out.join("reports").join(format!("{set}_{setting}.json"));
+            if !report.is_file() {
+                println!("{setting:<10} (no eval report: left out)");
+                continue;
+            }
             let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report)?)?;
             let auroc = r["image_auroc"].as_f64().ok_or_else(|| anyhow::anyhow!("{}: no image_auroc", report.display()))?;
             let loaded = model_file::load(dir, Device::Cpu)?;
