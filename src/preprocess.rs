@@ -153,7 +153,8 @@ impl Preprocessor {
     pub fn batch(&self, images: &[RgbImage]) -> Result<Tensor> {
         let frames = images.iter().map(|im| Ok(self.inputs(im)?.0)).collect::<Result<Vec<_>>>()?;
         // With tiles only the tile shape must match: frames of other sizes just have more tiles.
-        if frames.windows(2).any(|f| f[0].size()[1..] != f[1].size()[1..] || (!self.tiled() && f[0].size() != f[1].size())) {
+        let skip = usize::from(self.tiled());
+        if frames.windows(2).any(|f| f[0].size()[skip..] != f[1].size()[skip..]) {
             return Err(Error::Config(
                 "frames of different input sizes (resize keep_aspect) cannot be batched; use batches of 1".into(),
             ));

@@ -117,9 +117,10 @@ pub fn run(
     let mut image_scores = Vec::with_capacity(n_synthetic);
     let mut pixel_scores = Vec::new();
     let mut pixel_labels = Vec::new();
+    // Copy i is image i with the texture of image i + 1 (itself when it is the only one), so
+    // each texture is the next copy's image: every image is decoded once per pass.
+    let mut clean = imaging::load(&holdout[0])?;
     for i in 0..n_synthetic {
-        let clean = imaging::load(&holdout[i % holdout.len()])?;
-        // The texture: the next held-out image (itself when it is the only one).
         let texture = imaging::load(&holdout[(i + 1) % holdout.len()])?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(i as u64));
         let (defective, mask) = paste(&clean, &texture, &defects, &mut rng)?;
@@ -129,6 +130,7 @@ pub fn run(
         pixel_scores.extend(Vec::<f32>::try_from(&map)?);
         pixel_labels.extend(Vec::<f32>::try_from(&mask)?.into_iter().map(|v| v > 0.5));
         progress(i + 1, n_synthetic);
+        clean = texture;
     }
     let scores: Vec<f32> = good_scores.iter().chain(&image_scores).copied().collect();
     let labels: Vec<bool> = (0..scores.len()).map(|i| i >= good_scores.len()).collect();

@@ -57,8 +57,9 @@ pub struct FitOptions {
     pub self_check_images: usize,
 }
 
-/// Synthetic-defect images of the self-check by default: about 2-3 s of a 256 px model on 2
-/// CPU cores, a minute of a tiled one; enough for an AUROC to two decimals.
+/// Synthetic-defect images of the self-check by default: 4.5-6 s of a 256 px model on 2 CPU
+/// cores, 84 s with `--tiles 0.5` on BSData's 1024x417 frames (measured with other fits running
+/// beside it); enough for an AUROC to two decimals.
 pub const SELF_CHECK_IMAGES: usize = 50;
 
 impl Default for FitOptions {

@@ -74,17 +74,19 @@ pub fn focal_loss(logits: &Tensor, mask: &Tensor, gamma: f64) -> Result<Tensor> 
     Ok(weight.f_mul(&log_pt)?.f_neg()?.f_mean(Kind::Float)?)
 }
 
+/// An error naming `loss` unless its logits and targets have one shape.
+fn same_shape(loss: &str, logits: &Tensor, targets: &Tensor) -> Result<()> {
+    if logits.size() == targets.size() {
+        return Ok(());
+    }
+    Err(Error::Config(format!("{loss} needs logits and targets of one shape, got {:?} and {:?}", logits.size(), targets.size())))
+}
+
 /// Sigmoid focal loss (torchvision's `sigmoid_focal_loss` without class weighting, as
 /// SuperSimpleNet uses it) of logits against 0/1 targets of the same shape: the mean of
 /// `BCE(x, t) * (1 - p_t)^gamma`, p_t = sigmoid(x) for t = 1 and 1 - sigmoid(x) for t = 0.
 pub fn sigmoid_focal_loss(logits: &Tensor, targets: &Tensor, gamma: f64) -> Result<Tensor> {
-    if logits.size() != targets.size() {
-        return Err(Error::Config(format!(
-            "focal loss needs logits and targets of one shape, got {:?} and {:?}",
-            logits.size(),
-            targets.size()
-        )));
-    }
+    same_shape("focal loss", logits, targets)?;
     let t = targets.f_to_kind(Kind::Float)?;
     let p = logits.f_sigmoid()?;
     let ce = logits.f_binary_cross_entropy_with_logits(&t, None::<Tensor>, None::<Tensor>, tch::Reduction::None)?;
@@ -98,13 +100,7 @@ pub fn sigmoid_focal_loss(logits: &Tensor, targets: &Tensor, gamma: f64) -> Resu
 /// map is not over-fitted): `mean(max(x + margin, 0))` over normal cells plus
 /// `mean(max(margin - x, 0))` over anomalous ones, each 0 when there are none.
 pub fn truncated_l1(logits: &Tensor, mask: &Tensor, margin: f64) -> Result<Tensor> {
-    if logits.size() != mask.size() {
-        return Err(Error::Config(format!(
-            "truncated L1 needs logits and a mask of one shape, got {:?} and {:?}",
-            logits.size(),
-            mask.size()
-        )));
-    }
+    same_shape("truncated L1", logits, mask)?;
     let m = mask.f_to_kind(Kind::Float)?.f_gt(0.5)?.f_to_kind(Kind::Float)?;
     let normal = m.f_neg()?.f_add_scalar(1.0)?;
     let part = |weight: &Tensor, excess: Tensor| -> Result<Tensor> {
