@@ -41,6 +41,7 @@ CONFIGS = {
     "paper": ("PatchCore paper settings: stretched input, plain kNN distance, one-scale map",
               ["--stretch", "--guided-bandwidth", "0", "--density-neighbors", "0", "--coarse-blur-sigma", "0"]),
     "draem": ("DRAEM, cpu-small preset", ["--method", "draem", "--preset", "cpu-small"]),
+    "ssn": ("SuperSimpleNet, cpu-small preset", ["--method", "supersimplenet", "--preset", "cpu-small"]),
 }
 METRICS = [("image_auroc", "img AUROC"), ("pixel_auroc", "px AUROC"), ("aupro", "AUPRO"),
            ("image_f1_at_threshold", "F1@thr"), ("ms_per_image", "ms/img"), ("fit_seconds", "fit s"),

@@ -144,6 +144,10 @@ pub fn bench_engine(inspector: &Inspector, frame: &RgbImage, png: &[u8], iterati
             let network = median_ms(iterations, || m.forward(&x).map(|o| sync(&o.anomaly_maps, device)))?;
             (network, 0.0, network, None)
         }
+        AnomalyModel::SuperSimpleNet(m) => {
+            let network = median_ms(iterations, || m.forward(&x).map(|o| sync(&o.anomaly_maps, device)))?;
+            (network, 0.0, network, None)
+        }
     };
     let out = pre.run(frame, &|x| model.forward(x))?;
     let postprocess_ms = median_ms(iterations, || inspector.conclude(&out, frame.width(), frame.height()).map(drop))?;

@@ -8,7 +8,7 @@ use clap::{ArgMatches, Args, CommandFactory as _, FromArgMatches as _, Parser, S
 use crate::bench::parse_frame_size;
 #[cfg(doc)]
 use crate::config::options::refuse_other_methods_options;
-use crate::config::options::{DraemOptions, PatchCoreOptions, SharedModelOptions};
+use crate::config::options::{PatchCoreOptions, SharedModelOptions, TrainingOptions};
 use crate::config::DeviceChoice;
 use crate::evaluation::{CalibrateOptions, EvalOptions};
 use crate::model_file::Method;
@@ -71,7 +71,7 @@ pub struct FitArgs {
     /// Detection method.
     #[arg(long, value_enum, default_value_t = Method::Patchcore)]
     pub method: Method,
-    /// Options both methods take.
+    /// Options every method takes.
     #[command(flatten)]
     pub shared: SharedModelOptions,
     /// Hold out every N-th good image for calibration.
@@ -87,12 +87,12 @@ pub struct FitArgs {
     /// Name shown as model_id in results (default: the directory name).
     #[arg(long, default_value = "")]
     pub name: String,
-    /// PatchCore's own options.
+    /// PatchCore's own options (the backbone's also SuperSimpleNet's).
     #[command(flatten, next_help_heading = "PatchCore options")]
     pub patchcore: PatchCoreOptions,
-    /// DRAEM's own options.
-    #[command(flatten, next_help_heading = "DRAEM options")]
-    pub draem: DraemOptions,
+    /// The trained methods' options.
+    #[command(flatten, next_help_heading = "Training options (DRAEM, SuperSimpleNet)")]
+    pub training: TrainingOptions,
 }
 
 /// `anomaly_inspector predict`.
@@ -204,7 +204,7 @@ pub struct BenchArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::options::{refuse_other_methods_options, DraemPreset};
+    use crate::config::options::{refuse_other_methods_options, Preset};
     use crate::config::BackboneKind;
 
     /// `fit --data d --out m` plus `extra`: the parsed arguments and the fit subcommand's matches.
@@ -219,15 +219,15 @@ mod tests {
     fn fit_defaults_are_patchcore_with_the_built_in_backbone_and_draem_cpu_small() {
         let (a, m) = fit(&[]);
         assert_eq!(
-            (a.method, a.patchcore.backbone, a.draem.preset),
-            (Method::Patchcore, BackboneKind::EfficientnetLite0, DraemPreset::CpuSmall)
+            (a.method, a.patchcore.backbone, a.training.preset),
+            (Method::Patchcore, BackboneKind::EfficientnetLite0, Preset::CpuSmall)
         );
-        assert_eq!((a.holdout_every, a.draem.checkpoint_every, a.device), (5, 250, DeviceChoice::Auto));
+        assert_eq!((a.holdout_every, a.training.checkpoint_every, a.device), (5, 250, DeviceChoice::Auto));
         refuse_other_methods_options(a.method, &m).unwrap();
         let (a, _) = fit(&["--method", "draem", "--preset", "paper", "--backbone", "torchscript"]);
         assert_eq!(
-            (a.method, a.draem.preset, a.patchcore.backbone),
-            (Method::Draem, DraemPreset::Paper, BackboneKind::Torchscript)
+            (a.method, a.training.preset, a.patchcore.backbone),
+            (Method::Draem, Preset::Paper, BackboneKind::Torchscript)
         );
         for bad in [["--method", "knn"], ["--preset", "huge"], ["--backbone", "resnet"]] {
             let args = ["anomaly_inspector", "fit", "--data", "d", "--out", "m"].iter().chain(&bad);
@@ -239,10 +239,10 @@ mod tests {
     fn fit_refuses_the_other_methods_options_by_name() {
         let (a, m) = fit(&["--method", "draem", "--keep-aspect", "--layers", "stage3", "--steps", "5"]);
         let msg = refuse_other_methods_options(a.method, &m).unwrap_err().to_string();
-        assert!(msg.contains("PatchCore options") && msg.ends_with("--layers, --keep-aspect"), "{msg}");
+        assert!(msg.contains("another method") && msg.ends_with("--layers, --keep-aspect"), "{msg}");
         let (a, m) = fit(&["--epochs", "2", "--checkpoint-every", "0", "--image-size", "128"]);
         let msg = refuse_other_methods_options(a.method, &m).unwrap_err().to_string();
-        assert!(msg.contains("DRAEM options") && msg.ends_with("--epochs, --checkpoint-every"), "{msg}");
+        assert!(msg.contains("training options") && msg.ends_with("--epochs, --checkpoint-every"), "{msg}");
         let (a, m) = fit(&["--method", "draem", "--epochs", "2", "--image-size", "128", "--seed", "3"]);
         refuse_other_methods_options(a.method, &m).unwrap();
     }

@@ -39,7 +39,8 @@ impl TestSample {
 }
 
 /// What the labels of a data set's training images allow a method to learn from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Supervision {
     /// Good images only (`train/good`): unsupervised.
     GoodOnly,
@@ -52,6 +53,17 @@ pub enum Supervision {
 }
 
 impl Supervision {
+    /// The regime of training on good images and the labelled `defective` ones.
+    pub fn of(defective: &[TestSample]) -> Self {
+        let with_mask = defective.iter().filter(|s| s.mask.is_some()).count();
+        match (defective.len(), with_mask) {
+            (0, _) => Supervision::GoodOnly,
+            (_, 0) => Supervision::ImageLabels,
+            (n, m) if n == m => Supervision::PixelMasks,
+            _ => Supervision::Mixed,
+        }
+    }
+
     /// How it is said in messages.
     pub fn describe(self) -> &'static str {
         match self {
@@ -156,13 +168,7 @@ impl MvtecDataset {
 
     /// What the training labels allow: good only, or defective images with or without masks.
     pub fn supervision(&self) -> Supervision {
-        let with_mask = self.train_defective.iter().filter(|s| s.mask.is_some()).count();
-        match (self.train_defective.len(), with_mask) {
-            (0, _) => Supervision::GoodOnly,
-            (_, 0) => Supervision::ImageLabels,
-            (n, m) if n == m => Supervision::PixelMasks,
-            _ => Supervision::Mixed,
-        }
+        Supervision::of(&self.train_defective)
     }
 
     /// One line on the training labels for `fit` to print, e.g. "200 good training images; 12

@@ -11,6 +11,10 @@
 //! DRAEM:
 //! <model>/draem.safetensors        both networks (VarStore, BatchNorm statistics included)
 //! <model>/checkpoint/              the last training checkpoint, to continue training
+//! SuperSimpleNet:
+//! <model>/backbone.safetensors     the frozen backbone (as for PatchCore)
+//! <model>/supersimplenet.safetensors  feature adaptor and heads (BatchNorm statistics included)
+//! <model>/checkpoint/              the last training checkpoint
 //! ```
 //! Writing goes to a temporary sibling directory that is renamed into place, so a crash
 //! mid-write never leaves a half-written model under the final name.
@@ -19,11 +23,12 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
-use crate::config::{BackboneKind, DraemConfig, PatchCoreConfig, PreprocessConfig};
+use crate::config::{BackboneKind, DraemConfig, PatchCoreConfig, PreprocessConfig, SuperSimpleNetConfig};
 use crate::error::{Error, Result};
 use crate::models::backbone::Backbone;
 use crate::models::draem::{Draem, DraemFitSummary};
 use crate::models::patchcore::{self, FitSummary, PatchCore};
+use crate::models::supersimplenet::{SuperSimpleNet, SuperSimpleNetFitSummary};
 use crate::models::ModelOutput;
 use crate::self_check::SelfCheck;
 
@@ -40,6 +45,8 @@ pub enum Method {
     Patchcore,
     /// DRAEM (reconstructive + discriminative networks trained on simulated anomalies).
     Draem,
+    /// SuperSimpleNet (heads on frozen features, trained on simulated and labelled defects).
+    Supersimplenet,
 }
 
 impl Method {
@@ -48,6 +55,7 @@ impl Method {
         match self {
             Method::Patchcore => "patchcore",
             Method::Draem => "draem",
+            Method::Supersimplenet => "supersimplenet",
         }
     }
 }
@@ -169,6 +177,9 @@ pub struct TrainingInfo {
     /// Steps, losses and timings of a DRAEM training.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub draem: Option<DraemFitSummary>,
+    /// Labels, epochs and timings of a SuperSimpleNet training.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supersimplenet: Option<SuperSimpleNetFitSummary>,
     /// The good-only self-check on synthetic defects, when the fit ran it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub self_check: Option<SelfCheck>,
@@ -186,6 +197,8 @@ pub enum MethodConfig {
     Patchcore(PatchCoreConfig),
     /// DRAEM: input size, widths, training settings...
     Draem(DraemConfig),
+    /// SuperSimpleNet: input size, backbone layers, head sizes, training settings...
+    SuperSimpleNet(SuperSimpleNetConfig),
 }
 
 impl MethodConfig {
@@ -194,6 +207,7 @@ impl MethodConfig {
         match self {
             MethodConfig::Patchcore(_) => Method::Patchcore,
             MethodConfig::Draem(_) => Method::Draem,
+            MethodConfig::SuperSimpleNet(_) => Method::Supersimplenet,
         }
     }
 
@@ -202,6 +216,7 @@ impl MethodConfig {
         match self {
             MethodConfig::Patchcore(c) => &c.preprocess,
             MethodConfig::Draem(c) => &c.preprocess,
+            MethodConfig::SuperSimpleNet(c) => &c.preprocess,
         }
     }
 }
@@ -235,7 +250,7 @@ impl ModelManifest {
     pub fn patchcore(&self) -> Option<&PatchCoreConfig> {
         match &self.config {
             MethodConfig::Patchcore(c) => Some(c),
-            MethodConfig::Draem(_) => None,
+            MethodConfig::Draem(_) | MethodConfig::SuperSimpleNet(_) => None,
         }
     }
 
@@ -258,6 +273,8 @@ struct ManifestFile {
     patchcore: Option<PatchCoreConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     draem: Option<DraemConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    supersimplenet: Option<SuperSimpleNetConfig>,
     calibration: Calibration,
     training: TrainingInfo,
 }
@@ -266,14 +283,18 @@ impl TryFrom<ManifestFile> for ModelManifest {
     type Error = Error;
     /// Checks that the method's settings, and only those, are present and valid.
     fn try_from(f: ManifestFile) -> Result<Self> {
-        let config = match (f.method, f.patchcore, f.draem) {
+        let config = match (f.method, f.patchcore, f.draem, f.supersimplenet) {
             // PatchCore settings were checked as they were parsed.
-            (Method::Patchcore, Some(cfg), None) => MethodConfig::Patchcore(cfg),
-            (Method::Draem, None, Some(cfg)) => {
+            (Method::Patchcore, Some(cfg), None, None) => MethodConfig::Patchcore(cfg),
+            (Method::Draem, None, Some(cfg), None) => {
                 cfg.validate()?;
                 MethodConfig::Draem(cfg)
             }
-            (method, _, _) => {
+            (Method::Supersimplenet, None, None, Some(cfg)) => {
+                cfg.validate()?;
+                MethodConfig::SuperSimpleNet(cfg)
+            }
+            (method, _, _, _) => {
                 return Err(Error::Config(format!(
                     "method {} needs its own settings (\"{}\": {{...}}) and no other method's",
                     method.as_str(),
@@ -288,9 +309,10 @@ impl TryFrom<ManifestFile> for ModelManifest {
 impl From<ModelManifest> for ManifestFile {
     fn from(m: ModelManifest) -> Self {
         let method = m.method();
-        let (patchcore, draem) = match m.config {
-            MethodConfig::Patchcore(c) => (Some(c), None),
-            MethodConfig::Draem(c) => (None, Some(c)),
+        let (patchcore, draem, supersimplenet) = match m.config {
+            MethodConfig::Patchcore(c) => (Some(c), None, None),
+            MethodConfig::Draem(c) => (None, Some(c), None),
+            MethodConfig::SuperSimpleNet(c) => (None, None, Some(c)),
         };
         Self {
             format: FORMAT.into(),
@@ -299,6 +321,7 @@ impl From<ModelManifest> for ManifestFile {
             name: m.name,
             patchcore,
             draem,
+            supersimplenet,
             calibration: m.calibration,
             training: m.training,
         }
@@ -312,6 +335,8 @@ pub enum AnomalyModel {
     PatchCore(Box<PatchCore>),
     /// DRAEM.
     Draem(Box<Draem>),
+    /// SuperSimpleNet.
+    SuperSimpleNet(Box<SuperSimpleNet>),
 }
 
 impl AnomalyModel {
@@ -320,6 +345,7 @@ impl AnomalyModel {
         match self {
             AnomalyModel::PatchCore(m) => m.forward(x),
             AnomalyModel::Draem(m) => m.forward(x),
+            AnomalyModel::SuperSimpleNet(m) => m.forward(x),
         }
     }
 }
@@ -412,6 +438,15 @@ pub fn load(dir: &Path, device: Device) -> Result<LoadedModel> {
             let weights = dir.join(DRAEM_WEIGHTS);
             AnomalyModel::Draem(Box::new(Draem::load(cfg, &weights, device).map_err(|e| damaged(&weights, e))?))
         }
+        MethodConfig::SuperSimpleNet(cfg) => {
+            let backbone = dir.join(backbone_file(cfg.backbone.kind));
+            let weights = dir.join(SUPERSIMPLENET_WEIGHTS);
+            let model = SuperSimpleNet::load(cfg, &backbone, &weights, device).map_err(|e| match e {
+                Error::Config(reason) => Error::model(dir.join("model.json"), reason),
+                other => damaged(&weights, other),
+            })?;
+            AnomalyModel::SuperSimpleNet(Box::new(model))
+        }
     };
     Ok(LoadedModel { manifest, model })
 }
@@ -466,22 +501,62 @@ pub fn save_draem(
     let manifest = ModelManifest::new(name, MethodConfig::Draem(model.config().clone()), calibration.clone(), training);
     write_atomically(dir, |tmp| {
         model.save(&tmp.join(DRAEM_WEIGHTS))?;
-        if let Some(src) = checkpoint {
-            let dst = tmp.join(CHECKPOINT_DIR);
-            std::fs::create_dir_all(&dst).map_err(|e| Error::io(&dst, e))?;
-            for entry in std::fs::read_dir(src).map_err(|e| Error::io(src, e))? {
-                let entry = entry.map_err(|e| Error::io(src, e))?;
-                if entry.path().is_file() {
-                    std::fs::copy(entry.path(), dst.join(entry.file_name())).map_err(|e| Error::io(entry.path(), e))?;
-                }
-            }
-        }
+        copy_checkpoint(checkpoint, tmp)?;
         let json = manifest_json(&manifest)?;
         let path = tmp.join("model.json");
         std::fs::write(&path, json).map_err(|e| Error::io(&path, e))
     })?;
-    // Training wrote its checkpoints into `dir` before there was a model there; what
-    // write_atomically kept of that as `<dir>.previous` is no model, only an old checkpoint.
+    drop_checkpoint_only_previous(dir);
+    Ok(())
+}
+
+/// File name of SuperSimpleNet's adaptor and heads inside a model directory.
+pub const SUPERSIMPLENET_WEIGHTS: &str = "supersimplenet.safetensors";
+
+/// Writes a trained SuperSimpleNet model to `dir` atomically (like [`save_draem`]), with a copy
+/// of the backbone weights from `backbone_source` and of the `checkpoint` folder, if any.
+pub fn save_supersimplenet(
+    dir: &Path,
+    model: &SuperSimpleNet,
+    backbone_source: &Path,
+    calibration: &Calibration,
+    training: TrainingInfo,
+    name: &str,
+    checkpoint: Option<&Path>,
+) -> Result<()> {
+    let config = model.config().clone();
+    let kind = config.backbone.kind;
+    let manifest = ModelManifest::new(name, MethodConfig::SuperSimpleNet(config), calibration.clone(), training);
+    write_atomically(dir, |tmp| {
+        let bb = tmp.join(backbone_file(kind));
+        std::fs::copy(backbone_source, &bb).map_err(|e| Error::io(backbone_source, e))?;
+        model.save(&tmp.join(SUPERSIMPLENET_WEIGHTS))?;
+        copy_checkpoint(checkpoint, tmp)?;
+        let json = manifest_json(&manifest)?;
+        let path = tmp.join("model.json");
+        std::fs::write(&path, json).map_err(|e| Error::io(&path, e))
+    })?;
+    drop_checkpoint_only_previous(dir);
+    Ok(())
+}
+
+/// Copies the files of the training checkpoint folder `src` (if any) into `<tmp>/checkpoint/`.
+fn copy_checkpoint(src: Option<&Path>, tmp: &Path) -> Result<()> {
+    let Some(src) = src else { return Ok(()) };
+    let dst = tmp.join(CHECKPOINT_DIR);
+    std::fs::create_dir_all(&dst).map_err(|e| Error::io(&dst, e))?;
+    for entry in std::fs::read_dir(src).map_err(|e| Error::io(src, e))? {
+        let entry = entry.map_err(|e| Error::io(src, e))?;
+        if entry.path().is_file() {
+            std::fs::copy(entry.path(), dst.join(entry.file_name())).map_err(|e| Error::io(entry.path(), e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Training wrote its checkpoints into `dir` before there was a model there; what
+/// write_atomically kept of that as `<dir>.previous` is no model, only an old checkpoint.
+fn drop_checkpoint_only_previous(dir: &Path) {
     if let (Some(parent), Some(file_name)) = (dir.parent(), dir.file_name()) {
         let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
         let previous = parent.join(format!("{}.previous", file_name.to_string_lossy()));
@@ -489,7 +564,6 @@ pub fn save_draem(
             let _ = std::fs::remove_dir_all(&previous);
         }
     }
-    Ok(())
 }
 
 /// Replaces the calibration in `dir`'s model.json, keeping the file it replaces as
@@ -638,6 +712,21 @@ mod tests {
         let read: ModelManifest = serde_json::from_value(patchcore).unwrap();
         assert_eq!(read.method(), Method::Patchcore);
         assert_eq!(read.preprocess().image_size, [256, 256]);
+
+        // SuperSimpleNet: its own key, validated; DRAEM's settings beside it are refused.
+        let calibration = Calibration { image_threshold: 0.5, pixel_threshold: 0.5, method: "m".into(), n_images: 1 };
+        let ssn = MethodConfig::SuperSimpleNet(SuperSimpleNetConfig::cpu_small());
+        let m = ModelManifest::new("s", ssn, calibration, training_for_test());
+        let json = serde_json::to_value(&m).unwrap();
+        assert_eq!((json["method"].as_str(), json.get("draem")), (Some("supersimplenet"), None));
+        assert_eq!(serde_json::from_value::<ModelManifest>(json.clone()).unwrap(), m);
+        assert!(m.patchcore().is_none());
+        let mut bad = json.clone();
+        bad["supersimplenet"]["pool"] = 2.into();
+        assert!(refused(&bad).contains("must be odd"), "{}", refused(&bad));
+        let mut both = json;
+        both["draem"] = serde_json::to_value(DraemConfig::cpu_small()).unwrap();
+        assert!(refused(&both).contains("no other method"), "{}", refused(&both));
     }
 
     #[test]
@@ -691,6 +780,7 @@ mod tests {
             data: "d".into(),
             patchcore: None,
             draem: None,
+            supersimplenet: None,
             self_check: None,
             created_unix: 0,
             written_by: "test".into(),

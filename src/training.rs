@@ -17,11 +17,18 @@ use crate::preprocess::Preprocessor;
 use crate::self_check::{self, SelfCheck, SelfCheckPlan, SyntheticDefects};
 
 pub mod adam;
+mod checkpoint;
 mod draem;
 pub mod losses;
+mod schedule;
+mod supersimplenet;
 
 pub use draem::{
     fit_draem, learning_rate, read_checkpoint_state, CheckpointState, DraemFitReport, DraemTrainOptions, LossRecord,
+};
+pub use supersimplenet::{
+    fit_supersimplenet, read_supersimplenet_checkpoint, EpochLosses, SuperSimpleNetCheckpoint, SuperSimpleNetFitReport,
+    SuperSimpleNetTrainOptions,
 };
 
 /// Steps of a fit, reported to a progress callback.
@@ -293,6 +300,7 @@ fn training_info(data_label: &str) -> TrainingInfo {
         data: data_label.to_string(),
         patchcore: None,
         draem: None,
+        supersimplenet: None,
         self_check: None,
         created_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         written_by: format!("anomaly_inspector {}", env!("CARGO_PKG_VERSION")),

@@ -343,6 +343,33 @@ fn labelled_defects_in_train_are_reported_never_evaluated_and_fit_checks_itself(
     check(&eval(&model, &split, &json, &[]), "eval");
     assert_eq!(report(&json).n_images, ds.test.len() - types.len());
 
+    // SuperSimpleNet learns from them: with masks, and (another split) with verdicts only.
+    let weak = tmp.path().join("weak");
+    let out = Command::new("python3")
+        .arg(&script)
+        .args(["--per-type", "1", "--weak", "--data"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&weak)
+        .output();
+    check(&out.unwrap(), "split_labels.py --weak");
+    for (set, regime) in [(&split, "pixel_masks"), (&weak, "image_labels")] {
+        let ssn = tmp.path().join(format!("ssn_{regime}"));
+        let args = ["--method", "supersimplenet", "--epochs", "2", "--image-size", "64", "--self-check", "0"];
+        let out = fit(set, &ssn, &args);
+        check(&out, "fit --method supersimplenet");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("training supersimplenet") && !stderr.contains("are not used"), "{stderr}");
+        let summary = &manifest(&ssn)["training"]["supersimplenet"];
+        assert_eq!(
+            (summary["n_defective"].as_u64(), summary["supervision"].as_str()),
+            (Some(n as u64), Some(regime)),
+            "{summary:#}"
+        );
+        check(&eval(&ssn, set, &json, &[]), "eval of a SuperSimpleNet model");
+        assert_eq!(report(&json).n_images, ds.test.len() - types.len());
+    }
+
     // The same file in train/ and test/: refused by fit and eval, naming both.
     let moved = &labelled.train_defective[0];
     let twin = split.join("test").join(moved.defect.as_deref().unwrap()).join(moved.path.file_name().unwrap());

@@ -14,7 +14,9 @@ use anomaly_inspector::dataset::{collect_images, MvtecDataset};
 use anomaly_inspector::evaluation::{self, PredictLine, Progress};
 use anomaly_inspector::model_file::{save_calibration, Method};
 use anomaly_inspector::synthetic::{generate_dataset, SyntheticConfig};
-use anomaly_inspector::training::{fit_draem, fit_patchcore, split_holdout, FitOptions, FitStage, LossRecord};
+use anomaly_inspector::training::{
+    fit_draem, fit_patchcore, fit_supersimplenet, split_holdout, EpochLosses, FitOptions, FitStage, LossRecord,
+};
 use anomaly_inspector::{device, imaging, Inspector};
 
 fn main() -> anyhow::Result<()> {
@@ -68,9 +70,9 @@ fn fit(a: FitArgs, matches: &ArgMatches) -> anyhow::Result<()> {
     refuse_other_methods_options(a.method, matches)?;
     let data = MvtecDataset::open(&a.data)?;
     eprintln!("{}", data.training_labels());
-    if !data.train_defective.is_empty() {
+    if !data.train_defective.is_empty() && a.method != Method::Supersimplenet {
         eprintln!(
-            "{} learns from good images only: the {} labelled defective images in train/ are not used",
+            "{} learns from good images only: the {} labelled defective images in train/ are not used (--method supersimplenet learns from them)",
             a.method.as_str(),
             data.train_defective.len()
         );
@@ -85,43 +87,81 @@ fn fit(a: FitArgs, matches: &ArgMatches) -> anyhow::Result<()> {
     let (mut bars, last_loss) = (None, std::cell::Cell::new(f64::NAN));
     let mut progress = stage_bars(&mut bars, &last_loss);
     let label = a.data.to_string_lossy();
-    let (summary, calibration, n_holdout, self_check) = if a.method == Method::Draem {
-        let mut cfg = a.draem.starting_config(&a.out).with_context(|| format!("resuming {}", a.out.display()))?;
-        a.shared.apply(&mut cfg.preprocess, &mut cfg.seed);
-        a.draem.apply(&mut cfg, split_holdout(&data.train_good, a.holdout_every).0.len());
-        let [h, w] = cfg.preprocess.image_size;
-        eprintln!(
+    let (summary, calibration, n_holdout, self_check) = match a.method {
+        Method::Draem => {
+            let mut cfg = a.training.starting_draem(&a.out).with_context(|| format!("resuming {}", a.out.display()))?;
+            a.shared.apply(&mut cfg.preprocess, &mut cfg.seed);
+            a.training.apply_draem(&mut cfg, split_holdout(&data.train_good, a.holdout_every).0.len());
+            let [h, w] = cfg.preprocess.image_size;
+            eprintln!(
             "training draem on {} good images of {} ({h}x{w} px, base width {}, {} steps of {} images, lr {}, anomalies from {:?}; device {}){}",
             data.train_good.len(), a.data.display(), cfg.base_width, cfg.steps, cfg.batch_size, cfg.lr, cfg.anomaly_source,
-            device::describe(device), if a.draem.resume { "; resuming" } else { "" }
+            device::describe(device), if a.training.resume { "; resuming" } else { "" }
         );
-        let mut on_step = |r: &LossRecord| last_loss.set(r.losses.total);
-        let train = a.draem.train_options();
-        // fit_draem validates the configuration.
-        let report = fit_draem(&data.train_good, &label, &cfg, device, &a.out, &options, &train, &mut progress, &mut on_step)
-            .with_context(|| format!("training DRAEM on {}", a.data.display()))?;
-        let (s, l) = (&report.summary, &report.summary.final_losses);
-        let summary = format!(
+            let mut on_step = |r: &LossRecord| last_loss.set(r.losses.total);
+            let train = a.training.draem_train_options();
+            // fit_draem validates the configuration.
+            let report = fit_draem(&data.train_good, &label, &cfg, device, &a.out, &options, &train, &mut progress, &mut on_step)
+                .with_context(|| format!("training DRAEM on {}", a.data.display()))?;
+            let (s, l) = (&report.summary, &report.summary.final_losses);
+            let summary = format!(
             "{} steps ({} this run, {:.1} s, {} parameters) on {} images; last losses: total {:.4} = l2 {:.4} + ssim {:.4} + focal {:.4}",
             s.steps, s.steps - s.resumed_from_step.unwrap_or(0), s.train_seconds, s.parameters, s.n_images, l.total, l.l2, l.ssim, l.focal
         );
-        (summary, report.calibration, report.n_holdout, report.self_check)
-    } else {
-        let mut cfg = PatchCoreConfig::default();
-        a.patchcore.apply(&mut cfg)?;
-        a.shared.apply(&mut cfg.preprocess, &mut cfg.seed);
-        let weights = a.patchcore.backbone_weights()?;
-        let (n, what, dev) = (data.train_good.len(), cfg.backbone.layers.join("+"), device::describe(device));
-        eprintln!("fitting {} on {n} good images of {} ({what}; device {dev})", a.method.as_str(), a.data.display());
-        // PatchCore::fit validates the configuration.
-        let report = fit_patchcore(&data.train_good, &label, &cfg, &weights, device, &a.out, &options, &mut progress)
-            .with_context(|| format!("fitting on {}", a.data.display()))?;
-        let s = &report.summary;
-        let summary = format!(
-            "memory bank {} x {} from {} patches of {} images (features {:.1} s, coreset {:.1} s)",
-            s.bank_size, s.feature_dim, s.n_patches, s.n_images, s.extract_seconds, s.coreset_seconds
+            (summary, report.calibration, report.n_holdout, report.self_check)
+        }
+        Method::Supersimplenet => {
+            let mut cfg = a.training.starting_supersimplenet(&a.out).with_context(|| format!("resuming {}", a.out.display()))?;
+            a.shared.apply(&mut cfg.preprocess, &mut cfg.seed);
+            a.training.apply_supersimplenet(&mut cfg);
+            a.patchcore.apply_backbone(&mut cfg.backbone);
+            let weights = a.patchcore.backbone_weights()?;
+            let [h, w] = cfg.preprocess.image_size;
+            eprintln!(
+            "training supersimplenet on {} ({h}x{w} px, {}, upscale {}, heads {}/{}, {} epochs of batches of {}; device {}){}",
+            a.data.display(), cfg.backbone.layers.join("+"), cfg.upscale, cfg.seg_hidden, cfg.cls_channels, cfg.epochs,
+            cfg.batch_size, device::describe(device), if a.training.resume { "; resuming" } else { "" }
         );
-        (summary, report.calibration, report.n_holdout, report.self_check)
+            let mut on_epoch = |r: &EpochLosses| last_loss.set(r.total);
+            let train = a.training.supersimplenet_train_options();
+            let report = fit_supersimplenet(
+                &data.train_good,
+                &data.train_defective,
+                &label,
+                &cfg,
+                &weights,
+                device,
+                &a.out,
+                &options,
+                &train,
+                &mut progress,
+                &mut on_epoch,
+            )
+            .with_context(|| format!("training SuperSimpleNet on {}", a.data.display()))?;
+            let s = &report.summary;
+            let summary = format!(
+            "{} epochs ({} steps, {:.1} s; features {:?} cached in {:.1} s; {} parameters) on {} good + {} defective images ({} with masks); last loss {:.4}",
+            s.epochs, s.steps, s.train_seconds, s.feature_shape, s.feature_seconds, s.parameters, s.n_good, s.n_defective, s.n_masks, s.final_loss
+        );
+            (summary, report.calibration, report.n_holdout, report.self_check)
+        }
+        Method::Patchcore => {
+            let mut cfg = PatchCoreConfig::default();
+            a.patchcore.apply(&mut cfg)?;
+            a.shared.apply(&mut cfg.preprocess, &mut cfg.seed);
+            let weights = a.patchcore.backbone_weights()?;
+            let (n, what, dev) = (data.train_good.len(), cfg.backbone.layers.join("+"), device::describe(device));
+            eprintln!("fitting {} on {n} good images of {} ({what}; device {dev})", a.method.as_str(), a.data.display());
+            // PatchCore::fit validates the configuration.
+            let report = fit_patchcore(&data.train_good, &label, &cfg, &weights, device, &a.out, &options, &mut progress)
+                .with_context(|| format!("fitting on {}", a.data.display()))?;
+            let s = &report.summary;
+            let summary = format!(
+                "memory bank {} x {} from {} patches of {} images (features {:.1} s, coreset {:.1} s)",
+                s.bank_size, s.feature_dim, s.n_patches, s.n_images, s.extract_seconds, s.coreset_seconds
+            );
+            (summary, report.calibration, report.n_holdout, report.self_check)
+        }
     };
     drop(progress);
     if let Some((_, b)) = bars.take() {
@@ -134,7 +174,9 @@ fn fit(a: FitArgs, matches: &ArgMatches) -> anyhow::Result<()> {
         eprintln!("{check}{learnt}");
     }
     match a.method {
-        Method::Draem => eprintln!("model written to {} (checkpoint in {}/checkpoint)", a.out.display(), a.out.display()),
+        Method::Draem | Method::Supersimplenet => {
+            eprintln!("model written to {} (checkpoint in {}/checkpoint)", a.out.display(), a.out.display())
+        }
         Method::Patchcore => eprintln!("model written to {}", a.out.display()),
     }
     Ok(())

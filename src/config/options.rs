@@ -1,18 +1,21 @@
-//! The `fit` command's model options, beside the configurations they fill. Each method's options
-//! are one clap [`Args`] struct that applies itself to its method's configuration, so a new
+//! The `fit` command's model options, beside the configurations they fill. Each group of options
+//! is one clap [`Args`] struct that applies itself to the configurations it fills, so a new
 //! setting is added in one place, and which options belong to which method is known from the
-//! structs themselves rather than from lists kept by hand.
+//! structs themselves (plus the few a second method shares, [`refuse_other_methods_options`]).
 use std::path::{Path, PathBuf};
 
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, ValueEnum};
 
-use crate::config::{default_backbone_weights, AnomalySource, BackboneKind, DraemConfig, PatchCoreConfig, Resize, Search};
+use crate::config::{
+    default_backbone_weights, AnomalySource, BackboneConfig, BackboneKind, DraemConfig, PatchCoreConfig, Resize, Search,
+    SuperSimpleNetConfig,
+};
 use crate::model_file::Method;
-use crate::training::{read_checkpoint_state, DraemTrainOptions};
+use crate::training::{read_checkpoint_state, read_supersimplenet_checkpoint, DraemTrainOptions, SuperSimpleNetTrainOptions};
 use crate::{Error, Result};
 
-/// Options both methods take.
+/// Options every method takes.
 #[derive(Args, Clone, Debug, Default, PartialEq)]
 pub struct SharedModelOptions {
     /// Network input size in pixels (square).
@@ -24,7 +27,7 @@ pub struct SharedModelOptions {
 }
 
 impl SharedModelOptions {
-    /// Applies the options given to either method's input size and seed.
+    /// Applies the options given to any method's input size and seed.
     pub fn apply(&self, preprocess: &mut crate::config::PreprocessConfig, seed: &mut u64) {
         if let Some(s) = self.image_size {
             preprocess.image_size = [s, s];
@@ -36,13 +39,16 @@ impl SharedModelOptions {
 /// PatchCore's options of `fit`; each one left out keeps [`PatchCoreConfig::default`]'s value.
 #[derive(Args, Clone, Debug, PartialEq)]
 pub struct PatchCoreOptions {
-    /// Feature extractor: efficientnet_lite0 (built in) or torchscript (give --backbone-weights).
+    /// PatchCore, SuperSimpleNet: feature extractor, efficientnet_lite0 (built in) or torchscript
+    /// (give --backbone-weights).
     #[arg(long, value_enum, default_value_t = BackboneKind::EfficientnetLite0)]
     pub backbone: BackboneKind,
-    /// Backbone weights: safetensors for efficientnet_lite0, a TorchScript .pt for torchscript.
+    /// PatchCore, SuperSimpleNet: backbone weights, safetensors for efficientnet_lite0, a
+    /// TorchScript .pt for torchscript.
     #[arg(long)]
     pub backbone_weights: Option<PathBuf>,
-    /// Backbone layers, comma separated (efficientnet_lite0: stage1..stage7; torchscript: 0,1,..).
+    /// PatchCore, SuperSimpleNet: backbone layers, comma separated (efficientnet_lite0:
+    /// stage1..stage7; torchscript: 0,1,..).
     #[arg(long, value_delimiter = ',')]
     pub layers: Option<Vec<String>>,
     /// PatchCore: keep each image's aspect ratio, scaled down to at most the input's area (the
@@ -113,12 +119,7 @@ impl PatchCoreOptions {
     /// first output, since the EfficientNet stage names mean nothing to it. The command line's
     /// "0 = off" becomes the config's `None`; `--knn-probes` with `--retrieval-images` is refused.
     pub fn apply(&self, cfg: &mut PatchCoreConfig) -> Result<()> {
-        cfg.backbone.kind = self.backbone;
-        match &self.layers {
-            Some(layers) => cfg.backbone.layers = layers.clone(),
-            None if self.backbone == BackboneKind::Torchscript => cfg.backbone.layers = vec!["0".into()],
-            None => {}
-        }
+        self.apply_backbone(&mut cfg.backbone);
         if self.keep_aspect {
             cfg.preprocess.resize = Resize::KeepAspect;
         }
@@ -142,6 +143,16 @@ impl PatchCoreOptions {
         Ok(())
     }
 
+    /// Applies the backbone options (also SuperSimpleNet's) to `backbone`.
+    pub fn apply_backbone(&self, backbone: &mut BackboneConfig) {
+        backbone.kind = self.backbone;
+        match &self.layers {
+            Some(layers) => backbone.layers = layers.clone(),
+            None if self.backbone == BackboneKind::Torchscript => backbone.layers = vec!["0".into()],
+            None => {}
+        }
+    }
+
     /// The backbone's weights file: the one given, or the built-in EfficientNet-Lite0's.
     pub fn backbone_weights(&self) -> Result<PathBuf> {
         match (&self.backbone_weights, self.backbone) {
@@ -154,75 +165,91 @@ impl PatchCoreOptions {
     }
 }
 
-/// DRAEM's starting settings (`fit --preset`).
+/// Starting settings of the trained methods (`fit --preset`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
-pub enum DraemPreset {
-    /// Minutes on 2 CPU cores: 128 px, base width 16, 600 steps ([`DraemConfig::cpu_small`]).
+pub enum Preset {
+    /// Minutes on 2 CPU cores ([`DraemConfig::cpu_small`], [`SuperSimpleNetConfig::cpu_small`]).
     #[default]
     CpuSmall,
-    /// The paper's: 256 px, base width 128, 20000 steps, a GPU's work ([`DraemConfig::paper`]).
+    /// The paper's: a GPU's work ([`DraemConfig::paper`], [`SuperSimpleNetConfig::paper`]).
     Paper,
 }
 
-impl DraemPreset {
-    /// The preset's configuration.
-    pub fn config(self) -> DraemConfig {
+impl Preset {
+    /// The preset's DRAEM configuration.
+    pub fn draem(self) -> DraemConfig {
         match self {
             Self::CpuSmall => DraemConfig::cpu_small(),
             Self::Paper => DraemConfig::paper(),
         }
     }
+
+    /// The preset's SuperSimpleNet configuration.
+    pub fn supersimplenet(self) -> SuperSimpleNetConfig {
+        match self {
+            Self::CpuSmall => SuperSimpleNetConfig::cpu_small(),
+            Self::Paper => SuperSimpleNetConfig::paper(),
+        }
+    }
 }
 
-/// DRAEM's options of `fit`; each one left out keeps the preset's (or the checkpoint's) value.
+/// The training options of `fit` for the methods that train networks (DRAEM, SuperSimpleNet);
+/// each one left out keeps the preset's (or the checkpoint's) value.
 #[derive(Args, Clone, Debug, PartialEq)]
-pub struct DraemOptions {
-    /// DRAEM: starting settings, cpu-small (minutes on 2 CPU cores, 128 px) or paper (256 px,
-    /// base width 128, 20000 steps: a GPU's work).
-    #[arg(long, value_enum, default_value_t = DraemPreset::CpuSmall)]
-    pub preset: DraemPreset,
+pub struct TrainingOptions {
+    /// Starting settings, cpu-small (minutes on 2 CPU cores) or paper (the paper's
+    /// network and schedule: a GPU's work).
+    #[arg(long, value_enum, default_value_t = Preset::CpuSmall)]
+    pub preset: Preset,
     /// DRAEM: optimiser steps in all (when resuming, counted from the very start).
     #[arg(long)]
     pub steps: Option<usize>,
-    /// DRAEM: passes over the training images instead of --steps.
+    /// Passes over the training images (DRAEM: instead of --steps; SuperSimpleNet: rounded up).
     #[arg(long, conflicts_with = "steps")]
     pub epochs: Option<f64>,
     /// DRAEM: channels of the first reconstructive block (paper 128); the discriminative
     /// U-Net uses half.
     #[arg(long)]
     pub base_width: Option<i64>,
-    /// DRAEM: training images per step.
+    /// Training images per step.
     #[arg(long)]
     pub batch_size: Option<usize>,
-    /// DRAEM: Adam learning rate.
+    /// Learning rate (DRAEM: Adam's; SuperSimpleNet: the heads', the adaptor's is half of it,
+    /// as in the paper).
     #[arg(long)]
     pub lr: Option<f64>,
+    /// SuperSimpleNet: standard deviation of the noise that simulates anomalies in the
+    /// (standardised) features.
+    #[arg(long)]
+    pub noise_std: Option<f64>,
     /// DRAEM: where simulated anomalies take their texture from: training_images (default),
     /// procedural, or a folder of images.
     #[arg(long)]
     pub anomaly_source: Option<AnomalySource>,
-    /// DRAEM: write a checkpoint into <out>/checkpoint every N steps (0: only at the end).
+    /// Write a checkpoint into <out>/checkpoint every N steps (SuperSimpleNet: at the end of the
+    /// epoch that reaches them; 0: only at the end).
     #[arg(long, default_value_t = DraemTrainOptions::default().checkpoint_every)]
     pub checkpoint_every: usize,
-    /// DRAEM: continue the training in <out>/checkpoint with its settings; --steps may extend it.
+    /// Continue the training in <out>/checkpoint with its settings; --steps or --epochs may
+    /// extend it.
     #[arg(long)]
     pub resume: bool,
 }
 
-impl DraemOptions {
-    /// The configuration the options apply to: with `--resume` the one of the checkpoint in
-    /// `out`, else the preset's.
-    pub fn starting_config(&self, out: &Path) -> Result<DraemConfig> {
+impl TrainingOptions {
+    /// The DRAEM configuration the options apply to: with `--resume` the one of the checkpoint
+    /// in `out`, else the preset's.
+    pub fn starting_draem(&self, out: &Path) -> Result<DraemConfig> {
         if self.resume {
             Ok(read_checkpoint_state(out)?.config)
         } else {
-            Ok(self.preset.config())
+            Ok(self.preset.draem())
         }
     }
 
     /// Applies the options given to `cfg`. `--epochs` becomes steps over `n_fit_images`, the
     /// training images left after the hold-out, in batches of the (final) batch size.
-    pub fn apply(&self, cfg: &mut DraemConfig, n_fit_images: usize) {
+    pub fn apply_draem(&self, cfg: &mut DraemConfig, n_fit_images: usize) {
         set(&mut cfg.base_width, self.base_width);
         set(&mut cfg.batch_size, self.batch_size);
         set(&mut cfg.lr, self.lr);
@@ -234,24 +261,65 @@ impl DraemOptions {
         }
     }
 
-    /// Checkpointing and resuming, as the trainer takes them.
-    pub fn train_options(&self) -> DraemTrainOptions {
+    /// Checkpointing and resuming, as the DRAEM trainer takes them.
+    pub fn draem_train_options(&self) -> DraemTrainOptions {
         DraemTrainOptions { checkpoint_every: self.checkpoint_every, resume: self.resume }
+    }
+
+    /// The SuperSimpleNet configuration the options apply to: with `--resume` the one of the
+    /// checkpoint in `out`, else the preset's.
+    pub fn starting_supersimplenet(&self, out: &Path) -> Result<SuperSimpleNetConfig> {
+        if self.resume {
+            Ok(read_supersimplenet_checkpoint(out)?.config)
+        } else {
+            Ok(self.preset.supersimplenet())
+        }
+    }
+
+    /// Applies the options given to `cfg` (`--lr` sets the heads' rate, the adaptor's half).
+    pub fn apply_supersimplenet(&self, cfg: &mut SuperSimpleNetConfig) {
+        set(&mut cfg.batch_size, self.batch_size);
+        set(&mut cfg.noise_std, self.noise_std);
+        if let Some(lr) = self.lr {
+            (cfg.head_lr, cfg.adaptor_lr) = (lr, lr / 2.0);
+        }
+        if let Some(e) = self.epochs {
+            cfg.epochs = e.ceil().max(1.0) as usize;
+        }
+    }
+
+    /// Checkpointing and resuming, as the SuperSimpleNet trainer takes them.
+    pub fn supersimplenet_train_options(&self) -> SuperSimpleNetTrainOptions {
+        SuperSimpleNetTrainOptions { checkpoint_every: self.checkpoint_every, resume: self.resume }
     }
 }
 
-/// Refuses the options of the method not chosen that were given on the command line (they
+/// The PatchCore options SuperSimpleNet takes too (it stands on the same backbone).
+const SUPERSIMPLENET_FROM_PATCHCORE: [&str; 3] = ["--backbone", "--backbone-weights", "--layers"];
+/// The training options only SuperSimpleNet takes.
+const SUPERSIMPLENET_ONLY: [&str; 1] = ["--noise-std"];
+/// The training options only DRAEM takes.
+const DRAEM_ONLY: [&str; 3] = ["--steps", "--base-width", "--anomaly-source"];
+
+/// Refuses the options of the methods not chosen that were given on the command line (they
 /// would be ignored silently otherwise). `matches` are those of the command that flattens
-/// [`PatchCoreOptions`] and [`DraemOptions`].
+/// [`PatchCoreOptions`] and [`TrainingOptions`].
 pub fn refuse_other_methods_options(method: Method, matches: &ArgMatches) -> Result<()> {
+    let patchcore = given_on_command_line::<PatchCoreOptions>(matches);
+    let training = given_on_command_line::<TrainingOptions>(matches);
     let (given, what) = match method {
-        Method::Patchcore => {
-            (given_on_command_line::<DraemOptions>(matches), "DRAEM options given without --method draem (add it to train DRAEM)")
+        Method::Patchcore => (training, "training options given without --method draem or supersimplenet (add one)"),
+        Method::Draem => {
+            let mut given = patchcore;
+            given.extend(training.into_iter().filter(|o| SUPERSIMPLENET_ONLY.contains(&o.as_str())));
+            (given, "options of another method given with --method draem (DRAEM trains its own networks: drop them)")
         }
-        Method::Draem => (
-            given_on_command_line::<PatchCoreOptions>(matches),
-            "PatchCore options given with --method draem (DRAEM trains its own networks: drop them)",
-        ),
+        Method::Supersimplenet => {
+            let mut given: Vec<String> =
+                patchcore.into_iter().filter(|o| !SUPERSIMPLENET_FROM_PATCHCORE.contains(&o.as_str())).collect();
+            given.extend(training.into_iter().filter(|o| DRAEM_ONLY.contains(&o.as_str())));
+            (given, "options of another method given with --method supersimplenet (drop them)")
+        }
     };
     if given.is_empty() {
         return Ok(());
@@ -291,7 +359,7 @@ mod tests {
         #[command(flatten)]
         patchcore: PatchCoreOptions,
         #[command(flatten)]
-        draem: DraemOptions,
+        training: TrainingOptions,
     }
 
     fn parse(args: &[&str]) -> (Fit, ArgMatches) {
@@ -332,14 +400,14 @@ mod tests {
     #[test]
     fn draem_options_fill_the_preset_and_turn_epochs_into_steps() {
         let (fit, _) = parse(&["--method", "draem", "--preset", "paper", "--lr", "0.001", "--anomaly-source", "procedural"]);
-        let mut cfg = fit.draem.starting_config(Path::new("/nonexistent")).unwrap();
-        fit.draem.apply(&mut cfg, 10);
+        let mut cfg = fit.training.starting_draem(Path::new("/nonexistent")).unwrap();
+        fit.training.apply_draem(&mut cfg, 10);
         assert_eq!(cfg, DraemConfig { lr: 0.001, anomaly_source: AnomalySource::Procedural, ..DraemConfig::paper() });
         let (fit, _) = parse(&["--method", "draem", "--epochs", "2.5", "--batch-size", "4"]);
-        let mut cfg = fit.draem.starting_config(Path::new("/nonexistent")).unwrap();
-        fit.draem.apply(&mut cfg, 10);
+        let mut cfg = fit.training.starting_draem(Path::new("/nonexistent")).unwrap();
+        fit.training.apply_draem(&mut cfg, 10);
         assert_eq!((cfg.steps, cfg.base_width), (7, DraemConfig::cpu_small().base_width), "ceil(2.5 * 10 / 4)");
-        let train = fit.draem.train_options();
+        let train = fit.training.draem_train_options();
         assert_eq!((train.checkpoint_every, train.resume), (DraemTrainOptions::default().checkpoint_every, false));
     }
 
@@ -347,12 +415,12 @@ mod tests {
     fn the_other_methods_options_are_refused_by_name_and_defaults_do_not_count() {
         let (_, m) = parse(&["--steps", "5", "--resume", "--preset", "paper", "--coreset-ratio", "0.2"]);
         let msg = refuse_other_methods_options(Method::Patchcore, &m).unwrap_err().to_string();
-        assert!(msg.contains("DRAEM options") && msg.contains("--preset, --steps, --resume"), "{msg}");
+        assert!(msg.contains("training options") && msg.contains("--preset, --steps, --resume"), "{msg}");
         assert!(!msg.contains("--coreset-ratio") && !msg.contains("--checkpoint-every"), "{msg}");
 
         let (_, m) = parse(&["--method", "draem", "--keep-aspect", "--backbone", "torchscript", "--steps", "5"]);
         let msg = refuse_other_methods_options(Method::Draem, &m).unwrap_err().to_string();
-        assert!(msg.contains("PatchCore options") && msg.contains("--backbone, --keep-aspect"), "{msg}");
+        assert!(msg.contains("another method") && msg.contains("--backbone, --keep-aspect"), "{msg}");
         assert!(!msg.contains("--steps"), "{msg}");
 
         // Shared options and each method's own are fine.
@@ -360,5 +428,24 @@ mod tests {
         refuse_other_methods_options(Method::Draem, &m).unwrap();
         let (_, m) = parse(&["--coreset-ratio", "0.2", "--image-size", "96"]);
         refuse_other_methods_options(Method::Patchcore, &m).unwrap();
+
+        // SuperSimpleNet shares the backbone with PatchCore and the training options with DRAEM.
+        let ok = ["--method", "supersimplenet", "--layers", "stage3", "--epochs", "3", "--preset", "paper", "--lr", "0.01"];
+        let (fit, m) = parse(&ok);
+        refuse_other_methods_options(Method::Supersimplenet, &m).unwrap();
+        let mut cfg = fit.training.starting_supersimplenet(Path::new("/nonexistent")).unwrap();
+        fit.training.apply_supersimplenet(&mut cfg);
+        fit.patchcore.apply_backbone(&mut cfg.backbone);
+        let expected = SuperSimpleNetConfig {
+            epochs: 3,
+            head_lr: 0.01,
+            adaptor_lr: 0.005,
+            backbone: BackboneConfig { layers: vec!["stage3".into()], ..BackboneConfig::default() },
+            ..SuperSimpleNetConfig::paper()
+        };
+        assert_eq!(cfg, expected);
+        let (_, m) = parse(&["--method", "supersimplenet", "--coreset-ratio", "0.2", "--steps", "5", "--base-width", "8"]);
+        let msg = refuse_other_methods_options(Method::Supersimplenet, &m).unwrap_err().to_string();
+        assert!(msg.ends_with("--coreset-ratio, --steps, --base-width"), "{msg}");
     }
 }

@@ -1,6 +1,6 @@
 //! Layers shared by the models: BatchNorm with its statistics stored under the upstream
-//! (PyTorch) variable names, so weights load by path.
-use tch::{nn, Tensor};
+//! (PyTorch) variable names, so weights load by path, and the Gaussian smoothing of anomaly maps.
+use tch::{nn, Device, Tensor};
 
 use crate::error::Result;
 
@@ -52,9 +52,53 @@ impl BatchNorm {
     }
 }
 
+/// 1-D Gaussian kernel `[K]` with K = 2*ceil(4 sigma) + 1 (anomalib's choice), or None for sigma 0.
+pub(crate) fn gaussian_kernel(sigma: f64, device: Device) -> Result<Option<Tensor>> {
+    if sigma <= 0.0 {
+        return Ok(None);
+    }
+    let radius = (4.0 * sigma).ceil() as i64;
+    let xs: Vec<f32> = (-radius..=radius).map(|i| (-(i as f64).powi(2) / (2.0 * sigma * sigma)).exp() as f32).collect();
+    let sum: f32 = xs.iter().sum();
+    let xs: Vec<f32> = xs.iter().map(|v| v / sum).collect();
+    Ok(Some(Tensor::f_from_slice(&xs)?.f_to_device(device)?))
+}
+
+/// Separable Gaussian blur of `[N, 1, H, W]` with reflect padding (no dark borders).
+pub(crate) fn blur(maps: &Tensor, kernel: &Tensor) -> Result<Tensor> {
+    let k = kernel.size()[0];
+    let r = k / 2;
+    let (h, w) = (maps.size()[2], maps.size()[3]);
+    // Reflect padding needs pad < size; small maps fall back to replicate.
+    let mode = if r < h && r < w { "reflect" } else { "replicate" };
+    let padded = maps.f_pad([r, r, r, r], mode, None)?;
+    let kx = kernel.f_view([1, 1, 1, k])?;
+    let ky = kernel.f_view([1, 1, k, 1])?;
+    let out = padded.f_conv2d(&kx, None::<Tensor>, [1, 1], [0, 0], [1, 1], 1)?;
+    Ok(out.f_conv2d(&ky, None::<Tensor>, [1, 1], [0, 0], [1, 1], 1)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Kind;
+
+    #[test]
+    fn gaussian_blur_keeps_mass_and_flat_maps() {
+        let k = gaussian_kernel(4.0, Device::Cpu).unwrap().unwrap();
+        assert_eq!(k.size(), vec![33]);
+        assert!((k.sum(Kind::Float).double_value(&[]) - 1.0).abs() < 1e-5);
+        let flat = Tensor::full([1, 1, 40, 50], 2.5, (Kind::Float, Device::Cpu));
+        let out = blur(&flat, &k).unwrap();
+        assert_eq!(out.size(), vec![1, 1, 40, 50]);
+        assert!((out - 2.5).abs().max().double_value(&[]) < 1e-4);
+        // a spike spreads but keeps its peak where it was
+        let spike = Tensor::zeros([1, 1, 40, 50], (Kind::Float, Device::Cpu));
+        let _ = spike.get(0).get(0).get(20).get(25).fill_(1.0);
+        let out = blur(&spike, &k).unwrap();
+        let flat_idx = out.view([-1]).argmax(0, false).int64_value(&[]);
+        assert_eq!(flat_idx, 20 * 50 + 25);
+    }
 
     #[test]
     fn inference_uses_running_statistics_and_training_updates_them() {

@@ -9,9 +9,6 @@ pub mod draem;
 mod layers;
 pub mod patchcore;
 pub mod perlin;
-// The network and its anomaly simulator, tested on their own; the training loop, the model file
-// and the CLI that use them come next (issue 17), until then nothing outside calls them.
-#[allow(dead_code)]
 pub mod supersimplenet;
 
 use tch::Tensor;

@@ -21,6 +21,7 @@ use crate::config::{PatchCoreConfig, Resize, Search};
 use crate::error::{Error, Result};
 use crate::models::backbone::Backbone;
 use crate::models::bank_index::BankIndex;
+use crate::models::layers::{blur, gaussian_kernel};
 use crate::models::{coreset, ModelOutput};
 
 /// Rows of the memory bank compared at once in nearest-neighbour search: with one frame's
@@ -672,18 +673,6 @@ pub fn flatten_patches(emb: &Tensor) -> Result<Tensor> {
     Ok(emb.f_permute([0, 2, 3, 1])?.f_reshape([-1, d])?.f_contiguous()?)
 }
 
-/// 1-D Gaussian kernel `[K]` with K = 2*ceil(4 sigma) + 1 (anomalib's choice), or None for sigma 0.
-fn gaussian_kernel(sigma: f64, device: Device) -> Result<Option<Tensor>> {
-    if sigma <= 0.0 {
-        return Ok(None);
-    }
-    let radius = (4.0 * sigma).ceil() as i64;
-    let xs: Vec<f32> = (-radius..=radius).map(|i| (-(i as f64).powi(2) / (2.0 * sigma * sigma)).exp() as f32).collect();
-    let sum: f32 = xs.iter().sum();
-    let xs: Vec<f32> = xs.iter().map(|v| v / sum).collect();
-    Ok(Some(Tensor::f_from_slice(&xs)?.f_to_device(device)?))
-}
-
 /// The smoothing PatchCore applies to its maps: Gaussian of `sigma` pixels on `[N, 1, H, W]`
 /// (returned unchanged for sigma 0). The model itself keeps its kernel; the studies call this.
 #[cfg(feature = "studies")]
@@ -754,20 +743,6 @@ pub fn guided_smoothing(scores: &Tensor, patches: &Tensor, fw: i64, bandwidth: f
         frames.push(Tensor::f_cat(&smoothed, 0)?.f_view([1, p])?);
     }
     Ok(Tensor::f_cat(&frames, 0)?.f_to_kind(scores.kind())?)
-}
-
-/// Separable Gaussian blur of `[N, 1, H, W]` with reflect padding (no dark borders).
-fn blur(maps: &Tensor, kernel: &Tensor) -> Result<Tensor> {
-    let k = kernel.size()[0];
-    let r = k / 2;
-    let (h, w) = (maps.size()[2], maps.size()[3]);
-    // Reflect padding needs pad < size; small maps fall back to replicate.
-    let mode = if r < h && r < w { "reflect" } else { "replicate" };
-    let padded = maps.f_pad([r, r, r, r], mode, None)?;
-    let kx = kernel.f_view([1, 1, 1, k])?;
-    let ky = kernel.f_view([1, 1, k, 1])?;
-    let out = padded.f_conv2d(&kx, None::<Tensor>, [1, 1], [0, 0], [1, 1], 1)?;
-    Ok(out.f_conv2d(&ky, None::<Tensor>, [1, 1], [0, 0], [1, 1], 1)?)
 }
 
 /// Key of the bank's spacing for `k` in a bank file: the `k` is in the name, so that a model.json
@@ -862,23 +837,6 @@ mod tests {
         let a = MemoryBank::coreset(&feats, 50, 16, 7, &mut |_, _| {}).unwrap();
         let b = MemoryBank::coreset(&feats, 50, 16, 7, &mut |_, _| {}).unwrap();
         assert!(a.features().equal(b.features()));
-    }
-
-    #[test]
-    fn gaussian_blur_keeps_mass_and_flat_maps() {
-        let k = gaussian_kernel(4.0, Device::Cpu).unwrap().unwrap();
-        assert_eq!(k.size(), vec![33]);
-        assert!((k.sum(Kind::Float).double_value(&[]) - 1.0).abs() < 1e-5);
-        let flat = Tensor::full([1, 1, 40, 50], 2.5, (Kind::Float, Device::Cpu));
-        let out = blur(&flat, &k).unwrap();
-        assert_eq!(out.size(), vec![1, 1, 40, 50]);
-        assert!((out - 2.5).abs().max().double_value(&[]) < 1e-4);
-        // a spike spreads but keeps its peak where it was
-        let spike = Tensor::zeros([1, 1, 40, 50], (Kind::Float, Device::Cpu));
-        let _ = spike.get(0).get(0).get(20).get(25).fill_(1.0);
-        let out = blur(&spike, &k).unwrap();
-        let flat_idx = out.view([-1]).argmax(0, false).int64_value(&[]);
-        assert_eq!(flat_idx, 20 * 50 + 25);
     }
 
     /// One 64x64 frame: a 16x16 region of one texture (feature near e0) in a background of

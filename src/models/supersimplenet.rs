@@ -15,15 +15,22 @@
 //! Variable names mirror anomalib's `SupersimplenetModel` state dict (`adaptor.projection.*`,
 //! `segdec.seg_head.{0,1,3}.*`, `segdec.cls_conv.{0,1}.*`, `segdec.cls_fc.*`), without the
 //! backbone, which stays frozen and is stored on its own.
+use std::fmt;
+use std::path::Path;
+
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
-use tch::{nn, Kind, Tensor};
+use serde::{Deserialize, Serialize};
+use tch::{nn, Device, Kind, Tensor};
 
-use crate::config::SuperSimpleNetConfig;
+use crate::config::{ImageScore, SuperSimpleNetConfig};
+use crate::dataset::Supervision;
 use crate::error::{Error, Result};
-use crate::models::layers::BatchNorm;
+use crate::models::backbone::Backbone;
+use crate::models::layers::{blur, gaussian_kernel, BatchNorm};
 use crate::models::perlin::{perlin_mask, MaskParams};
+use crate::models::ModelOutput;
 
 const BN_MOMENTUM: f64 = 0.1;
 const BN_EPS: f64 = 1e-5;
@@ -114,6 +121,12 @@ pub struct HeadOutput {
 /// head, for features of `channels` channels.
 #[derive(Debug)]
 pub struct SuperSimpleNetNet {
+    /// `[1, C, 1, 1]` per-channel mean and standard deviation of the training features
+    /// (`feature_norm.*`, not in anomalib): the features are standardised before anything else,
+    /// because EfficientNet-Lite0's vary with a standard deviation of 2.5-3.6 per channel, where
+    /// the paper's noise (0.015) is meant for Wide-ResNet features of a far smaller scale.
+    feature_mean: Tensor,
+    feature_std: Tensor,
     adaptor: Conv,
     seg_in: Conv,
     seg_bn: BatchNorm,
@@ -138,7 +151,10 @@ impl SuperSimpleNetNet {
         let cls_path = vars / "segdec" / "cls_conv";
         let fc = vars / "segdec" / "cls_fc";
         let fc_in = 2 * cls + 2;
+        let norm = vars / "feature_norm";
         Ok(Self {
+            feature_mean: norm.f_zeros_no_train("mean", &[1, channels, 1, 1])?,
+            feature_std: norm.f_ones_no_train("std", &[1, channels, 1, 1])?,
             adaptor: Conv::new(&(vars / "adaptor" / "projection"), channels, channels, 1, true, &mut rng)?,
             seg_in: Conv::new(&(&seg / "0"), channels, hidden, 1, true, &mut rng)?,
             seg_bn: batch_norm(&(&seg / "1"), hidden)?,
@@ -151,8 +167,25 @@ impl SuperSimpleNetNet {
         })
     }
 
-    /// Adapted features `[N, C, h, w]` of patch features `[N, C, h, w]`.
-    pub fn adapt(&self, features: &Tensor) -> Result<Tensor> {
+    /// Sets the standardisation from the training features `[M, C, h, w]` (before training).
+    pub fn set_feature_statistics(&self, features: &Tensor) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        let dims = [0i64, 2, 3];
+        let mean = features.f_mean_dim(dims.as_slice(), true, Kind::Float)?;
+        // A channel that never varies is left unscaled rather than divided by zero.
+        let std = features.f_std_dim(dims.as_slice(), true, true)?.f_clamp_min(1e-6)?;
+        self.feature_mean.shallow_clone().f_copy_(&mean)?;
+        self.feature_std.shallow_clone().f_copy_(&std)?;
+        Ok(())
+    }
+
+    /// Standardised features `[N, C, h, w]` of patch features `[N, C, h, w]`.
+    fn standardise(&self, features: &Tensor) -> Result<Tensor> {
+        Ok(features.f_sub(&self.feature_mean)?.f_div(&self.feature_std)?)
+    }
+
+    /// Adapted features `[N, C, h, w]` of standardised features `[N, C, h, w]`.
+    fn adapt(&self, features: &Tensor) -> Result<Tensor> {
         self.adaptor.forward(features)
     }
 
@@ -184,7 +217,8 @@ impl SuperSimpleNetNet {
 
     /// Inference on patch features `[N, C, h, w]` (running BatchNorm statistics).
     pub fn forward(&self, features: &Tensor) -> Result<HeadOutput> {
-        self.heads(&self.adapt(features)?, features, Mode::Eval)
+        let features = self.standardise(features)?;
+        self.heads(&self.adapt(&features)?, &features, Mode::Eval)
     }
 
     /// Training on patch features `[B, C, h, w]` with simulated anomalies: each image is seen
@@ -199,8 +233,9 @@ impl SuperSimpleNetNet {
         anomalies: &FeatureAnomalies,
         rng: &mut ChaCha8Rng,
     ) -> Result<(HeadOutput, Tensor, Tensor)> {
-        let adapted = self.adapt(features)?;
-        let noised = anomalies.apply(&adapted, features, masks, labels, rng)?;
+        let features = self.standardise(features)?;
+        let adapted = self.adapt(&features)?;
+        let noised = anomalies.apply(&adapted, &features, masks, labels, rng)?;
         let out = self.heads(&noised.adapted, &noised.features, Mode::Train)?;
         Ok((out, noised.masks, noised.labels))
     }
@@ -287,6 +322,132 @@ impl FeatureAnomalies {
             masks: both_masks,
             labels: both_labels,
         })
+    }
+}
+
+/// Patch features of a normalised batch `[N, 3, H, W]` as `config` takes them from `backbone`:
+/// `[N, C, h, w]` with C the configured layers' channels together and (h, w) the first layer's
+/// grid times `config.upscale`. No gradients (the backbone stays frozen).
+pub fn extract_features(backbone: &Backbone, x: &Tensor, config: &SuperSimpleNetConfig) -> Result<Tensor> {
+    let _guard = tch::no_grad_guard();
+    patch_features(&backbone.features(x)?, config.upscale, config.pool)
+}
+
+/// How a SuperSimpleNet model was trained, for logs and model.json.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SuperSimpleNetFitSummary {
+    /// Good training images (held-out ones excluded).
+    pub n_good: usize,
+    /// Labelled defective training images.
+    pub n_defective: usize,
+    /// Of those, the ones with a mask.
+    pub n_masks: usize,
+    /// What the labels amount to.
+    pub supervision: Supervision,
+    /// Passes over the training samples (over every resumed run).
+    pub epochs: usize,
+    /// Optimiser steps in all.
+    pub steps: usize,
+    /// Samples per step (each also seen with simulated anomalies).
+    pub batch_size: usize,
+    /// The epoch this run resumed from; None when it started from scratch.
+    pub resumed_from_epoch: Option<usize>,
+    /// Trainable parameters (the frozen backbone excluded).
+    pub parameters: i64,
+    /// `[C, h, w]` of the cached patch features.
+    pub feature_shape: [i64; 3],
+    /// Seconds spent extracting (and caching) the backbone features.
+    pub feature_seconds: f64,
+    /// Seconds spent training in this run.
+    pub train_seconds: f64,
+    /// Mean loss of the last epoch.
+    pub final_loss: f64,
+}
+
+/// A trained SuperSimpleNet: the frozen backbone, the trained adaptor and heads, and the
+/// configuration they were built with. Get one from [`crate::training::fit_supersimplenet`]
+/// or load one with [`SuperSimpleNet::load`].
+pub struct SuperSimpleNet {
+    vars: nn::VarStore,
+    backbone: Backbone,
+    net: SuperSimpleNetNet,
+    config: SuperSimpleNetConfig,
+    /// The map's smoothing kernel (None for blur_sigma 0).
+    blur: Option<Tensor>,
+}
+
+impl fmt::Debug for SuperSimpleNet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SuperSimpleNet")
+            .field("device", &self.vars.device())
+            .field("layers", &self.config.backbone.layers)
+            .field("image_size", &self.config.preprocess.image_size)
+            .finish()
+    }
+}
+
+impl SuperSimpleNet {
+    /// Loads a model: the backbone from `backbone_weights`, the adaptor and heads `config`
+    /// describes from `weights` (written by [`SuperSimpleNet::save`]), onto `device`.
+    pub fn load(config: &SuperSimpleNetConfig, backbone_weights: &Path, weights: &Path, device: Device) -> Result<Self> {
+        config.validate()?;
+        let backbone = Backbone::new(&config.backbone, backbone_weights, device)?;
+        let mut vars = nn::VarStore::new(device);
+        let channels = backbone.feature_channels().iter().sum();
+        let net = SuperSimpleNetNet::new(&vars.root(), channels, config, config.seed, true)?;
+        vars.load(weights).map_err(|e| {
+            Error::model(
+                weights,
+                format!("cannot load SuperSimpleNet weights ({e}); do the layers and head sizes in model.json match?"),
+            )
+        })?;
+        Self::from_trained(vars, backbone, net, config)
+    }
+
+    /// Wraps a trained network (the training loop's result).
+    pub(crate) fn from_trained(
+        vars: nn::VarStore,
+        backbone: Backbone,
+        net: SuperSimpleNetNet,
+        config: &SuperSimpleNetConfig,
+    ) -> Result<Self> {
+        let blur = gaussian_kernel(config.blur_sigma, vars.device())?;
+        Ok(Self { vars, backbone, net, config: config.clone(), blur })
+    }
+
+    /// Writes the adaptor's and the heads' variables (BatchNorm statistics included).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        self.vars.save(path).map_err(|e| Error::model(path, format!("cannot write SuperSimpleNet weights: {e}")))
+    }
+
+    /// Scores a normalised batch `[N, 3, H, W]`: image scores `[N]` = sigmoid of the
+    /// classification head's logit (or the map's maximum, as `image_score` says), anomaly maps `[N, 1, H, W]` = sigmoid of the segmentation
+    /// logits upsampled (bilinear) and smoothed. Both lie in 0..1, so thresholds are ratios.
+    pub fn forward(&self, x: &Tensor) -> Result<ModelOutput> {
+        let _guard = tch::no_grad_guard();
+        let (h, w) = (x.size()[2], x.size()[3]);
+        let out = self.net.forward(&extract_features(&self.backbone, x, &self.config)?)?;
+        let maps = out.map.f_upsample_bilinear2d([h, w], false, None, None)?;
+        let maps = match &self.blur {
+            Some(kernel) => blur(&maps, kernel)?,
+            None => maps,
+        };
+        let anomaly_maps = maps.f_sigmoid()?;
+        let image_scores = match self.config.image_score {
+            ImageScore::Classifier => out.score.f_sigmoid()?,
+            ImageScore::MapMax => anomaly_maps.f_flatten(1, 3)?.f_amax([1i64].as_slice(), false)?,
+        };
+        Ok(ModelOutput { image_scores, anomaly_maps })
+    }
+
+    /// The frozen feature extractor.
+    pub fn backbone(&self) -> &Backbone {
+        &self.backbone
+    }
+
+    /// The configuration the model was built and trained with.
+    pub fn config(&self) -> &SuperSimpleNetConfig {
+        &self.config
     }
 }
 

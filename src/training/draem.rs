@@ -11,14 +11,13 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use image::{Rgb, RgbImage};
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Reduction, Tensor};
 
 use super::adam::Adam;
+use super::checkpoint;
 use super::losses::{focal_loss, ssim};
+use super::schedule::{batch_indices, step_rng};
 use super::{calibrate, check_on_synthetic_defects, model_name, split_holdout_checked, training_info, FitOptions, FitStage};
 use crate::config::{AnomalySource, DraemConfig};
 use crate::error::{Error, Result};
@@ -34,11 +33,6 @@ pub const SSIM_WINDOW: i64 = 11;
 pub const SSIM_SIGMA: f64 = 1.5;
 /// Focal loss exponent (DRAEM: 2).
 pub const FOCAL_GAMMA: f64 = 2.0;
-
-const STATE_FILE: &str = "state.json";
-const OPTIMISER_FILE: &str = "adam.safetensors";
-const PURPOSE_SHUFFLE: u64 = 0x5348_5546;
-const PURPOSE_ANOMALY: u64 = 0x414E_4F4D;
 
 /// Options of a DRAEM training run beyond the model's configuration.
 #[derive(Clone, Debug)]
@@ -110,47 +104,7 @@ pub struct DraemFitReport {
 
 /// Reads the checkpoint state of the model directory `out` (`<out>/checkpoint/state.json`).
 pub fn read_checkpoint_state(out: &Path) -> Result<CheckpointState> {
-    let dir = checkpoint_dir(out)?;
-    let path = dir.join(STATE_FILE);
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::model(&path, format!("invalid checkpoint state: {e}")))
-}
-
-/// The checkpoint folder to resume from: `checkpoint/`, or `checkpoint.old/` when a crash came
-/// between the two renames of [`save_checkpoint`].
-fn checkpoint_dir(out: &Path) -> Result<PathBuf> {
-    let dir = out.join(CHECKPOINT_DIR);
-    if dir.join(STATE_FILE).is_file() {
-        return Ok(dir);
-    }
-    let old = out.join(format!("{CHECKPOINT_DIR}.old"));
-    if old.join(STATE_FILE).is_file() {
-        return Ok(old);
-    }
-    Err(Error::model(out, "no training checkpoint to resume from (checkpoint/state.json); train without --resume first"))
-}
-
-/// Writes a checkpoint into `<out>/checkpoint/` via a temporary folder, so that a crash
-/// leaves the previous checkpoint usable.
-fn save_checkpoint(out: &Path, vars: &nn::VarStore, adam: &Adam, state: &CheckpointState) -> Result<()> {
-    let dir = out.join(CHECKPOINT_DIR);
-    let tmp = out.join(format!("{CHECKPOINT_DIR}.tmp"));
-    let old = out.join(format!("{CHECKPOINT_DIR}.old"));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let weights = tmp.join(DRAEM_WEIGHTS);
-    vars.save(&weights).map_err(|e| Error::model(&weights, format!("cannot write checkpoint: {e}")))?;
-    adam.save(&tmp.join(OPTIMISER_FILE))?;
-    let json = serde_json::to_string(state).map_err(|e| Error::Config(format!("cannot write the checkpoint state: {e}")))?;
-    let state_path = tmp.join(STATE_FILE);
-    std::fs::write(&state_path, json).map_err(|e| Error::io(&state_path, e))?;
-    if dir.exists() {
-        let _ = std::fs::remove_dir_all(&old);
-        std::fs::rename(&dir, &old).map_err(|e| Error::io(&dir, e))?;
-    }
-    std::fs::rename(&tmp, &dir).map_err(|e| Error::io(&tmp, e))?;
-    let _ = std::fs::remove_dir_all(&old);
-    Ok(())
+    checkpoint::read_state(out)
 }
 
 /// Per-channel affine map between 0..1 pixel values and the preprocessor's normalised values,
@@ -202,37 +156,6 @@ fn load_images_u8(paths: &[PathBuf], size: (i64, i64), device: Device, on_image:
         on_image(i + 1);
     }
     Ok(Tensor::f_cat(&out, 0)?.f_to_device(device)?)
-}
-
-/// The seeded order of the training images in `epoch`.
-fn epoch_order(seed: u64, epoch: usize, n: usize) -> Vec<i64> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ PURPOSE_SHUFFLE);
-    rng.set_stream(epoch as u64);
-    let mut order: Vec<i64> = (0..n as i64).collect();
-    order.shuffle(&mut rng);
-    order
-}
-
-/// Indices of the images of step `step` (batches run through seeded per-epoch shuffles).
-fn batch_indices(seed: u64, step: usize, batch: usize, n: usize, cache: &mut Option<(usize, Vec<i64>)>) -> Vec<i64> {
-    (0..batch)
-        .map(|i| {
-            let g = step * batch + i;
-            let (epoch, pos) = (g / n, g % n);
-            let (_, order) = match cache.take() {
-                Some(same) if same.0 == epoch => cache.insert(same),
-                _ => cache.insert((epoch, epoch_order(seed, epoch, n))),
-            };
-            order[pos]
-        })
-        .collect()
-}
-
-/// The generator of step `step`'s simulated anomalies.
-fn step_rng(seed: u64, step: usize) -> ChaCha8Rng {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ PURPOSE_ANOMALY);
-    rng.set_stream(step as u64);
-    rng
 }
 
 /// Learning rate at `step`: `lr`, times `lr_decay` for each milestone passed.
@@ -319,15 +242,9 @@ pub fn fit_draem(
     };
     let mut resumed_from_step = None;
     if train.resume {
-        let dir = checkpoint_dir(out)?;
         let saved = read_checkpoint_state(out)?;
         check_resumable(&saved.config, config)?;
-        let weights = dir.join(DRAEM_WEIGHTS);
-        vars.load(&weights).map_err(|e| Error::model(&weights, format!("cannot load checkpoint weights: {e}")))?;
-        adam.load(&dir.join(OPTIMISER_FILE))?;
-        if adam.steps_taken() != saved.step as i64 {
-            return Err(Error::model(&dir, "checkpoint weights and state disagree on the step count"));
-        }
+        checkpoint::restore(out, DRAEM_WEIGHTS, &mut vars, &mut adam, saved.step)?;
         resumed_from_step = Some(saved.step);
         state = CheckpointState { n_images: fit_set.len(), config: config.clone(), ..saved };
     }
@@ -384,12 +301,12 @@ pub fn fit_draem(
         progress(FitStage::Training, step + 1, config.steps);
         if train.checkpoint_every > 0 && state.step % train.checkpoint_every == 0 && state.step < config.steps {
             state.train_seconds = seconds_before + t0.elapsed().as_secs_f64();
-            save_checkpoint(out, &vars, &adam, &state)?;
+            checkpoint::save(out, DRAEM_WEIGHTS, &vars, &adam, &state)?;
         }
     }
     let run_seconds = t0.elapsed().as_secs_f64();
     state.train_seconds = seconds_before + run_seconds;
-    save_checkpoint(out, &vars, &adam, &state)?;
+    checkpoint::save(out, DRAEM_WEIGHTS, &vars, &adam, &state)?;
 
     // Calibration on the held-out good images, with the inference path.
     let forward = |x: &Tensor| net.forward(x);
@@ -429,22 +346,6 @@ mod tests {
     use super::*;
     use crate::config::PreprocessConfig;
     use crate::synthetic::{generate_dataset, SyntheticConfig};
-
-    #[test]
-    fn sample_order_covers_each_epoch_once() {
-        let mut cache = None;
-        let n = 7;
-        let all: Vec<i64> = (0..7).flat_map(|s| batch_indices(3, s, 2, n, &mut cache)).collect();
-        // 14 samples = 2 epochs, each a permutation of 0..7
-        for epoch in all.chunks(7) {
-            let mut e = epoch.to_vec();
-            e.sort();
-            assert_eq!(e, (0..7).collect::<Vec<_>>());
-        }
-        assert_ne!(&all[..7], &all[7..], "epochs should be shuffled differently");
-        let mut fresh = None;
-        assert_eq!(batch_indices(3, 5, 2, n, &mut fresh), all[10..12].to_vec());
-    }
 
     #[test]
     fn learning_rate_follows_milestones() {
