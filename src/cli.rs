@@ -42,7 +42,8 @@ impl Cli {
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Fit a model on the defect-free images (train/good) of an MVTec-layout folder.
+    /// Fit a model on the defect-free images (train/good) of an MVTec-layout folder (SuperSimpleNet
+    /// also on labelled defective ones in train/<type>/).
     Fit(FitArgs),
     /// Score images with a model; write heatmap and overlay PNGs and one JSON line per image.
     Predict(PredictArgs),

@@ -168,10 +168,10 @@ impl PatchCoreOptions {
 /// Starting settings of the trained methods (`fit --preset`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum Preset {
-    /// Minutes on 2 CPU cores ([`DraemConfig::cpu_small`], [`SuperSimpleNetConfig::cpu_small`]).
+    /// Minutes on 2 CPU cores (DraemConfig::cpu_small, SuperSimpleNetConfig::cpu_small).
     #[default]
     CpuSmall,
-    /// The paper's: a GPU's work ([`DraemConfig::paper`], [`SuperSimpleNetConfig::paper`]).
+    /// The paper's network and schedule: a GPU's work (DraemConfig::paper, SuperSimpleNetConfig::paper).
     Paper,
 }
 
