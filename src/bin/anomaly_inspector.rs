@@ -86,83 +86,12 @@ fn fit(a: FitArgs, matches: &ArgMatches) -> anyhow::Result<()> {
     };
     let (mut bars, last_loss) = (None, std::cell::Cell::new(f64::NAN));
     let mut progress = stage_bars(&mut bars, &last_loss);
-    let label = a.data.to_string_lossy();
-    let (summary, calibration, n_holdout, self_check) = match a.method {
-        Method::Draem => {
-            let mut cfg = a.training.starting_draem(&a.out).with_context(|| format!("resuming {}", a.out.display()))?;
-            a.shared.apply(&mut cfg.preprocess, &mut cfg.seed);
-            a.training.apply_draem(&mut cfg, split_holdout(&data.train_good, a.holdout_every).0.len());
-            let [h, w] = cfg.preprocess.image_size;
-            eprintln!(
-            "training draem on {} good images of {} ({h}x{w} px, base width {}, {} steps of {} images, lr {}, anomalies from {:?}; device {}){}",
-            data.train_good.len(), a.data.display(), cfg.base_width, cfg.steps, cfg.batch_size, cfg.lr, cfg.anomaly_source,
-            device::describe(device), if a.training.resume { "; resuming" } else { "" }
-        );
-            let mut on_step = |r: &LossRecord| last_loss.set(r.losses.total);
-            let train = a.training.draem_train_options();
-            // fit_draem validates the configuration.
-            let report = fit_draem(&data.train_good, &label, &cfg, device, &a.out, &options, &train, &mut progress, &mut on_step)
-                .with_context(|| format!("training DRAEM on {}", a.data.display()))?;
-            let (s, l) = (&report.summary, &report.summary.final_losses);
-            let summary = format!(
-            "{} steps ({} this run, {:.1} s, {} parameters) on {} images; last losses: total {:.4} = l2 {:.4} + ssim {:.4} + focal {:.4}",
-            s.steps, s.steps - s.resumed_from_step.unwrap_or(0), s.train_seconds, s.parameters, s.n_images, l.total, l.l2, l.ssim, l.focal
-        );
-            (summary, report.calibration, report.n_holdout, report.self_check)
-        }
-        Method::Supersimplenet => {
-            let mut cfg = a.training.starting_supersimplenet(&a.out).with_context(|| format!("resuming {}", a.out.display()))?;
-            a.shared.apply(&mut cfg.preprocess, &mut cfg.seed);
-            a.training.apply_supersimplenet(&mut cfg);
-            a.patchcore.apply_backbone(&mut cfg.backbone);
-            let weights = a.patchcore.backbone_weights()?;
-            let [h, w] = cfg.preprocess.image_size;
-            eprintln!(
-            "training supersimplenet on {} ({h}x{w} px, {}, upscale {}, heads {}/{}, {} epochs of batches of {}; device {}){}",
-            a.data.display(), cfg.backbone.layers.join("+"), cfg.upscale, cfg.seg_hidden, cfg.cls_channels, cfg.epochs,
-            cfg.batch_size, device::describe(device), if a.training.resume { "; resuming" } else { "" }
-        );
-            let mut on_epoch = |r: &EpochLosses| last_loss.set(r.total);
-            let train = a.training.supersimplenet_train_options();
-            let report = fit_supersimplenet(
-                &data.train_good,
-                &data.train_defective,
-                &label,
-                &cfg,
-                &weights,
-                device,
-                &a.out,
-                &options,
-                &train,
-                &mut progress,
-                &mut on_epoch,
-            )
-            .with_context(|| format!("training SuperSimpleNet on {}", a.data.display()))?;
-            let s = &report.summary;
-            let summary = format!(
-            "{} epochs ({} steps, {:.1} s; features {:?} cached in {:.1} s; {} parameters) on {} good + {} defective images ({} with masks); last loss {:.4}",
-            s.epochs, s.steps, s.train_seconds, s.feature_shape, s.feature_seconds, s.parameters, s.n_good, s.n_defective, s.n_masks, s.final_loss
-        );
-            (summary, report.calibration, report.n_holdout, report.self_check)
-        }
-        Method::Patchcore => {
-            let mut cfg = PatchCoreConfig::default();
-            a.patchcore.apply(&mut cfg)?;
-            a.shared.apply(&mut cfg.preprocess, &mut cfg.seed);
-            let weights = a.patchcore.backbone_weights()?;
-            let (n, what, dev) = (data.train_good.len(), cfg.backbone.layers.join("+"), device::describe(device));
-            eprintln!("fitting {} on {n} good images of {} ({what}; device {dev})", a.method.as_str(), a.data.display());
-            // PatchCore::fit validates the configuration.
-            let report = fit_patchcore(&data.train_good, &label, &cfg, &weights, device, &a.out, &options, &mut progress)
-                .with_context(|| format!("fitting on {}", a.data.display()))?;
-            let s = &report.summary;
-            let summary = format!(
-                "memory bank {} x {} from {} patches of {} images (features {:.1} s, coreset {:.1} s)",
-                s.bank_size, s.feature_dim, s.n_patches, s.n_images, s.extract_seconds, s.coreset_seconds
-            );
-            (summary, report.calibration, report.n_holdout, report.self_check)
-        }
+    let fitted = match a.method {
+        Method::Draem => fit_draem_model(&a, &data, &options, device, &mut progress, &last_loss)?,
+        Method::Supersimplenet => fit_supersimplenet_model(&a, &data, &options, device, &mut progress, &last_loss)?,
+        Method::Patchcore => fit_patchcore_model(&a, &data, &options, device, &mut progress)?,
     };
+    let Fitted { summary, calibration, n_holdout, self_check } = fitted;
     drop(progress);
     if let Some((_, b)) = bars.take() {
         b.finish();
@@ -180,6 +109,125 @@ fn fit(a: FitArgs, matches: &ArgMatches) -> anyhow::Result<()> {
         Method::Patchcore => eprintln!("model written to {}", a.out.display()),
     }
     Ok(())
+}
+
+/// What a fit reports back to `fit`'s summary lines.
+struct Fitted {
+    summary: String,
+    calibration: anomaly_inspector::model_file::Calibration,
+    n_holdout: usize,
+    self_check: Option<anomaly_inspector::self_check::SelfCheck>,
+}
+
+/// `fit --method draem`: the preset (or checkpoint) with the options given; trains DRAEM.
+fn fit_draem_model(
+    a: &FitArgs,
+    data: &MvtecDataset,
+    options: &FitOptions,
+    device: tch::Device,
+    progress: &mut dyn FnMut(FitStage, usize, usize),
+    last_loss: &std::cell::Cell<f64>,
+) -> anyhow::Result<Fitted> {
+    let label = a.data.to_string_lossy();
+    let mut cfg = a.training.starting_draem(&a.out).with_context(|| format!("resuming {}", a.out.display()))?;
+    a.shared.apply(&mut cfg.preprocess, &mut cfg.seed);
+    a.training.apply_draem(&mut cfg, split_holdout(&data.train_good, a.holdout_every).0.len());
+    let [h, w] = cfg.preprocess.image_size;
+    eprintln!(
+        "training draem on {} good images of {} ({h}x{w} px, base width {}, {} steps of {} images, lr {}, anomalies from {:?}; device {}){}",
+        data.train_good.len(), a.data.display(), cfg.base_width, cfg.steps, cfg.batch_size, cfg.lr, cfg.anomaly_source,
+        device::describe(device), if a.training.resume { "; resuming" } else { "" }
+    );
+    let mut on_step = |r: &LossRecord| last_loss.set(r.losses.total);
+    let train = a.training.draem_train_options();
+    // fit_draem validates the configuration.
+    let report = fit_draem(&data.train_good, &label, &cfg, device, &a.out, options, &train, progress, &mut on_step)
+        .with_context(|| format!("training DRAEM on {}", a.data.display()))?;
+    let (s, l) = (&report.summary, &report.summary.final_losses);
+    let summary = format!(
+        "{} steps ({} this run, {:.1} s, {} parameters) on {} images; last losses: total {:.4} = l2 {:.4} + ssim {:.4} + focal {:.4}",
+        s.steps, s.steps - s.resumed_from_step.unwrap_or(0), s.train_seconds, s.parameters, s.n_images, l.total, l.l2, l.ssim, l.focal
+    );
+    Ok(Fitted { summary, calibration: report.calibration, n_holdout: report.n_holdout, self_check: report.self_check })
+}
+
+/// `fit --method supersimplenet`: the preset (or checkpoint) with the options given; trains
+/// SuperSimpleNet on the good and the labelled images.
+fn fit_supersimplenet_model(
+    a: &FitArgs,
+    data: &MvtecDataset,
+    options: &FitOptions,
+    device: tch::Device,
+    progress: &mut dyn FnMut(FitStage, usize, usize),
+    last_loss: &std::cell::Cell<f64>,
+) -> anyhow::Result<Fitted> {
+    let label = a.data.to_string_lossy();
+    let mut cfg = a.training.starting_supersimplenet(&a.out).with_context(|| format!("resuming {}", a.out.display()))?;
+    a.shared.apply(&mut cfg.preprocess, &mut cfg.seed);
+    a.training.apply_supersimplenet(&mut cfg);
+    a.patchcore.apply_backbone(&mut cfg.backbone);
+    let weights = a.patchcore.backbone_weights()?;
+    let [h, w] = cfg.preprocess.image_size;
+    eprintln!(
+        "training supersimplenet on {} ({h}x{w} px, {}, upscale {}, heads {}/{}, {} epochs of batches of {}; device {}){}",
+        a.data.display(),
+        cfg.backbone.layers.join("+"),
+        cfg.upscale,
+        cfg.seg_hidden,
+        cfg.cls_channels,
+        cfg.epochs,
+        cfg.batch_size,
+        device::describe(device),
+        if a.training.resume { "; resuming" } else { "" }
+    );
+    let mut on_epoch = |r: &EpochLosses| last_loss.set(r.total);
+    let train = a.training.supersimplenet_train_options();
+    let report = fit_supersimplenet(
+        &data.train_good,
+        &data.train_defective,
+        &label,
+        &cfg,
+        &weights,
+        device,
+        &a.out,
+        options,
+        &train,
+        progress,
+        &mut on_epoch,
+    )
+    .with_context(|| format!("training SuperSimpleNet on {}", a.data.display()))?;
+    let s = &report.summary;
+    let summary = format!(
+        "{} epochs ({} steps, {:.1} s; features {:?} cached in {:.1} s; {} parameters) on {} good + {} defective images ({} with masks); last loss {:.4}",
+        s.epochs, s.steps, s.train_seconds, s.feature_shape, s.feature_seconds, s.parameters, s.n_good, s.n_defective, s.n_masks, s.final_loss
+    );
+    Ok(Fitted { summary, calibration: report.calibration, n_holdout: report.n_holdout, self_check: report.self_check })
+}
+
+/// `fit` (PatchCore): the defaults with the options given; fits the memory bank.
+fn fit_patchcore_model(
+    a: &FitArgs,
+    data: &MvtecDataset,
+    options: &FitOptions,
+    device: tch::Device,
+    progress: &mut dyn FnMut(FitStage, usize, usize),
+) -> anyhow::Result<Fitted> {
+    let label = a.data.to_string_lossy();
+    let mut cfg = PatchCoreConfig::default();
+    a.patchcore.apply(&mut cfg)?;
+    a.shared.apply(&mut cfg.preprocess, &mut cfg.seed);
+    let weights = a.patchcore.backbone_weights()?;
+    let (n, what, dev) = (data.train_good.len(), cfg.backbone.layers.join("+"), device::describe(device));
+    eprintln!("fitting {} on {n} good images of {} ({what}; device {dev})", a.method.as_str(), a.data.display());
+    // PatchCore::fit validates the configuration.
+    let report = fit_patchcore(&data.train_good, &label, &cfg, &weights, device, &a.out, options, progress)
+        .with_context(|| format!("fitting on {}", a.data.display()))?;
+    let s = &report.summary;
+    let summary = format!(
+        "memory bank {} x {} from {} patches of {} images (features {:.1} s, coreset {:.1} s)",
+        s.bank_size, s.feature_dim, s.n_patches, s.n_images, s.extract_seconds, s.coreset_seconds
+    );
+    Ok(Fitted { summary, calibration: report.calibration, n_holdout: report.n_holdout, self_check: report.self_check })
 }
 
 fn predict(a: PredictArgs) -> anyhow::Result<()> {
