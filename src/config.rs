@@ -490,6 +490,11 @@ pub struct SuperSimpleNetConfig {
     pub epochs: usize,
     /// Images per optimiser step (each also seen with simulated anomalies: twice as many rows).
     pub batch_size: usize,
+    /// Share of each batch drawn from the labelled defective images when there are any (the
+    /// rest from the good ones), so that a few defects among many good images are in every
+    /// step; 0 = one shuffle over all images. Models written before it existed read 0.
+    #[serde(default)]
+    pub defect_share: f64,
     /// AdamW learning rate of the feature adaptor (paper: 1e-4).
     pub adaptor_lr: f64,
     /// AdamW learning rate of the two heads (paper: 2e-4).
@@ -536,6 +541,7 @@ impl SuperSimpleNetConfig {
             perlin_scale_log2: [0, 5],
             epochs: 300,
             batch_size: 32,
+            defect_share: 0.0,
             adaptor_lr: 1e-4,
             head_lr: 2e-4,
             weight_decay: [1e-2, 1e-5],
@@ -587,6 +593,9 @@ impl SuperSimpleNetConfig {
         }
         if self.epochs == 0 || self.batch_size == 0 {
             return Err(Error::Config("epochs and batch_size must be at least 1".into()));
+        }
+        if !(0.0..=0.9).contains(&self.defect_share) {
+            return Err(Error::Config(format!("defect_share {}: must be 0..=0.9", self.defect_share)));
         }
         let positive = [("noise_std", self.noise_std), ("adaptor_lr", self.adaptor_lr), ("head_lr", self.head_lr)];
         if let Some((name, v)) = positive.iter().find(|(_, v)| !(v.is_finite() && *v > 0.0)) {

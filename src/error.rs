@@ -46,6 +46,12 @@ pub enum Error {
         /// What is missing.
         reason: String,
     },
+    /// An operator's label cannot be stored (bad defect type, area outside the frame...).
+    #[error("bad label: {0}")]
+    Label(String),
+    /// Long work (a fit) was cancelled by its caller; the reason says where it stopped.
+    #[error("cancelled: {0}")]
+    Cancelled(String),
     /// libtorch reported an error (shape mismatch, out of memory, missing CUDA...).
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
@@ -130,6 +136,8 @@ impl Error {
             Error::Model { .. } => "model",
             Error::Config(_) => "config",
             Error::Dataset { .. } => "dataset",
+            Error::Label(_) => "label",
+            Error::Cancelled(_) => "cancelled",
             Error::Torch(_) => "inference",
         }
     }

@@ -17,6 +17,7 @@ pub mod dataset;
 pub mod device;
 pub mod evaluation;
 pub mod imaging;
+pub mod labels;
 pub mod metrics;
 pub mod model_file;
 pub mod self_check;
@@ -51,6 +52,8 @@ pub use device::{load_cuda_backend, InferenceThread};
 pub use error::{catch_panic, Error, FrameFault, Result};
 pub use imaging::{PixelEncoding, RawImage};
 pub use inspector::{Inspection, Inspector, InspectorOptions, Roi};
+pub use labels::{DefectArea, LabelCounts, LabelStore, StoredLabel, Verdict, DEFAULT_DEFECT_TYPE};
+pub use model_file::Method;
 pub use models::patchcore::{MemoryBank, PatchCore};
 pub use postprocess::{AnomalyMap, DefectRegion};
 

@@ -60,6 +60,18 @@ impl Method {
     }
 }
 
+impl std::str::FromStr for Method {
+    type Err = Error;
+
+    /// The lower-case name (as [`Method::as_str`] writes it), any case.
+    fn from_str(s: &str) -> Result<Self> {
+        [Method::Patchcore, Method::Supersimplenet, Method::Draem]
+            .into_iter()
+            .find(|m| m.as_str().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| Error::Config(format!("method '{s}': use patchcore, supersimplenet or draem")))
+    }
+}
+
 /// Thresholds on raw model scores, found on held-out defect-free images. Scores are reported
 /// normalised so that the threshold sits at 0.5 (`0.5 * raw / threshold`, clamped to 0..1),
 /// which is what anomalib users expect.
@@ -472,13 +484,9 @@ pub fn save_patchcore(
     name: &str,
 ) -> Result<()> {
     let manifest = ModelManifest::new(name, MethodConfig::Patchcore(model.config().clone()), calibration.clone(), training);
-    write_atomically(dir, |tmp| {
-        let bb = tmp.join(backbone_file(model.config().backbone.kind));
-        std::fs::copy(backbone_source, &bb).map_err(|e| Error::io(backbone_source, e))?;
-        patchcore::save_memory_bank(model.memory_bank(), model.image_retrieval(), &tmp.join("memory_bank.safetensors"))?;
-        let json = manifest_json(&manifest)?;
-        let path = tmp.join("model.json");
-        std::fs::write(&path, json).map_err(|e| Error::io(&path, e))
+    write_model(dir, &manifest, |tmp| {
+        copy_backbone(backbone_source, model.config().backbone.kind, tmp)?;
+        patchcore::save_memory_bank(model.memory_bank(), model.image_retrieval(), &tmp.join("memory_bank.safetensors"))
     })
 }
 
@@ -499,12 +507,9 @@ pub fn save_draem(
     checkpoint: Option<&Path>,
 ) -> Result<()> {
     let manifest = ModelManifest::new(name, MethodConfig::Draem(model.config().clone()), calibration.clone(), training);
-    write_atomically(dir, |tmp| {
+    write_model(dir, &manifest, |tmp| {
         model.save(&tmp.join(DRAEM_WEIGHTS))?;
-        copy_checkpoint(checkpoint, tmp)?;
-        let json = manifest_json(&manifest)?;
-        let path = tmp.join("model.json");
-        std::fs::write(&path, json).map_err(|e| Error::io(&path, e))
+        copy_checkpoint(checkpoint, tmp)
     })?;
     drop_checkpoint_only_previous(dir);
     Ok(())
@@ -527,16 +532,28 @@ pub fn save_supersimplenet(
     let config = model.config().clone();
     let kind = config.backbone.kind;
     let manifest = ModelManifest::new(name, MethodConfig::SuperSimpleNet(config), calibration.clone(), training);
-    write_atomically(dir, |tmp| {
-        let bb = tmp.join(backbone_file(kind));
-        std::fs::copy(backbone_source, &bb).map_err(|e| Error::io(backbone_source, e))?;
+    write_model(dir, &manifest, |tmp| {
+        copy_backbone(backbone_source, kind, tmp)?;
         model.save(&tmp.join(SUPERSIMPLENET_WEIGHTS))?;
-        copy_checkpoint(checkpoint, tmp)?;
-        let json = manifest_json(&manifest)?;
-        let path = tmp.join("model.json");
-        std::fs::write(&path, json).map_err(|e| Error::io(&path, e))
+        copy_checkpoint(checkpoint, tmp)
     })?;
     drop_checkpoint_only_previous(dir);
+    Ok(())
+}
+
+/// Writes the model directory `dir` atomically ([`write_atomically`]): `fill` writes the
+/// weights into the temporary directory, then model.json goes in last.
+fn write_model(dir: &Path, manifest: &ModelManifest, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    write_atomically(dir, |tmp| {
+        fill(tmp)?;
+        let path = tmp.join("model.json");
+        std::fs::write(&path, manifest_json(manifest)?).map_err(|e| Error::io(&path, e))
+    })
+}
+
+/// Copies the backbone weights at `source` into the model directory `tmp` under their file name.
+fn copy_backbone(source: &Path, kind: BackboneKind, tmp: &Path) -> Result<()> {
+    std::fs::copy(source, tmp.join(backbone_file(kind))).map_err(|e| Error::io(source, e))?;
     Ok(())
 }
 

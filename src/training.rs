@@ -6,10 +6,12 @@ use std::path::{Path, PathBuf};
 
 use tch::{Device, Tensor};
 
-use crate::config::PatchCoreConfig;
+use crate::config::{DraemConfig, PatchCoreConfig};
+use crate::dataset::MvtecDataset;
 use crate::error::{Error, Result};
 use crate::imaging;
-use crate::model_file::{self, Calibration, TrainingInfo};
+use crate::labels::{LabelCounts, LabelStore};
+use crate::model_file::{self, Calibration, Method, MethodConfig, TrainingInfo};
 use crate::models::backbone::Backbone;
 use crate::models::patchcore::{FitProgress, FitSummary, PatchCore};
 use crate::models::ModelOutput;
@@ -62,6 +64,34 @@ pub struct FitOptions {
     pub name: String,
     /// Synthetic-defect copies of held-out images scored after the fit ([`self_check`]; 0: none).
     pub self_check_images: usize,
+    /// Set from another thread to stop the fit between batches or steps (an [`Error::Cancelled`]).
+    pub cancel: Cancel,
+}
+
+/// A flag another thread sets to stop a fit early (the node's teach-in action is cancellable).
+/// Clones share the flag.
+#[derive(Clone, Debug, Default)]
+pub struct Cancel(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Cancel {
+    /// Asks the fit to stop at its next check.
+    pub fn cancel(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether [`Cancel::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// An [`Error::Cancelled`] naming `during` once cancelled; Ok before.
+    pub fn check(&self, during: &str) -> Result<()> {
+        if self.is_cancelled() {
+            Err(Error::Cancelled(format!("stopped during {during}")))
+        } else {
+            Ok(())
+        }
+    }
 }
 
 /// Synthetic-defect images of the self-check by default: 4.5-6 s of a 256 px model on 2 CPU
@@ -71,7 +101,14 @@ pub const SELF_CHECK_IMAGES: usize = 50;
 
 impl Default for FitOptions {
     fn default() -> Self {
-        Self { holdout_every: 5, batch_size: 8, margin: 1.0, name: String::new(), self_check_images: SELF_CHECK_IMAGES }
+        Self {
+            holdout_every: 5,
+            batch_size: 8,
+            margin: 1.0,
+            name: String::new(),
+            self_check_images: SELF_CHECK_IMAGES,
+            cancel: Cancel::default(),
+        }
     }
 }
 
@@ -137,6 +174,7 @@ pub fn fit_patchcore(
     // Images loaded so far: with tiles, the fit sees each image as a batch of tiles.
     let loaded = std::cell::Cell::new(0);
     let batches = fit_set.chunks(batch_size).map(|chunk| {
+        options.cancel.check("feature extraction")?;
         let imgs = chunk.iter().map(|p| imaging::load(p)).collect::<Result<Vec<_>>>()?;
         loaded.set(loaded.get() + chunk.len());
         pre.batch(&imgs)
@@ -160,24 +198,31 @@ pub fn fit_patchcore(
     Ok(FitReport { summary, calibration, n_holdout: holdout.len(), self_check })
 }
 
-/// What a teach-in fits: its frames are kept beside the model so that it can be audited and redone.
+/// What a teach-in fits: its frames (and the labels it learned from) are kept beside the model
+/// so that it can be audited and redone.
 #[derive(Clone, Debug)]
 pub struct TeachRequest {
-    /// The model directory to write.
+    /// The model directory to write (must not exist: a teach-in never overwrites a model).
     pub out: PathBuf,
-    /// Where the frames go, as an MVTec-layout data set (`<frames_dir>/train/good/0000.png`, ...).
+    /// Where the frames go, as an MVTec-layout data set (`<frames_dir>/train/good/0000.png`, ...),
+    /// with the labels linked in beside them.
     pub frames_dir: PathBuf,
     /// Model name (shown as `model_id`).
     pub name: String,
+    /// The method to fit.
+    pub method: Method,
+    /// The operator's labels to learn from too (every label the store holds).
+    pub labels: Option<LabelStore>,
 }
 
-/// What a teach-in takes over from the model in force: its PatchCore settings and backbone
-/// (the defaults when it is not a PatchCore model), its device, threshold and post-processing.
-/// Cheap to take, so the inference thread hands it to a fitting thread and goes on.
+/// What a teach-in takes over from the model in force: its settings and backbone when it is of
+/// the method asked for (else that method's defaults, with the model's backbone weights when it
+/// carries Lite0's), its device, threshold and post-processing. Cheap to take, so the inference
+/// thread hands it to a fitting thread and goes on.
 #[derive(Clone, Debug)]
 pub struct TeachBase {
-    config: PatchCoreConfig,
-    backbone_weights: PathBuf,
+    config: MethodConfig,
+    model_dir: PathBuf,
     device: Device,
     threshold: f32,
     postprocess: crate::PostprocessConfig,
@@ -186,47 +231,133 @@ pub struct TeachBase {
 impl TeachBase {
     /// The settings of `inspector`'s model.
     pub fn of(inspector: &crate::Inspector) -> Self {
-        let (config, backbone_weights) = match inspector.manifest().patchcore().cloned() {
-            // A model carries its backbone.
-            Some(c) => {
-                let w = inspector.model_dir().join(model_file::backbone_file(c.backbone.kind));
-                (c, w)
-            }
-            None => (PatchCoreConfig::default(), crate::config::default_backbone_weights()),
-        };
         Self {
-            config,
-            backbone_weights,
+            config: inspector.manifest().config.clone(),
+            model_dir: inspector.model_dir().to_path_buf(),
             device: inspector.device(),
             threshold: inspector.threshold(),
             postprocess: inspector.postprocess().clone(),
         }
     }
+
+    /// The method of the model in force.
+    pub fn method(&self) -> Method {
+        self.config.method()
+    }
+
+    /// Lite0 weights for a new model: the ones the model in force carries, else the project's.
+    fn lite0_weights(&self) -> PathBuf {
+        let carried = self.model_dir.join(model_file::backbone_file(crate::config::BackboneKind::EfficientnetLite0));
+        if carried.is_file() {
+            carried
+        } else {
+            crate::config::default_backbone_weights()
+        }
+    }
+
+    /// The settings and backbone weights to fit `method` with.
+    fn settings_for(&self, method: Method) -> (MethodConfig, PathBuf) {
+        let own = |kind| self.model_dir.join(model_file::backbone_file(kind));
+        match (method, &self.config) {
+            (Method::Patchcore, MethodConfig::Patchcore(c)) => (self.config.clone(), own(c.backbone.kind)),
+            (Method::Supersimplenet, MethodConfig::SuperSimpleNet(c)) => (self.config.clone(), own(c.backbone.kind)),
+            (Method::Draem, MethodConfig::Draem(_)) => (self.config.clone(), PathBuf::new()),
+            (Method::Patchcore, _) => (MethodConfig::Patchcore(PatchCoreConfig::default()), self.lite0_weights()),
+            (Method::Supersimplenet, _) => {
+                (MethodConfig::SuperSimpleNet(crate::config::SuperSimpleNetConfig::default()), self.lite0_weights())
+            }
+            // The paper's DRAEM trains for hours on a CPU; its small preset in minutes.
+            (Method::Draem, _) => {
+                let c = if self.device == Device::Cpu { DraemConfig::cpu_small() } else { DraemConfig::paper() };
+                (MethodConfig::Draem(c), PathBuf::new())
+            }
+        }
+    }
 }
 
-/// The node's teach-in: fits PatchCore on `frames` (good parts, as the model sees them) as
-/// `base` says, writes the frames and the model as `request` says, and returns the new model
-/// loaded with `base`'s device, threshold and post-processing. Meant for a thread of its own,
+/// What a teach-in produced.
+#[derive(Debug)]
+pub struct Taught {
+    /// The new model, loaded with the base's device, threshold and post-processing.
+    pub inspector: crate::Inspector,
+    /// Fresh frames it learned from.
+    pub frames: usize,
+    /// The labels it found (all linked into the frames' data set).
+    pub labels: LabelCounts,
+    /// Whether the method learned from the defective labels (only SuperSimpleNet does).
+    pub used_defective: bool,
+}
+
+/// The node's teach-in: writes `frames` (good parts, as the model sees them) and links every
+/// label of `request.labels` into one MVTec-layout data set, fits `request.method` on it as
+/// `base` says (PatchCore and DRAEM on its good images, SuperSimpleNet on all of it), writes the
+/// model and returns it loaded. `options.cancel` stops it between steps; on any failure nothing
+/// of it is left on disk (the labels stay in their store). Meant for a thread of its own,
 /// beside inference; a panic inside is an error.
-pub fn teach(frames: &[image::RgbImage], base: &TeachBase, request: &TeachRequest) -> Result<crate::Inspector> {
-    crate::error::catch_panic("the teach-in fit", || {
-        let _no_grad = tch::no_grad_guard();
-        let good = request.frames_dir.join("train/good");
-        std::fs::create_dir_all(&good).map_err(|e| Error::io(&good, e))?;
-        let mut paths = Vec::with_capacity(frames.len());
-        for (i, frame) in frames.iter().enumerate() {
-            let p = good.join(format!("{i:04}.png"));
-            imaging::save_png(&p, frame)?;
-            paths.push(p);
+pub fn teach(
+    frames: &[image::RgbImage],
+    base: &TeachBase,
+    request: &TeachRequest,
+    options: &FitOptions,
+    progress: &mut dyn FnMut(FitStage, usize, usize),
+) -> Result<Taught> {
+    for dir in [&request.out, &request.frames_dir] {
+        if dir.exists() {
+            return Err(Error::Config(format!(
+                "{} exists and a teach-in never overwrites: choose another model_name",
+                dir.display()
+            )));
         }
-        let options = FitOptions { name: request.name.clone(), ..Default::default() };
-        let data_label = request.frames_dir.to_string_lossy();
-        let progress = &mut |_, _, _| {};
-        fit_patchcore(&paths, &data_label, &base.config, &base.backbone_weights, base.device, &request.out, &options, progress)?;
-        let mut taught = crate::Inspector::new(&request.out, base.device, &base.postprocess)?;
-        taught.set_threshold(base.threshold)?;
-        Ok(taught)
-    })
+    }
+    let taught = crate::error::catch_panic("the teach-in fit", || teach_into(frames, base, request, options, progress));
+    if taught.is_err() {
+        let _ = std::fs::remove_dir_all(&request.out);
+        let _ = std::fs::remove_dir_all(&request.frames_dir);
+    }
+    taught
+}
+
+fn teach_into(
+    frames: &[image::RgbImage],
+    base: &TeachBase,
+    request: &TeachRequest,
+    options: &FitOptions,
+    progress: &mut dyn FnMut(FitStage, usize, usize),
+) -> Result<Taught> {
+    let good = request.frames_dir.join("train/good");
+    std::fs::create_dir_all(&good).map_err(|e| Error::io(&good, e))?;
+    for (i, frame) in frames.iter().enumerate() {
+        options.cancel.check("saving the frames")?;
+        imaging::save_png(&good.join(format!("{i:04}.png")), frame)?;
+    }
+    let labels = match &request.labels {
+        Some(store) => store.link_into(&request.frames_dir)?,
+        None => LabelCounts::default(),
+    };
+    let data = MvtecDataset::open(&request.frames_dir)?;
+    let options = FitOptions { name: request.name.clone(), ..options.clone() };
+    let label = request.frames_dir.to_string_lossy();
+    let (config, weights) = base.settings_for(request.method);
+    let out = &request.out;
+    match &config {
+        MethodConfig::Patchcore(c) => {
+            // Nothing is trained: no autograd graph for the features.
+            let _no_grad = tch::no_grad_guard();
+            fit_patchcore(&data.train_good, &label, c, &weights, base.device, out, &options, progress)?;
+        }
+        MethodConfig::Draem(c) => {
+            let train = DraemTrainOptions::default();
+            fit_draem(&data.train_good, &label, c, base.device, out, &options, &train, progress, &mut |_| {})?;
+        }
+        MethodConfig::SuperSimpleNet(c) => {
+            let train = SuperSimpleNetTrainOptions::default();
+            let (good, defective) = (&data.train_good, &data.train_defective);
+            fit_supersimplenet(good, defective, &label, c, &weights, base.device, out, &options, &train, progress, &mut |_| {})?;
+        }
+    }
+    let mut inspector = crate::Inspector::new(out, base.device, &base.postprocess)?;
+    inspector.set_threshold(base.threshold)?;
+    Ok(Taught { inspector, frames: frames.len(), labels, used_defective: request.method == Method::Supersimplenet })
 }
 
 /// Scores the held-out good images with the inference path `forward`: (image scores, per-image
@@ -321,5 +452,78 @@ mod tests {
         assert_eq!((fit.len(), held.len()), (2, 1));
         let (fit, held) = split_holdout(&imgs[..1], 10);
         assert_eq!((fit.len(), held.len()), (1, 0));
+    }
+
+    /// A PatchCore model on a small synthetic set, loaded, and the set's images as frames.
+    fn taught_base(dir: &Path) -> Option<(crate::Inspector, Vec<image::RgbImage>, crate::dataset::MvtecDataset)> {
+        let weights = crate::models::backbone::lite0_weights_for_tests()?;
+        let cfg = crate::synthetic::SyntheticConfig { seed: 3, size: 64, n_train: 6, n_test_good: 1, n_test_per_defect: 1 };
+        crate::synthetic::generate_dataset(&dir.join("data"), &cfg).unwrap();
+        let data = MvtecDataset::open(&dir.join("data")).unwrap();
+        let mut config = PatchCoreConfig::default();
+        config.preprocess.image_size = [64, 64];
+        let options = FitOptions { self_check_images: 0, ..FitOptions::default() };
+        let model = dir.join("models/base");
+        fit_patchcore(&data.train_good, "tiny", &config, &weights, Device::Cpu, &model, &options, &mut |_, _, _| {}).unwrap();
+        let inspector = crate::Inspector::new(&model, Device::Cpu, &crate::PostprocessConfig::default()).unwrap();
+        let frames = data.train_good.iter().map(|p| imaging::load(p).unwrap()).collect();
+        Some((inspector, frames, data))
+    }
+
+    #[test]
+    fn teach_learns_from_frames_and_labels_and_keeps_them_beside_the_model() {
+        let tmp = tempfile::tempdir().unwrap();
+        let Some((base, frames, data)) = taught_base(tmp.path()) else { return };
+        let store = LabelStore::new(&tmp.path().join("models/labels"));
+        let test_good = imaging::load(&data.test.iter().find(|s| !s.is_anomalous()).unwrap().path).unwrap();
+        store.add("s1", &test_good, &crate::Verdict::Good).unwrap();
+        let defect = data.test.iter().find(|s| s.mask.is_some()).unwrap();
+        let mask = imaging::load_gray(defect.mask.as_ref().unwrap()).unwrap();
+        let verdict = crate::Verdict::Defective { defect_type: "scratch".into(), mask: Some(mask) };
+        store.add("s2", &imaging::load(&defect.path).unwrap(), &verdict).unwrap();
+
+        let request = TeachRequest {
+            out: tmp.path().join("models/taught"),
+            frames_dir: tmp.path().join("models/taught.frames"),
+            name: "taught".into(),
+            method: Method::Patchcore,
+            labels: Some(store.clone()),
+        };
+        let base = TeachBase::of(&base);
+        let options = FitOptions { self_check_images: 0, ..FitOptions::default() };
+        let mut stages = Vec::new();
+        let taught = teach(&frames, &base, &request, &options, &mut |s, _, _| stages.push(s)).unwrap();
+        assert_eq!(taught.inspector.model_id(), "taught");
+        assert_eq!(taught.inspector.method(), "patchcore");
+        assert_eq!((taught.frames, taught.labels.good, taught.labels.defective), (6, 1, 1));
+        assert!(!taught.used_defective, "PatchCore learns from good images only");
+        assert!(stages.contains(&FitStage::Features) && stages.contains(&FitStage::Calibration));
+        // The fit's data set: the frames, the good label among them, the defect with its mask.
+        let kept = MvtecDataset::open(&request.frames_dir).unwrap();
+        assert_eq!(kept.train_good.len(), 7);
+        assert_eq!(kept.train_defective.len(), 1);
+        assert!(kept.train_defective[0].mask.is_some());
+        let fitted = model_file::read_manifest(&request.out).unwrap();
+        assert_eq!(fitted.training.patchcore.as_ref().unwrap().n_images, 7 - split_holdout(&kept.train_good, 5).1.len());
+
+        // A teach-in never overwrites a model.
+        let again = teach(&frames, &base, &request, &options, &mut |_, _, _| {}).unwrap_err();
+        assert!(again.to_string().contains("never overwrites"), "{again}");
+        assert!(request.out.join("model.json").is_file());
+
+        // Cancelled: an error that says so, and nothing of it left on disk; the labels stay.
+        let cancelled = TeachRequest {
+            out: tmp.path().join("models/cancelled"),
+            frames_dir: tmp.path().join("models/cancelled.frames"),
+            name: "cancelled".into(),
+            method: Method::Supersimplenet,
+            labels: Some(store.clone()),
+        };
+        let options = FitOptions { cancel: Cancel::default(), ..options };
+        options.cancel.cancel();
+        let err = teach(&frames, &base, &cancelled, &options, &mut |_, _, _| {}).unwrap_err();
+        assert_eq!(err.kind(), "cancelled", "{err}");
+        assert!(!cancelled.out.exists() && !cancelled.frames_dir.exists());
+        assert_eq!(store.counts().unwrap().defective, 1);
     }
 }

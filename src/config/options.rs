@@ -222,6 +222,10 @@ pub struct TrainingOptions {
     /// (standardised) features.
     #[arg(long)]
     pub noise_std: Option<f64>,
+    /// SuperSimpleNet: share of each batch taken from the labelled defective images in
+    /// train/<type>/ when there are any (0 = one shuffle over all images).
+    #[arg(long)]
+    pub defect_share: Option<f64>,
     /// DRAEM: where simulated anomalies take their texture from: training_images (default),
     /// procedural, or a folder of images.
     #[arg(long)]
@@ -280,6 +284,7 @@ impl TrainingOptions {
     pub fn apply_supersimplenet(&self, cfg: &mut SuperSimpleNetConfig) {
         set(&mut cfg.batch_size, self.batch_size);
         set(&mut cfg.noise_std, self.noise_std);
+        set(&mut cfg.defect_share, self.defect_share);
         if let Some(lr) = self.lr {
             (cfg.head_lr, cfg.adaptor_lr) = (lr, lr / 2.0);
         }
@@ -297,7 +302,7 @@ impl TrainingOptions {
 /// The PatchCore options SuperSimpleNet takes too (it stands on the same backbone).
 const SUPERSIMPLENET_FROM_PATCHCORE: [&str; 3] = ["--backbone", "--backbone-weights", "--layers"];
 /// The training options only SuperSimpleNet takes.
-const SUPERSIMPLENET_ONLY: [&str; 1] = ["--noise-std"];
+const SUPERSIMPLENET_ONLY: [&str; 2] = ["--noise-std", "--defect-share"];
 /// The training options only DRAEM takes.
 const DRAEM_ONLY: [&str; 3] = ["--steps", "--base-width", "--anomaly-source"];
 

@@ -1,17 +1,22 @@
-//! The node's action: `~/inspect` (anomaly_inspector_msgs/action/Inspect), the verdict on one
-//! or more fresh frames with feedback after each, cancellable. Behaviour trees run work that
-//! may take seconds through actions (a BT action node can be halted; a service call cannot);
-//! the `~/inspect` service stays for one quick look.
-use std::sync::Arc;
+//! The node's actions: `~/inspect` (anomaly_inspector_msgs/action/Inspect), the verdict on one
+//! or more fresh frames with feedback after each, and `~/teach` (action/Teach), a teach-in with
+//! feedback on the frames collected and the fit's progress; both cancellable. Behaviour trees
+//! run work that may take seconds through actions (a BT action node can be halted; a service
+//! call cannot); the services of the same names stay for quick calls and scripts.
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use futures::future::{select, Either};
 use futures::StreamExt;
-use r2r::anomaly_inspector_msgs::action::Inspect;
+use r2r::anomaly_inspector_msgs::action::{Inspect, Teach};
 use r2r::anomaly_inspector_msgs::msg::AnomalyResult;
 
-use super::inference::Shared;
-use super::services::{inactive, next_fresh, no_result_reason, timeout_or, DEFAULT_INSPECT_TIMEOUT_S};
+use super::inference::{Shared, TeachProgress};
+use super::params::CheckedParams;
+use super::services::{
+    inactive, next_fresh, no_result_reason, start_teach, teach_outcome, timeout_or, NodeParamMap, TeachAsk, TeachReply,
+    DEFAULT_INSPECT_TIMEOUT_S,
+};
 
 /// The most frames one goal may ask for: every verdict is kept until the goal ends.
 pub const MAX_INSPECT_FRAMES: u32 = 1000;
@@ -38,25 +43,116 @@ fn refusal(shared: &Shared, frames: u32) -> Option<String> {
     })
 }
 
-/// Creates the action server and serves its goals on `rt`, each on its own task.
+/// Creates the action servers and serves their goals on `rt`, each on its own task.
 pub fn spawn_actions(
     node: &mut r2r::Node,
     rt: &tokio::runtime::Runtime,
     shared: &Arc<Shared>,
+    params: &Arc<Mutex<CheckedParams>>,
+    node_params: &NodeParamMap,
     logger: &str,
 ) -> anyhow::Result<()> {
     use anyhow::Context as _;
     let mut goals =
         node.create_action_server::<Inspect::Action>("~/inspect").context("cannot create the ~/inspect action server")?;
-    let shared = shared.clone();
-    let logger = logger.to_string();
+    let (sh, log) = (shared.clone(), logger.to_string());
     rt.spawn(async move {
         while let Some(request) = goals.next().await {
-            let (shared, logger) = (shared.clone(), logger.clone());
+            let (shared, logger) = (sh.clone(), log.clone());
             tokio::spawn(async move { run_inspect_goal(request, &shared, &logger).await });
         }
     });
+
+    let mut teach_goals =
+        node.create_action_server::<Teach::Action>("~/teach").context("cannot create the ~/teach action server")?;
+    let (sh, log, prm, np) = (shared.clone(), logger.to_string(), params.clone(), node_params.clone());
+    rt.spawn(async move {
+        while let Some(request) = teach_goals.next().await {
+            let (shared, logger, params, node_params) = (sh.clone(), log.clone(), prm.clone(), np.clone());
+            tokio::spawn(async move { run_teach_goal(request, &shared, &params, &node_params, &logger).await });
+        }
+    });
     Ok(())
+}
+
+fn teach_result(r: TeachReply) -> Teach::Result {
+    Teach::Result {
+        success: r.success,
+        message: r.message,
+        model_path: r.model_path,
+        frames_used: r.frames_used,
+        labels_good: r.labels_good,
+        labels_defective: r.labels_defective,
+        fit_seconds: r.fit_seconds,
+    }
+}
+
+fn teach_feedback(p: &TeachProgress) -> Teach::Feedback {
+    Teach::Feedback {
+        stage: p.stage.into(),
+        frames_collected: p.frames_collected,
+        frames_requested: p.frames_requested,
+        fit_step: p.fit_step.into(),
+        done: p.done,
+        total: p.total,
+    }
+}
+
+/// One teach-in goal: accepted (a refusal is an abort with the reason), feedback on every
+/// change of progress, a cancel stops collecting or fitting (nothing of it stays on disk).
+async fn run_teach_goal(
+    request: r2r::ActionServerGoalRequest<Teach::Action>,
+    shared: &Shared,
+    params: &Mutex<CheckedParams>,
+    node_params: &NodeParamMap,
+    logger: &str,
+) {
+    let g = request.goal.clone();
+    let (mut goal, mut cancels) = match request.accept() {
+        Ok(accepted) => accepted,
+        Err(e) => {
+            r2r::log_error!(logger, "~/teach action: cannot accept a goal: {e}");
+            return;
+        }
+    };
+    let ask = TeachAsk { num_frames: g.num_frames, model_name: &g.model_name, timeout_s: g.timeout_s, method: &g.method };
+    let mut started = match start_teach(shared, &ask, logger) {
+        Ok(s) => s,
+        Err(message) => {
+            let _ = goal.abort(teach_result(TeachReply { message, ..Default::default() }));
+            return;
+        }
+    };
+    let mut cancelled = false;
+    let outcome = loop {
+        tokio::select! {
+            outcome = &mut started.reply => break outcome.map_err(|_| "node shutting down".to_string()),
+            changed = started.progress.changed() => {
+                if changed.is_ok() {
+                    let feedback = teach_feedback(&started.progress.borrow_and_update());
+                    let _ = goal.publish_feedback(feedback);
+                }
+            }
+            cancel = cancels.next(), if !cancelled => match cancel {
+                Some(cancel) => {
+                    cancel.accept();
+                    cancelled = true;
+                    // The fit stops at its next step and cleans up; its outcome still comes.
+                    started.cancel.cancel();
+                    r2r::log_info!(logger, "~/teach action: cancel requested");
+                }
+                None => cancelled = true,
+            },
+        }
+    };
+    let reply = teach_outcome(outcome, params, node_params);
+    if reply.success {
+        let _ = goal.succeed(teach_result(reply));
+    } else if cancelled {
+        let _ = goal.cancel(teach_result(reply));
+    } else {
+        let _ = goal.abort(teach_result(reply));
+    }
 }
 
 /// One goal: accepted (a refusal is an abort with a reason, which a plain rejection cannot

@@ -11,16 +11,19 @@ use std::time::{Duration, Instant};
 
 use image::RgbImage;
 use r2r::anomaly_inspector_msgs::msg::AnomalyResult;
+// tokio's watch channel, named so that no line reads like a libtorch path (tests/layering.rs).
+use tokio::sync::watch as latest;
 use tokio::sync::{broadcast, oneshot};
 
+use super::labelling::{RecentFrame, RecentFrames, Stamp};
 use super::lifecycle::{Lifecycle, State};
 use super::mailbox::{Mailbox, PreparedFrame, Work};
 use super::params::Settings;
 use super::publishing::{FrameInfo, ImagePublishers, ImageThread, ResultPublishers};
 use super::status::{median, ErrorLog, Status};
 use super::LockOrRecover as _;
-use crate::training::{teach, TeachBase, TeachRequest};
-use crate::{InferenceThread, Inspector, InspectorOptions, PinholeCamera};
+use crate::training::{teach, Cancel, FitOptions, FitStage, TeachBase, TeachRequest};
+use crate::{InferenceThread, Inspector, InspectorOptions, LabelStore, Method, PinholeCamera};
 
 /// The outcome of a teach-in, for the service reply.
 #[derive(Debug)]
@@ -31,13 +34,64 @@ pub struct TeachOutcome {
     pub frames_used: u32,
     /// Seconds spent fitting.
     pub fit_seconds: f32,
+    /// Good labels (from ~/label) the fit used.
+    pub labels_good: u32,
+    /// Defective labels the fit used (0 for a method that learns from good images only).
+    pub labels_defective: u32,
     /// Model id of the new model, or why it failed.
     pub result: Result<String, String>,
 }
 
 impl TeachOutcome {
     fn failed(frames_used: u32, fit_seconds: f32, why: String) -> Self {
-        Self { model_path: PathBuf::new(), frames_used, fit_seconds, result: Err(why) }
+        Self { model_path: PathBuf::new(), frames_used, fit_seconds, labels_good: 0, labels_defective: 0, result: Err(why) }
+    }
+}
+
+/// How far a teach-in is (the ~/teach action's feedback).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TeachProgress {
+    /// collecting, fitting or installing.
+    pub stage: &'static str,
+    /// Good frames collected so far.
+    pub frames_collected: u32,
+    /// Good frames asked for.
+    pub frames_requested: u32,
+    /// While fitting: what the fit does now.
+    pub fit_step: &'static str,
+    /// While fitting: how far that step is.
+    pub done: u32,
+    /// While fitting: the step's total.
+    pub total: u32,
+}
+
+/// A teach-in's request, as the services and the action hand it to the inference thread.
+pub struct TeachOrder {
+    /// Frames to collect.
+    pub frames: usize,
+    /// Model directory name under model_root.
+    pub name: String,
+    /// The method to fit (None: the method of the model in force).
+    pub method: Option<Method>,
+    /// Give up collecting after this.
+    pub deadline: Instant,
+    /// Progress for the caller (the action's feedback).
+    pub progress: latest::Sender<TeachProgress>,
+    /// Set by the caller to stop collecting or fitting.
+    pub cancel: Cancel,
+    /// Where the outcome goes.
+    pub reply: oneshot::Sender<TeachOutcome>,
+}
+
+/// FitStage as the feedback names it.
+fn fit_step(stage: FitStage) -> &'static str {
+    match stage {
+        FitStage::Loading => "loading",
+        FitStage::Training => "training",
+        FitStage::Features => "features",
+        FitStage::Coreset => "coreset",
+        FitStage::Calibration => "calibration",
+        FitStage::SelfCheck => "self_check",
     }
 }
 
@@ -49,18 +103,9 @@ pub enum Command {
     /// Load a model directory and switch to it; replies with its id or why not.
     LoadModel(PathBuf, oneshot::Sender<Result<String, String>>),
     /// Collect frames and fit a new model.
-    Teach {
-        /// Frames to collect.
-        frames: usize,
-        /// Model directory name under model_root.
-        name: String,
-        /// Give up collecting after this.
-        deadline: Instant,
-        /// Where the outcome goes.
-        reply: oneshot::Sender<TeachOutcome>,
-    },
-    /// A model fitted by a teach-in, ready to switch to.
-    Install(Box<Inspector>, PathBuf, u32, f32, oneshot::Sender<TeachOutcome>),
+    Teach(TeachOrder),
+    /// A model fitted by a teach-in, ready to switch to, with its outcome (result to fill in).
+    Install(Box<Inspector>, TeachOutcome, oneshot::Sender<TeachOutcome>),
     /// The inference thread's part of a lifecycle transition; the reply says whether it is done.
     Lifecycle(LifecycleStep, oneshot::Sender<Result<(), String>>),
     /// The model in force described ([`Inspector::describe`]); null when none is loaded.
@@ -100,6 +145,8 @@ pub struct Shared {
     pub results: broadcast::Sender<Published>,
     /// The lifecycle state: frames are taken and inspected only when it is active.
     pub lifecycle: Mutex<Lifecycle>,
+    /// The last frames inspected, for ~/label.
+    pub recent: Mutex<RecentFrames>,
 }
 
 impl Shared {
@@ -116,11 +163,17 @@ impl Shared {
 
 /// A teach-in collecting frames.
 struct TeachJob {
-    frames: usize,
-    name: String,
-    deadline: Instant,
+    order: TeachOrder,
     collected: Vec<RgbImage>,
-    reply: oneshot::Sender<TeachOutcome>,
+}
+
+impl TeachJob {
+    fn report(&self) {
+        let frames_collected = self.collected.len() as u32;
+        let frames_requested = self.order.frames as u32;
+        let p = TeachProgress { stage: "collecting", frames_collected, frames_requested, ..Default::default() };
+        let _ = self.order.progress.send(p);
+    }
 }
 
 fn inspector_options(settings: &Settings) -> InspectorOptions {
@@ -243,19 +296,21 @@ pub fn run(
 }
 
 impl InferenceLoop {
-    /// A teach-in that ran out of time fails; nothing else changes.
+    /// A teach-in that ran out of time or was cancelled fails; nothing else changes.
     fn expire_teach_in(&mut self) {
-        if self.teach.as_ref().is_none_or(|j| Instant::now() <= j.deadline) {
+        let ended = |j: &TeachJob| Instant::now() > j.order.deadline || j.order.cancel.is_cancelled();
+        if !self.teach.as_ref().is_some_and(ended) {
             return;
         }
         if let Some(job) = self.teach.take() {
-            let msg = format!(
-                "collected {} of {} frames before the timeout: is the camera publishing?",
-                job.collected.len(),
-                job.frames
-            );
+            let (got, asked) = (job.collected.len(), job.order.frames);
+            let msg = if job.order.cancel.is_cancelled() {
+                format!("cancelled after collecting {got} of {asked} frames")
+            } else {
+                format!("collected {got} of {asked} frames before the timeout: is the camera publishing?")
+            };
             r2r::log_error!(&self.logger, "teach-in failed: {msg}");
-            let _ = job.reply.send(TeachOutcome::failed(0, 0.0, msg));
+            let _ = job.order.reply.send(TeachOutcome::failed(0, 0.0, msg));
         }
     }
 
@@ -288,10 +343,14 @@ impl InferenceLoop {
             }
         };
         shared.mailbox.inspection_done(inspection.elapsed.as_secs_f64() * 1e3);
+        let rgb = Arc::new(rgb);
+        let recent = RecentFrame { stamp: Stamp::of(&header.stamp), frame: rgb.clone(), roi: self.settings.roi };
+        shared.recent.locked().keep(self.settings.label_buffer_frames, recent);
         if let Some(job) = self.teach.as_mut() {
             // Teach-in learns what the model sees: the ROI when one is set.
-            job.collected.push(part.unwrap_or_else(|| rgb.clone()));
-            if job.collected.len() >= job.frames {
+            job.collected.push(part.unwrap_or_else(|| rgb.as_ref().clone()));
+            job.report();
+            if job.collected.len() >= job.order.frames {
                 if let Some(job) = self.teach.take() {
                     start_fit(job, shared, &self.settings, insp, &self.logger);
                 }
@@ -363,30 +422,40 @@ impl InferenceLoop {
                 }
                 let _ = reply.send(outcome);
             }
-            Command::Teach { frames, name, deadline, reply } => {
+            Command::Teach(order) => {
                 if self.teach.is_some() {
-                    let _ = reply.send(TeachOutcome::failed(0, 0.0, "a teach-in is already running".into()));
+                    let _ = order.reply.send(TeachOutcome::failed(0, 0.0, "a teach-in is already running".into()));
                 } else if self.inspector.is_none() {
                     // Frames are only collected after inspection, which needs a model.
-                    let _ = reply.send(TeachOutcome::failed(
+                    let _ = order.reply.send(TeachOutcome::failed(
                         0,
                         0.0,
                         "no model is loaded to take the configuration from; load one first (~/load_model)".into(),
                     ));
+                } else if let Some(taken) = [order.name.clone(), format!("{}.frames", order.name)]
+                    .iter()
+                    .map(|n| self.settings.model_root.join(n))
+                    .find(|p| p.exists())
+                {
+                    let why = format!("{} exists and a teach-in never overwrites: choose another model_name", taken.display());
+                    let _ = order.reply.send(TeachOutcome::failed(0, 0.0, why));
                 } else {
-                    r2r::log_info!(logger, "teach-in: collecting {frames} good frames for model '{name}'");
-                    self.teach = Some(TeachJob { frames, name, deadline, collected: Vec::with_capacity(frames), reply });
+                    r2r::log_info!(logger, "teach-in: collecting {} good frames for model '{}'", order.frames, order.name);
+                    let job = TeachJob { collected: Vec::with_capacity(order.frames), order };
+                    job.report();
+                    self.teach = Some(job);
                 }
             }
-            Command::Install(insp, path, frames_used, fit_seconds, reply) => {
+            Command::Install(insp, mut outcome, reply) => {
                 let id = insp.model_id().to_string();
-                r2r::log_info!(logger, "teach-in: switching to the new model '{id}' ({})", path.display());
+                r2r::log_info!(logger, "teach-in: switching to the new model '{id}' ({})", outcome.model_path.display());
                 let mut insp = *insp;
                 let _ = insp.set_threshold(self.settings.threshold);
                 insp.set_postprocess(&self.settings.postprocess);
                 self.inspector = Some(insp);
-                self.settings.model = path.clone();
-                let _ = reply.send(TeachOutcome { model_path: path, frames_used, fit_seconds, result: Ok(id) });
+                self.settings.model = outcome.model_path.clone();
+                outcome.result = Ok(id);
+                let _ = reply.send(outcome);
             }
             Command::Lifecycle(step, reply) => {
                 let _ = reply.send(self.lifecycle_step(step));
@@ -409,7 +478,7 @@ impl InferenceLoop {
             if let Some(job) = self.teach.take() {
                 let why = format!("teach-in ended by the lifecycle ({step:?}) after {} frames", job.collected.len());
                 r2r::log_warn!(logger, "{why}");
-                let _ = job.reply.send(TeachOutcome::failed(0, 0.0, why));
+                let _ = job.order.reply.send(TeachOutcome::failed(0, 0.0, why));
             }
         }
         match step {
@@ -432,33 +501,80 @@ impl InferenceLoop {
     }
 }
 
-/// Fits the taught model on a thread of its own, so inspection goes on meanwhile; the frames are
-/// kept beside the model (`<model>.frames/train/good/`) so the teach-in can be audited and redone.
+/// Fits the taught model on a thread of its own, so inspection goes on meanwhile; the frames and
+/// the labels it learned from are kept beside the model (`<model>.frames/`, an MVTec-layout data
+/// set) so the teach-in can be audited and redone.
 fn start_fit(job: TeachJob, shared: &Arc<Shared>, settings: &Settings, current: &Inspector, logger: &str) {
-    let request = TeachRequest {
-        out: settings.model_root.join(&job.name),
-        frames_dir: settings.model_root.join(format!("{}.frames", job.name)),
-        name: job.name.clone(),
-    };
+    let TeachJob { order, collected } = job;
     let base = TeachBase::of(current);
+    let method = order.method.unwrap_or_else(|| base.method());
+    let request = TeachRequest {
+        out: settings.model_root.join(&order.name),
+        frames_dir: settings.model_root.join(format!("{}.frames", order.name)),
+        name: order.name.clone(),
+        method,
+        labels: Some(LabelStore::new(&settings.model_root.join("labels"))),
+    };
     let shared = shared.clone();
     let log = logger.to_string();
-    r2r::log_info!(logger, "teach-in: {} frames collected, fitting {}", job.collected.len(), request.out.display());
+    r2r::log_info!(
+        logger,
+        "teach-in: {} frames collected, fitting {} with {} and the labels in {}",
+        collected.len(),
+        request.out.display(),
+        method.as_str(),
+        settings.model_root.join("labels").display()
+    );
     let spawned = std::thread::Builder::new().name("teach-fit".into()).spawn(move || {
         let t0 = Instant::now();
-        let n = job.collected.len() as u32;
-        let fitted = teach(&job.collected, &base, &request);
+        let n = collected.len() as u32;
+        let options = FitOptions { cancel: order.cancel.clone(), ..FitOptions::default() };
+        let (frames_collected, frames_requested) = (n, order.frames as u32);
+        let mut progress = |stage: FitStage, done: usize, total: usize| {
+            let p = TeachProgress {
+                stage: "fitting",
+                frames_collected,
+                frames_requested,
+                fit_step: fit_step(stage),
+                done: done as u32,
+                total: total as u32,
+            };
+            let _ = order.progress.send(p);
+        };
+        let fitted = teach(&collected, &base, &request, &options, &mut progress);
         let secs = t0.elapsed().as_secs_f32();
         match fitted {
-            Ok(insp) => {
-                if let Some(check) = &insp.manifest().training.self_check {
+            Ok(taught) => {
+                if let Some(check) = &taught.inspector.manifest().training.self_check {
                     r2r::log_info!(&log, "teach-in: {check}");
                 }
-                shared.mailbox.put_command(Command::Install(Box::new(insp), request.out, n, secs, job.reply))
+                let unused = if taught.used_defective { 0 } else { taught.labels.defective };
+                if unused > 0 {
+                    r2r::log_warn!(
+                        &log,
+                        "teach-in: {unused} defective labels kept but not used: {} learns from good frames only",
+                        method.as_str()
+                    );
+                }
+                let _ = order.progress.send(TeachProgress {
+                    stage: "installing",
+                    frames_collected,
+                    frames_requested,
+                    ..Default::default()
+                });
+                let outcome = TeachOutcome {
+                    model_path: request.out,
+                    frames_used: n,
+                    fit_seconds: secs,
+                    labels_good: taught.labels.good as u32,
+                    labels_defective: (taught.labels.defective - unused) as u32,
+                    result: Err(String::new()),
+                };
+                shared.mailbox.put_command(Command::Install(Box::new(taught.inspector), outcome, order.reply))
             }
             Err(e) => {
                 r2r::log_error!(&log, "teach-in failed: {e}");
-                let _ = job.reply.send(TeachOutcome::failed(n, secs, e.to_string()));
+                let _ = order.reply.send(TeachOutcome::failed(n, secs, e.to_string()));
             }
         }
     });

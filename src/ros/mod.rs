@@ -12,10 +12,12 @@
 //!   conversion thread
 //! - [`status`]: counters and latencies, the once-per-kind error log, /diagnostics
 //! - [`publishing`]: the output publishers, markers, the 32FC1 map, the image thread
+//! - [`labelling`]: the last frames inspected, by stamp, and `~/label`, which stores one with
+//!   the operator's label for teach-in
 //! - [`inference`]: the inference thread: commands, models, frames, teach-in
 //! - [`input`]: the camera subscription; with `input_qos: auto`, reliability following the camera
 //! - [`services`]: `~/inspect`, `~/teach`, `~/load_model`, `~/set_threshold`, `~/describe`
-//! - [`actions`]: `~/inspect` as an action (several frames, feedback, cancel)
+//! - [`actions`]: `~/inspect` and `~/teach` as actions (feedback, cancel)
 //! - [`managed`]: the lifecycle services and `~/transition_event`, and each transition's work
 //! - [`node`]: wiring, parameter events, the executor loop
 //!
@@ -34,13 +36,16 @@
 //! | `anomaly/markers` | visualization_msgs/MarkerArray | boxes, centroids, labels |
 //! | `/diagnostics` | diagnostic_msgs/DiagnosticArray | 1 Hz |
 //! | `~/inspect`, `~/teach`, `~/load_model`, `~/set_threshold` | anomaly_inspector_msgs/srv | services |
+//! | `~/label` | anomaly_inspector_msgs/srv/Label | a recent frame (by stamp) as good or defective |
 //! | `~/inspect` (action) | anomaly_inspector_msgs/action/Inspect | N frames, feedback per frame |
+//! | `~/teach` (action) | anomaly_inspector_msgs/action/Teach | teach-in with feedback, cancellable |
 //! | `~/describe` | std_srvs/Trigger | JSON: model, thresholds, training summary, parameters |
 //! | `~/change_state`, `~/get_state`, ... | lifecycle_msgs/srv | managed node (`managed`) |
 mod actions;
 pub mod convert;
 mod inference;
 mod input;
+mod labelling;
 pub mod lifecycle;
 mod mailbox;
 mod managed;

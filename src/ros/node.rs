@@ -19,6 +19,7 @@ use tokio::sync::{broadcast, oneshot};
 use super::actions::spawn_actions;
 use super::inference::{self, Command, Shared};
 use super::input::CameraInput;
+use super::labelling::{spawn_label_service, RecentFrames};
 use super::lifecycle::Lifecycle;
 use super::mailbox::Mailbox;
 use super::managed::{spawn_lifecycle_services, Transitions};
@@ -80,7 +81,7 @@ pub fn usage() -> String {
     }
     text.push_str(&format!(
         "\nSubscribes (relative names; remap with -r): {}\nPublishes: {}\n\
-         Services: ~/inspect, ~/teach, ~/load_model, ~/set_threshold, ~/describe, and the lifecycle services \
+         Services: ~/inspect, ~/teach, ~/label, ~/load_model, ~/set_threshold, ~/describe, and the lifecycle services \
          (~/change_state, ~/get_state, ~/get_available_states, ~/get_available_transitions, \
          ~/get_transition_graph; events on ~/transition_event)\n\
          Keep DDS on this machine with ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST and your own ROS_DOMAIN_ID.\n",
@@ -186,6 +187,7 @@ pub fn run() -> anyhow::Result<()> {
         camera: Mutex::new(None),
         results: results_tx,
         lifecycle: Mutex::new(Lifecycle::default()),
+        recent: Mutex::new(RecentFrames::default()),
     });
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -285,7 +287,8 @@ pub fn run() -> anyhow::Result<()> {
     }
 
     spawn_services(&mut node, &rt, &shared, &params, &node_params, &logger)?;
-    spawn_actions(&mut node, &rt, &shared, &logger)?;
+    spawn_label_service(&mut node, &rt, &shared, &params, &logger)?;
+    spawn_actions(&mut node, &rt, &shared, &params, &node_params, &logger)?;
     let transitions = Arc::new(Transitions::new(&mut node, shared.clone(), &logger).context("cannot create ~/transition_event")?);
     spawn_lifecycle_services(&mut node, &rt, &transitions).context("cannot create the lifecycle services")?;
     let managed = settings.managed;

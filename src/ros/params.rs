@@ -43,6 +43,8 @@ pub struct NodeParams {
     pub surface_plane: FloatList,
     /// Marker scale (m per pixel) when no 3-D projection is available: regions are drawn on the image plane of the frame_id.
     pub marker_pixel_size: f64,
+    /// Inspected frames the node keeps (newest first) so that ~/label can store one by its header stamp; 0 = labelling off. Memory: this many frames (30 RGB frames of 640x480: 28 MB; of 5 MP: 450 MB).
+    pub label_buffer_frames: i64,
     /// Managed (lifecycle) start-up: true = start unconfigured and wait for a lifecycle manager (configure loads the model, activate starts inspecting); false = configure and activate at once. Read at start-up.
     pub managed: bool,
 }
@@ -65,6 +67,7 @@ impl Default for NodeParams {
             working_distance: 0.0,
             surface_plane: FloatList::default(),
             marker_pixel_size: 0.001,
+            label_buffer_frames: DEFAULT_LABEL_BUFFER_FRAMES as i64,
             managed: false,
         }
     }
@@ -123,6 +126,12 @@ macro_rules! list_param {
 }
 list_param!(IntList, i64, IntegerArray, "An integer-array parameter.");
 list_param!(FloatList, f64, DoubleArray, "A double-array parameter.");
+
+/// Frames kept for ~/label by default: enough for an operator to label the part just rejected
+/// at a few frames per second.
+pub const DEFAULT_LABEL_BUFFER_FRAMES: usize = 30;
+/// The most frames ~/label may keep (memory: one frame each).
+pub const MAX_LABEL_BUFFER_FRAMES: i64 = 1000;
 
 /// Parameters read only at start-up. Changing them at run time is refused (as rclcpp does for
 /// read-only parameters) rather than accepted and silently ignored.
@@ -283,6 +292,8 @@ pub struct Settings {
     pub surface_plane: Option<Plane>,
     /// Metres per pixel for image-plane markers.
     pub marker_pixel_size: f64,
+    /// Inspected frames kept for ~/label (0 = labelling off).
+    pub label_buffer_frames: usize,
     /// Start unconfigured and wait for a lifecycle manager.
     pub managed: bool,
 }
@@ -339,6 +350,12 @@ impl NodeParams {
         if !(self.marker_pixel_size > 0.0 && self.marker_pixel_size.is_finite()) {
             return Err(Error::Config(format!("marker_pixel_size {}: must be > 0", self.marker_pixel_size)));
         }
+        if !(0..=MAX_LABEL_BUFFER_FRAMES).contains(&self.label_buffer_frames) {
+            return Err(Error::Config(format!(
+                "label_buffer_frames {}: use 0..={MAX_LABEL_BUFFER_FRAMES} (0 = labelling off)",
+                self.label_buffer_frames
+            )));
+        }
         let model: PathBuf = self.model.clone().into();
         let model_root = if self.model_root.trim().is_empty() {
             model.parent().map(|p| p.to_path_buf()).unwrap_or_else(|| PathBuf::from("."))
@@ -360,6 +377,7 @@ impl NodeParams {
             publish_markers: self.publish_markers,
             surface_plane,
             marker_pixel_size: self.marker_pixel_size,
+            label_buffer_frames: self.label_buffer_frames as usize,
             managed: self.managed,
         })
     }
@@ -480,10 +498,21 @@ mod tests {
         // mid-sentence in `ros2 param describe` and `--help`.
         let mut declared = IndexMap::new();
         NodeParams::default().register_parameters("", None, &mut declared).unwrap();
-        assert_eq!(declared.len(), 16);
+        assert_eq!(declared.len(), 17);
         for (name, p) in &declared {
             let d = p.description.trim();
             assert!(d.len() > 20 && (d.ends_with('.') || d.ends_with(')')), "{name}: '{d}'");
+        }
+    }
+
+    #[test]
+    fn label_buffer_frames_is_range_checked() {
+        assert_eq!(NodeParams::default().settings().unwrap().label_buffer_frames, DEFAULT_LABEL_BUFFER_FRAMES);
+        let off = NodeParams { label_buffer_frames: 0, ..NodeParams::default() };
+        assert_eq!(off.settings().unwrap().label_buffer_frames, 0);
+        for bad in [-1, MAX_LABEL_BUFFER_FRAMES + 1] {
+            let p = NodeParams { label_buffer_frames: bad, ..NodeParams::default() };
+            assert!(p.settings().unwrap_err().to_string().contains("label_buffer_frames"), "{bad} accepted");
         }
     }
 

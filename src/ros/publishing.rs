@@ -100,7 +100,7 @@ impl ResultPublishers {
 struct ImageJob {
     header: Header,
     inspection: Inspection,
-    frame: RgbImage,
+    frame: std::sync::Arc<RgbImage>,
 }
 
 /// The image thread: draws and publishes anomaly/map, anomaly/heatmap and anomaly/overlay for
@@ -129,7 +129,7 @@ impl ImageThread {
 
     /// Hands over one frame's pictures; when the thread is still busy with an earlier frame,
     /// this frame's pictures are skipped (and counted) rather than delay the next verdict.
-    pub fn offer(&mut self, header: &Header, inspection: Inspection, frame: RgbImage) {
+    pub fn offer(&mut self, header: &Header, inspection: Inspection, frame: std::sync::Arc<RgbImage>) {
         if let Err(TrySendError::Full(_)) = self.jobs.try_send(ImageJob { header: header.clone(), inspection, frame }) {
             self.skipped += 1;
         }

@@ -12,12 +12,16 @@ use r2r::anomaly_inspector_msgs::msg::AnomalyResult;
 use r2r::anomaly_inspector_msgs::srv::{Inspect, LoadModel, SetThreshold, Teach};
 use r2r::std_srvs::srv::Trigger;
 use r2r::QosProfile;
+// tokio's watch channel, named so that no line reads like a libtorch path (tests/layering.rs).
+use tokio::sync::watch as latest;
 use tokio::sync::{broadcast, oneshot};
 
-use super::inference::{Command, Published, Shared};
+use super::inference::{Command, Published, Shared, TeachOrder, TeachOutcome, TeachProgress};
 use super::lifecycle::State;
 use super::params::{CheckedParams, NodeParams};
 use super::LockOrRecover as _;
+use crate::training::Cancel;
+use crate::Method;
 
 /// r2r's own copy of the parameter values: it decides whether a set_parameters call is a change
 /// (and so raises an event), so services that change a parameter must update it too.
@@ -121,6 +125,108 @@ fn parameters_json(mut params: NodeParams) -> serde_json::Value {
     declared.iter().map(|(k, p)| (k.clone(), value(&p.value))).collect::<serde_json::Map<_, _>>().into()
 }
 
+/// A teach-in request's fields, as the service and the action both carry them.
+pub(super) struct TeachAsk<'a> {
+    pub num_frames: u32,
+    pub model_name: &'a str,
+    pub timeout_s: f32,
+    pub method: &'a str,
+}
+
+/// A teach-in under way: its outcome to come, its progress, and its cancel flag.
+pub(super) struct TeachStarted {
+    pub reply: oneshot::Receiver<TeachOutcome>,
+    pub progress: latest::Receiver<TeachProgress>,
+    pub cancel: Cancel,
+}
+
+/// Checks a teach-in request and hands it to the inference thread, or says why not.
+pub(super) fn start_teach(shared: &Shared, ask: &TeachAsk<'_>, logger: &str) -> Result<TeachStarted, String> {
+    if let Some(message) = inactive(shared) {
+        return Err(message);
+    }
+    let frames = if ask.num_frames == 0 { DEFAULT_TEACH_FRAMES } else { ask.num_frames };
+    let bad_name = |n: &str| n.contains('/') || n.contains("..") || n.starts_with('.');
+    let name = if ask.model_name.trim().is_empty() {
+        format!("taught_{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0))
+    } else {
+        ask.model_name.trim().to_string()
+    };
+    let method = match ask.method.trim() {
+        "" => Ok(None),
+        m => m.parse::<Method>().map(Some).map_err(|e| e.to_string()),
+    };
+    let refusal = if frames < 2 {
+        Some(format!("num_frames {frames}: need at least 2 good frames (one to fit, one to calibrate)"))
+    } else if frames > MAX_TEACH_FRAMES {
+        Some(format!("num_frames {frames}: at most {MAX_TEACH_FRAMES} frames (they are held in memory until the fit)"))
+    } else if bad_name(&name) {
+        Some(format!("model_name '{name}': use a plain directory name (no '/', no leading '.')"))
+    } else {
+        method.as_ref().err().cloned()
+    };
+    if let Some(message) = refusal {
+        r2r::log_error!(logger, "teach refused: {message}");
+        return Err(message);
+    }
+    let (reply_tx, reply) = oneshot::channel();
+    let (progress_tx, progress) = latest::channel(TeachProgress::default());
+    let cancel = Cancel::default();
+    let deadline = Instant::now() + timeout_or(ask.timeout_s, DEFAULT_TEACH_TIMEOUT_S);
+    shared.mailbox.put_command(Command::Teach(TeachOrder {
+        frames: frames as usize,
+        name,
+        method: method.ok().flatten(),
+        deadline,
+        progress: progress_tx,
+        cancel: cancel.clone(),
+        reply: reply_tx,
+    }));
+    Ok(TeachStarted { reply, progress, cancel })
+}
+
+/// A teach-in's reply fields (service response and action result alike).
+#[derive(Default)]
+pub(super) struct TeachReply {
+    pub success: bool,
+    pub message: String,
+    pub model_path: String,
+    pub frames_used: u32,
+    pub labels_good: u32,
+    pub labels_defective: u32,
+    pub fit_seconds: f32,
+}
+
+/// The reply to a finished teach-in; a new model becomes the `model` parameter.
+pub(super) fn teach_outcome(
+    outcome: Result<TeachOutcome, String>,
+    params: &Mutex<CheckedParams>,
+    node_params: &NodeParamMap,
+) -> TeachReply {
+    let o = match outcome {
+        Ok(o) => o,
+        Err(message) => return TeachReply { message, ..Default::default() },
+    };
+    if o.result.is_ok() {
+        model_in_force(params, node_params, &o.model_path);
+    }
+    TeachReply {
+        success: o.result.is_ok(),
+        message: match &o.result {
+            Ok(id) => format!(
+                "model '{id}' fitted on {} frames and {} good + {} defective labels, in use",
+                o.frames_used, o.labels_good, o.labels_defective
+            ),
+            Err(e) => e.clone(),
+        },
+        model_path: o.model_path.to_string_lossy().into_owned(),
+        frames_used: o.frames_used,
+        labels_good: o.labels_good,
+        labels_defective: o.labels_defective,
+        fit_seconds: o.fit_seconds,
+    }
+}
+
 /// Creates the services and answers them on `rt`.
 pub fn spawn_services(
     node: &mut r2r::Node,
@@ -196,54 +302,25 @@ pub fn spawn_services(
     let np = node_params.clone();
     rt.spawn(async move {
         while let Some(req) = teach.next().await {
-            if let Some(message) = inactive(&sh) {
-                let _ = req.respond(Teach::Response { success: false, message, ..Default::default() });
-                continue;
-            }
-            let frames = if req.message.num_frames == 0 { DEFAULT_TEACH_FRAMES } else { req.message.num_frames };
-            let bad_name = |n: &str| n.contains('/') || n.contains("..") || n.starts_with('.');
-            let name = if req.message.model_name.trim().is_empty() {
-                format!(
-                    "taught_{}",
-                    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-                )
-            } else {
-                req.message.model_name.trim().to_string()
-            };
-            if !(2..=MAX_TEACH_FRAMES).contains(&frames) || bad_name(&name) {
-                let message = if frames < 2 {
-                    format!("num_frames {frames}: need at least 2 good frames (one to fit, one to calibrate)")
-                } else if frames > MAX_TEACH_FRAMES {
-                    format!("num_frames {frames}: at most {MAX_TEACH_FRAMES} frames (they are held in memory until the fit)")
-                } else {
-                    format!("model_name '{name}': use a plain directory name (no '/', no leading '.')")
-                };
-                r2r::log_error!(&log, "teach refused: {message}");
-                let _ = req.respond(Teach::Response { success: false, message, ..Default::default() });
-                continue;
-            }
-            let (tx, rx) = oneshot::channel();
-            let deadline = Instant::now() + timeout_or(req.message.timeout_s, DEFAULT_TEACH_TIMEOUT_S);
-            sh.mailbox.put_command(Command::Teach { frames: frames as usize, name, deadline, reply: tx });
+            let m = &req.message;
+            let asked =
+                TeachAsk { num_frames: m.num_frames, model_name: &m.model_name, timeout_s: m.timeout_s, method: &m.method };
+            let started = start_teach(&sh, &asked, &log);
             let (prm, np) = (prm.clone(), np.clone());
             tokio::spawn(async move {
-                let response = match rx.await {
-                    Ok(o) => {
-                        if o.result.is_ok() {
-                            model_in_force(&prm, &np, &o.model_path);
-                        }
-                        Teach::Response {
-                            success: o.result.is_ok(),
-                            message: match &o.result {
-                                Ok(id) => format!("model '{id}' fitted on {} frames and in use", o.frames_used),
-                                Err(e) => e.clone(),
-                            },
-                            model_path: o.model_path.to_string_lossy().into_owned(),
-                            frames_used: o.frames_used,
-                            fit_seconds: o.fit_seconds,
-                        }
-                    }
-                    Err(_) => Teach::Response { success: false, message: "node shutting down".into(), ..Default::default() },
+                let outcome = match started {
+                    Ok(t) => t.reply.await.map_err(|_| "node shutting down".to_string()),
+                    Err(message) => Err(message),
+                };
+                let o = teach_outcome(outcome, &prm, &np);
+                let response = Teach::Response {
+                    success: o.success,
+                    message: o.message,
+                    model_path: o.model_path,
+                    frames_used: o.frames_used,
+                    labels_good: o.labels_good,
+                    labels_defective: o.labels_defective,
+                    fit_seconds: o.fit_seconds,
                 };
                 let _ = req.respond(response);
             });

@@ -276,6 +276,7 @@ pub fn fit_draem(
     let mut order_cache = None;
     let seconds_before = state.train_seconds;
     for step in state.step..config.steps {
+        options.cancel.check(&format!("training (step {} of {})", step + 1, config.steps))?;
         let idx = Tensor::f_from_slice(&batch_indices(config.seed, step, config.batch_size, n, &mut order_cache))?
             .f_to_device(device)?;
         let clean = store.f_index_select(0, &idx)?.f_to_kind(Kind::Float)?.f_div_scalar(255.0)?;

@@ -17,7 +17,7 @@ use tch::{nn, Device, Kind, Tensor};
 use super::adam::Adam;
 use super::checkpoint;
 use super::losses::{sigmoid_focal_loss, truncated_l1};
-use super::schedule::{batch_indices, step_rng};
+use super::schedule::{step_rng, SampleOrder};
 use super::{calibrate, check_on_synthetic_defects, model_name, split_holdout_checked, training_info, FitOptions, FitStage};
 use crate::config::SuperSimpleNetConfig;
 use crate::dataset::{load_mask, Supervision, TestSample};
@@ -128,20 +128,22 @@ fn grid_mask(path: &Path, input: (i64, i64), grid: (i64, i64), device: Device) -
 }
 
 /// Extracts and caches the patch features of `good` and `defective` images, in batches of
-/// `batch_size`, reporting `FitStage::Features` per batch.
+/// `options.batch_size`, reporting `FitStage::Features` per batch (cancellable between them).
 fn cache_features(
     good: &[PathBuf],
     defective: &[TestSample],
     backbone: &Backbone,
     pre: &Preprocessor,
     config: &SuperSimpleNetConfig,
-    batch_size: usize,
+    options: &FitOptions,
     progress: &mut dyn FnMut(FitStage, usize, usize),
 ) -> Result<FeatureCache> {
+    let batch_size = options.batch_size.max(1);
     let paths: Vec<&Path> = good.iter().map(PathBuf::as_path).chain(defective.iter().map(|s| s.path.as_path())).collect();
     let total = paths.len();
     let mut chunks = Vec::new();
-    for (i, chunk) in paths.chunks(batch_size.max(1)).enumerate() {
+    for (i, chunk) in paths.chunks(batch_size).enumerate() {
+        options.cancel.check("feature extraction")?;
         let imgs = chunk.iter().map(|p| imaging::load(p)).collect::<Result<Vec<_>>>()?;
         chunks.push(extract_features(backbone, &pre.batch(&imgs)?, config)?);
         progress(FitStage::Features, (i * batch_size + chunk.len()).min(total), total);
@@ -248,7 +250,7 @@ pub fn fit_supersimplenet(
     let pre = Preprocessor::new(&config.preprocess, device)?;
 
     let t_features = Instant::now();
-    let cache = cache_features(&fit_good, defective, &backbone, &pre, config, options.batch_size, progress)?;
+    let cache = cache_features(&fit_good, defective, &backbone, &pre, config, options, progress)?;
     let feature_seconds = t_features.elapsed().as_secs_f64();
     let [m, c, h, w]: [i64; 4] =
         cache.features.size().try_into().map_err(|_| Error::Config("patch features are not [M, C, h, w]".into()))?;
@@ -280,18 +282,19 @@ pub fn fit_supersimplenet(
 
     // A set smaller than a batch trains on all of it at once.
     let batch = config.batch_size.min(n_samples);
-    let steps_per_epoch = n_samples.div_ceil(batch);
+    // The cache holds the good images first, then the labelled defects.
+    let mut order = SampleOrder::new(config.seed, batch, fit_good.len(), defective.len(), config.defect_share);
+    let steps_per_epoch = order.steps_per_epoch();
     let total_steps = config.epochs * steps_per_epoch;
     let anomalies = FeatureAnomalies::new(config);
     let t0 = Instant::now();
     let seconds_before = state.train_seconds;
-    let mut order_cache = None;
     for epoch in state.epoch..config.epochs {
         let mut sums = [0.0f64; 4];
         let mut scale = 1.0;
         for step in epoch * steps_per_epoch..(epoch + 1) * steps_per_epoch {
-            let idx = Tensor::f_from_slice(&batch_indices(config.seed, step, batch, n_samples, &mut order_cache))?
-                .f_to_device(device)?;
+            options.cancel.check(&format!("training (step {} of {total_steps})", step + 1))?;
+            let idx = Tensor::f_from_slice(&order.indices(step))?.f_to_device(device)?;
             let features = cache.features.f_index_select(0, &idx)?;
             let masks = cache.masks.f_index_select(0, &idx)?;
             let labels = cache.labels.f_index_select(0, &idx)?;
