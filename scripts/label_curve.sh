@@ -6,7 +6,8 @@
 #   bash scripts/label_curve.sh [DATA] [OUT] [K ...]
 #   bash scripts/label_curve.sh ../shared/data/magnetic_tile /tmp/curve 0 5 10 20 50
 #
-# Needs the release binary (cargo build --release); BIN overrides it. Hours of CPU: every run
+# Needs the release binary (cargo build --release); BIN overrides it, LABELS="masks" (or
+# "verdicts") runs one kind of label only, FIT_ARGS adds options to the SuperSimpleNet fits. Hours of CPU: every run
 # is a full fit. The splits are symbolic links (scripts/split_labels.py); the data is never changed.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -33,7 +34,8 @@ run() { # method labels k split_dir
   local m=$1 labels=$2 k=$3 split=$4 name=$1_${2}_k$3
   [ -f "$out/$name.eval.json" ] && return 0
   local t0=$SECONDS
-  "$bin" fit --method "$m" --data "$split" --out "$out/$name.model" > "$out/$name.fit.log" 2>&1
+  local extra=(); [ "$m" = supersimplenet ] && read -r -a extra <<< "${FIT_ARGS:-}"
+  "$bin" fit --method "$m" --data "$split" --out "$out/$name.model" "${extra[@]}" > "$out/$name.fit.log" 2>&1
   local fit_s=$((SECONDS - t0))
   "$bin" eval --model "$out/$name.model" --data "$split" --json "$out/$name.eval.json" > "$out/$name.eval.log" 2>&1
   row "$m" "$labels" "$k" "$out/$name.eval.json" "$fit_s"
@@ -41,7 +43,7 @@ run() { # method labels k split_dir
 }
 
 for k in "${ks[@]}"; do
-  for labels in masks verdicts; do
+  for labels in ${LABELS:-masks verdicts}; do
     [ "$k" = 0 ] && [ "$labels" = verdicts ] && continue
     split=$out/split_${labels}_k$k
     if [ "$k" = 0 ]; then
