@@ -257,7 +257,7 @@ impl Inspector {
     }
 
     /// The model and its preprocessor, for the stage timings of [`crate::bench`].
-    pub(crate) fn parts(&self) -> (&model_file::AnomalyModel, &Preprocessor) {
+    pub fn parts(&self) -> (&model_file::AnomalyModel, &Preprocessor) {
         (&self.loaded.model, &self.preprocessor)
     }
 

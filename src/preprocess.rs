@@ -19,7 +19,8 @@ const IMAGENET_STD: [f64; 3] = [0.229, 0.224, 0.225];
 pub struct Preprocessor {
     config: PreprocessConfig,
     device: Device,
-    /// `[1, 3, 1, 1]` scale and shift: `x01 * scale + shift` gives the normalised value.
+    /// `[1, 3, 1, 1]` scale and shift: `x * scale + shift` gives the normalised value of a
+    /// 0..255 value `x` (the division by 255 folded into `scale`).
     scale: Tensor,
     shift: Tensor,
 }
@@ -32,7 +33,7 @@ impl Preprocessor {
             // (x - 127) / 128 on 0..255 == (x01 - 127/255) / (128/255)
             Normalization::Symmetric => ([127.0 / 255.0; 3], [128.0 / 255.0; 3]),
         };
-        let scale: Vec<f32> = std.iter().map(|s| (1.0 / s) as f32).collect();
+        let scale: Vec<f32> = std.iter().map(|s| (1.0 / (255.0 * s)) as f32).collect();
         let shift: Vec<f32> = mean.iter().zip(std.iter()).map(|(m, s)| (-m / s) as f32).collect();
         let scale = Tensor::f_from_slice(&scale)?.f_view([1, 3, 1, 1])?.f_to_device(device)?;
         let shift = Tensor::f_from_slice(&shift)?.f_view([1, 3, 1, 1])?.f_to_device(device)?;
@@ -136,14 +137,16 @@ impl Preprocessor {
             return Err(Error::BadImage(format!("image has zero size {w}x{h}")));
         }
         let hwc = Tensor::f_from_slice(image.as_raw())?.f_view([h as i64, w as i64, 3])?;
-        let chw = hwc.f_to_device(self.device)?.f_permute([2, 0, 1])?.f_unsqueeze(0)?;
-        let x01 = chw.f_to_kind(Kind::Float)?.f_div_scalar(255.0)?;
+        // Planar while still bytes (a quarter of the floats' traffic): libtorch resizes planar
+        // floats faster than interleaved ones (1.16 vs 1.51 ms for 1024x417 on 2 CPU cores).
+        let chw = hwc.f_to_device(self.device)?.f_permute([2, 0, 1])?.f_contiguous()?.f_unsqueeze(0)?;
+        let x = chw.f_to_kind(Kind::Float)?;
         let resized = if (h as i64, w as i64) == (th, tw) {
-            x01
+            x
         } else {
             // Antialiased bilinear, so that a 1280x1024 frame and a 256x256 training image of the
             // same part look alike to the network.
-            x01.f_internal_upsample_bilinear2d_aa([th, tw], false, None, None)?
+            x.f_internal_upsample_bilinear2d_aa([th, tw], false, None, None)?
         };
         Ok(resized.f_mul(&self.scale)?.f_add(&self.shift)?)
     }

@@ -21,7 +21,7 @@ use crate::config::{PatchCoreConfig, Resize, Search};
 use crate::error::{Error, Result};
 use crate::models::backbone::Backbone;
 use crate::models::bank_index::BankIndex;
-use crate::models::layers::{blur, gaussian_kernel};
+use crate::models::layers::{blur, gaussian_kernel, upsample_blurred};
 use crate::models::{coreset, ModelOutput};
 
 /// Rows of the memory bank compared at once in nearest-neighbour search: with one frame's
@@ -567,11 +567,7 @@ impl PatchCore {
             None => patch_scores,
         };
         let grid = map_scores.f_view([n, 1, fh, fw])?;
-        let maps = grid.f_upsample_bilinear2d([h, w], false, None, None)?;
-        let maps = match &self.blur {
-            Some(kernel) => blur(&maps, kernel)?,
-            None => maps,
-        };
+        let maps = upsample_blurred(&grid, h, w, self.blur.as_ref())?;
         let maps = match coarse_map(&grid, smoothing.coarse_blur_sigma.unwrap_or(0.0), h, w)? {
             Some(coarse) => maps.f_maximum(&coarse)?,
             None => maps,

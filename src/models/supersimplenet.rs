@@ -28,7 +28,7 @@ use crate::config::{ImageScore, SuperSimpleNetConfig};
 use crate::dataset::Supervision;
 use crate::error::{Error, Result};
 use crate::models::backbone::Backbone;
-use crate::models::layers::{blur, gaussian_kernel, BatchNorm};
+use crate::models::layers::{gaussian_kernel, upsample_blurred, BatchNorm};
 use crate::models::perlin::{perlin_mask, MaskParams};
 use crate::models::ModelOutput;
 
@@ -427,11 +427,7 @@ impl SuperSimpleNet {
         let _guard = tch::no_grad_guard();
         let (h, w) = (x.size()[2], x.size()[3]);
         let out = self.net.forward(&extract_features(&self.backbone, x, &self.config)?)?;
-        let maps = out.map.f_upsample_bilinear2d([h, w], false, None, None)?;
-        let maps = match &self.blur {
-            Some(kernel) => blur(&maps, kernel)?,
-            None => maps,
-        };
+        let maps = upsample_blurred(&out.map, h, w, self.blur.as_ref())?;
         let anomaly_maps = maps.f_sigmoid()?;
         let image_scores = match self.config.image_score {
             ImageScore::Classifier => out.score.f_sigmoid()?,

@@ -30,9 +30,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-#[cfg(any(test, feature = "studies"))]
-use tch::Kind;
-use tch::{nn, Device, TchError, Tensor};
+use tch::{nn, Device, Kind, TchError, Tensor};
 
 use crate::error::{Error, Result};
 use crate::models::layers::BatchNorm;
@@ -84,6 +82,12 @@ pub(crate) fn same_padding(size: i64, kernel: i64, stride: i64) -> (i64, i64) {
     (total / 2, total - total / 2)
 }
 
+/// `t` `[N, C, H, W]` with the same values laid out channels-last (NHWC in memory, NCHW in
+/// shape): libtorch then runs its convolutions on NHWC kernels, and keeps the layout.
+pub(crate) fn channels_last(t: &Tensor) -> Result<Tensor> {
+    Ok(t.f_permute([0, 2, 3, 1])?.f_contiguous()?.f_permute([0, 3, 1, 2])?)
+}
+
 /// A bias-free convolution with "SAME" padding, its BatchNorm and an optional ReLU6.
 struct ConvBn {
     weight: Tensor,
@@ -121,7 +125,6 @@ impl ConvBn {
 
     /// Folds the BatchNorm into the convolution (computed in float64, stored in the weight's
     /// kind): `w' = w * g / sqrt(v + eps)`, `b' = beta - m * g / sqrt(v + eps)`.
-    #[cfg(any(test, feature = "studies"))]
     fn fold(&mut self) -> Result<()> {
         let kind = self.weight.kind();
         let scale = self
@@ -138,6 +141,16 @@ impl ConvBn {
             .f_sub(&self.bn.running_mean.f_to_kind(Kind::Double)?.f_mul(&scale)?)?
             .f_to_kind(kind)?;
         self.folded = Some((weight, bias));
+        Ok(())
+    }
+
+    /// Stores the weights (explicit and folded) channels-last, so that a channels-last input
+    /// takes oneDNN's NHWC kernels; values are unchanged.
+    fn lay_out_channels_last(&mut self) -> Result<()> {
+        self.weight = channels_last(&self.weight)?;
+        if let Some((w, b)) = self.folded.take() {
+            self.folded = Some((channels_last(&w)?, b));
+        }
         Ok(())
     }
 
@@ -204,7 +217,6 @@ impl MbConv {
         Ok(h)
     }
 
-    #[cfg(any(test, feature = "studies"))]
     fn convs_mut(&mut self) -> impl Iterator<Item = &mut ConvBn> {
         self.expand.iter_mut().chain([&mut self.depthwise, &mut self.project])
     }
@@ -227,6 +239,8 @@ pub struct EfficientNetLite0 {
     fc_weight: Tensor,
     #[cfg_attr(not(any(test, feature = "studies")), allow(dead_code))]
     fc_bias: Tensor,
+    /// Inputs are laid out channels-last before the stem (see [`Self::use_channels_last`]).
+    channels_last: bool,
     device: Device,
 }
 
@@ -260,12 +274,12 @@ impl EfficientNetLite0 {
         let fc = vs / "_fc";
         let fc_weight = fc.f_kaiming_uniform("weight", &[NUM_CLASSES, HEAD_CHANNELS])?;
         let fc_bias = fc.f_zeros("bias", &[NUM_CLASSES])?;
-        Ok(Self { stem, stages, head, fc_weight, fc_bias, device: vs.device() })
+        Ok(Self { stem, stages, head, fc_weight, fc_bias, channels_last: false, device: vs.device() })
     }
 
     /// Loads the ImageNet weights from a safetensors file (see `scripts/convert_weights.py`)
     /// onto `device`: frozen, eval mode, BatchNorm kept explicit (bit-compatible with PyTorch's
-    /// op order; see [`Self::fold_batch_norm`] for the faster, slightly different form).
+    /// op order; [`Self::into_inference_form`] gives the faster, slightly different form).
     ///
     /// Every variable must be present in the file with exactly its shape; keys the model does
     /// not use (`num_batches_tracked`) are ignored.
@@ -300,13 +314,21 @@ impl EfficientNetLite0 {
         Ok(model)
     }
 
-    /// Folds every BatchNorm into its convolution (opt-in: 49 fewer ops per forward, measured
-    /// 0-15% faster on 2 CPU cores at 256x256). It rounds differently from PyTorch's
-    /// conv-then-BN: against the PyTorch reference the stage outputs move by up to about 2.5e-4
-    /// (values up to ~50; the explicit form stays within 3e-5). Call only once the final
-    /// weights are in place: later changes to the `VarStore` are not seen. Not on any inference
-    /// path yet: a lever for the studies and the tests.
-    #[cfg(any(test, feature = "studies"))]
+    /// The form every inference path uses: each BatchNorm folded into its convolution and the
+    /// weights laid out channels-last, inputs too (see [`channels_last`]). Measured on 2 CPU
+    /// cores (`examples/speed_levers.rs`), stages 1-5 at 256x256: 16.1 ms explicit, 15.1 folded,
+    /// 12.9 channels-last, 9.6 both. Folding rounds differently from PyTorch's conv-then-BN: the
+    /// stage outputs move by up to about 2.5e-4 against the PyTorch reference (values up to ~50;
+    /// the explicit form of [`Self::load`] stays within 3e-5); the accuracy it gives on the shared
+    /// data sets is in the README ("Speed"). Call once the final weights are in place: later
+    /// changes to the `VarStore` are not seen.
+    pub fn into_inference_form(mut self) -> Result<Self> {
+        self.fold_batch_norm()?;
+        self.use_channels_last()?;
+        Ok(self)
+    }
+
+    /// Folds every BatchNorm into its convolution (49 fewer ops per forward).
     pub fn fold_batch_norm(&mut self) -> Result<()> {
         tch::no_grad(|| -> Result<()> {
             self.stem.fold()?;
@@ -317,6 +339,22 @@ impl EfficientNetLite0 {
             }
             self.head.fold()
         })
+    }
+
+    /// Lays every weight out channels-last and makes [`Self::forward_stages`] take its input
+    /// channels-last, so that libtorch runs NHWC kernels throughout (its outputs keep the layout).
+    pub fn use_channels_last(&mut self) -> Result<()> {
+        tch::no_grad(|| -> Result<()> {
+            self.stem.lay_out_channels_last()?;
+            for block in self.stages.iter_mut().flatten() {
+                for conv in block.convs_mut() {
+                    conv.lay_out_channels_last()?;
+                }
+            }
+            self.head.lay_out_channels_last()
+        })?;
+        self.channels_last = true;
+        Ok(())
     }
 
     fn check_input(x: &Tensor) -> Result<()> {
@@ -335,7 +373,7 @@ impl EfficientNetLite0 {
         }
         Self::check_input(x)?;
         tch::no_grad(|| {
-            let mut h = self.stem.forward(x)?;
+            let mut h = if self.channels_last { self.stem.forward(&channels_last(x)?)? } else { self.stem.forward(x)? };
             let mut outputs = Vec::with_capacity(upto);
             for stage in &self.stages[..upto] {
                 for block in stage {
@@ -436,8 +474,8 @@ mod tests {
     }
 
     #[test]
-    fn stage_shapes_and_folding() {
-        let mut model = random_model();
+    fn stage_shapes_and_inference_form() {
+        let model = random_model();
         let x = Tensor::randn([2, 3, 67, 50], (Kind::Float, Device::Cpu));
         let explicit = model.forward_stages(&x, 7).unwrap();
         assert_eq!(explicit.len(), 7);
@@ -447,13 +485,17 @@ mod tests {
         }
         let logits = model.forward_logits(&x).unwrap();
         assert_eq!(logits.size(), vec![2, NUM_CLASSES]);
-        model.fold_batch_norm().unwrap();
-        let folded = model.forward_stages(&x, 3).unwrap();
-        assert_eq!(folded.len(), 3);
-        for (a, b) in explicit.iter().zip(&folded) {
+        let model = model.into_inference_form().unwrap();
+        assert!(model.stem.folded.is_some() && model.channels_last);
+        let fused = model.forward_stages(&x, 3).unwrap();
+        assert_eq!(fused.len(), 3);
+        for (a, b) in explicit.iter().zip(&fused) {
+            assert_eq!(a.size(), b.size());
             let diff = (a - b).abs().max().double_value(&[]);
             let scale = a.abs().max().double_value(&[]).max(1.0);
-            assert!(diff / scale < 1e-4, "folded differs by {diff} (scale {scale})");
+            assert!(diff / scale < 1e-4, "the inference form differs by {diff} (scale {scale})");
+            // NHWC in memory: the channel stride is 1.
+            assert_eq!(b.stride()[1], 1, "stage output not channels-last: strides {:?}", b.stride());
         }
     }
 

@@ -99,7 +99,9 @@ impl Backbone {
     pub fn new(cfg: &BackboneConfig, weights: &Path, device: Device) -> Result<Self> {
         let indices = parse_layers(cfg.kind, &cfg.layers)?;
         let net = match cfg.kind {
-            BackboneKind::EfficientnetLite0 => Net::EfficientNet(Box::new(EfficientNetLite0::load(weights, device)?)),
+            BackboneKind::EfficientnetLite0 => {
+                Net::EfficientNet(Box::new(EfficientNetLite0::load(weights, device)?.into_inference_form()?))
+            }
             BackboneKind::Torchscript => Net::TorchScript(TorchScriptBackbone::new(weights, device)?),
         };
         let mut backbone = Self {
