@@ -6,7 +6,10 @@
 # target/bench/report.json. Numbers, not pass/fail: these machines are shared and noisy.
 #
 #   scripts/bench.sh [--frames N] [--frame WxH] [--no-node] [--soak SECONDS]
-#                    [--only patchcore_256,draem_256]
+#                    [--only patchcore_256,draem_256] [--busy N] [--node-threads N]
+#
+# --busy N: N busy loops run on the cores throughout (another program on an industrial PC);
+# --node-threads N: the node's inference_threads (default 0: the cores the others leave free).
 #
 # The models are fitted on the built-in synthetic data (DRAEM for 2 steps only: its speed does
 # not depend on its training). Nothing leaves the machine: ROS stays on loopback.
@@ -16,7 +19,7 @@ cd "$ROOT"
 export ROS_DOMAIN_ID="${ROS_DOMAIN_ID:-63}"
 source scripts/env.sh          # also sets ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
 
-FRAMES=30; FRAME=640x480; NODE=1; SOAK=0; ONLY=""
+FRAMES=30; FRAME=640x480; NODE=1; SOAK=0; ONLY=""; BUSY=0; NODE_THREADS=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --frames) FRAMES="$2"; shift 2 ;;
@@ -24,6 +27,8 @@ while [ $# -gt 0 ]; do
     --no-node) NODE=0; shift ;;
     --soak) SOAK="$2"; shift 2 ;;
     --only) ONLY="$2"; shift 2 ;;
+    --busy) BUSY="$2"; shift 2 ;;
+    --node-threads) NODE_THREADS="$2"; shift 2 ;;
     *) echo "unknown option $1 (see the header of $0)" >&2; exit 2 ;;
   esac
 done
@@ -50,6 +55,12 @@ done
 ALL=("$MODELS/patchcore_256" "$MODELS/patchcore_512" "$MODELS/draem_256" "$MODELS/draem_512")
 if [ -n "$ONLY" ]; then ALL=(); for n in ${ONLY//,/ }; do ALL+=("$MODELS/$n"); done; fi
 
+BUSY_PIDS=()
+stop_busy() { for p in "${BUSY_PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; }
+trap stop_busy EXIT
+for _ in $(seq 1 "$BUSY"); do ( while :; do :; done ) & BUSY_PIDS+=($!); done
+[ "$BUSY" = 0 ] || echo "($BUSY busy loops running beside the engine and the node)"
+
 echo "== engine stages (anomaly_inspector bench) =="
 ARGS=(); for m in "${ALL[@]}"; do ARGS+=(--model "$m"); done
 "$BIN/anomaly_inspector" bench "${ARGS[@]}" --image "$IMAGE" --frame "256x256,$FRAME" --iterations 30 \
@@ -61,7 +72,7 @@ if [ "$NODE" = 1 ]; then
   # their decoding in Python would compete with the node for the CPU).
   for m in "${ALL[@]}"; do
     name="$(basename "$m")"
-    "$BIN/anomaly_inspector_node" --ros-args -p model:="$m" -p input_qos:=reliable > "$OUT/node_$name.log" 2>&1 &
+    "$BIN/anomaly_inspector_node" --ros-args -p model:="$m" -p input_qos:=reliable -p inference_threads:="$NODE_THREADS" > "$OUT/node_$name.log" 2>&1 &
     pid=$!
     python scripts/image_peer.py --images "$IMAGE" --repeat "$FRAMES" --resize "$FRAME" --no-images \
         --summary "$OUT/node_$name.json" > "$OUT/peer_$name.log" 2>&1 || echo "peer failed for $name: see $OUT/peer_$name.log"

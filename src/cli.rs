@@ -191,6 +191,9 @@ pub struct BenchArgs {
     /// Timed repetitions per stage (medians are reported).
     #[arg(long, default_value_t = 20)]
     pub iterations: usize,
+    /// libtorch CPU threads (as the node's inference_threads; default: one per core).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub threads: Option<u16>,
     /// Memory-bank sizes for the kNN scaling table (`--bank-rows` with no sizes: skip it).
     #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "1000,5000,20000,40000,100000")]
     pub bank_rows: Vec<i64>,

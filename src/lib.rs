@@ -48,7 +48,7 @@ pub use config::{
     BackboneConfig, BackboneKind, CoresetConfig, DeviceChoice, MapSmoothing, Normalization, PatchCoreConfig, PostprocessConfig,
     PreprocessConfig, Resize, Search,
 };
-pub use device::{load_cuda_backend, InferenceThread};
+pub use device::{load_cuda_backend, InferenceThread, ThreadGovernor};
 pub use error::{catch_panic, Error, FrameFault, Result};
 pub use imaging::{PixelEncoding, RawImage};
 pub use inspector::{Inspection, Inspector, InspectorOptions, Roi};

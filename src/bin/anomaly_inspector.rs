@@ -17,7 +17,7 @@ use anomaly_inspector::synthetic::{generate_dataset, SyntheticConfig};
 use anomaly_inspector::training::{
     fit_draem, fit_patchcore, fit_supersimplenet, split_holdout, EpochLosses, FitOptions, FitStage, LossRecord,
 };
-use anomaly_inspector::{device, imaging, Inspector};
+use anomaly_inspector::{device, imaging, InferenceThread, Inspector};
 
 fn main() -> anyhow::Result<()> {
     let _ = device::load_cuda_backend();
@@ -271,6 +271,7 @@ fn synth(a: SynthArgs) -> anyhow::Result<()> {
 }
 
 fn bench(a: BenchArgs) -> anyhow::Result<()> {
+    let _inference = InferenceThread::enter(a.threads.map(usize::from));
     let device = device::resolve(a.device)?;
     let source = imaging::load(&a.image).with_context(|| format!("reading {}", a.image.display()))?;
     let mut engine = Vec::new();

@@ -23,7 +23,7 @@ use super::publishing::{FrameInfo, ImagePublishers, ImageThread, ResultPublisher
 use super::status::{median, ErrorLog, Status};
 use super::LockOrRecover as _;
 use crate::training::{teach, Cancel, FitOptions, FitStage, TeachBase, TeachRequest};
-use crate::{InferenceThread, Inspector, InspectorOptions, LabelStore, Method, PinholeCamera};
+use crate::{InferenceThread, Inspector, InspectorOptions, LabelStore, Method, PinholeCamera, ThreadGovernor};
 
 /// The outcome of a teach-in, for the service reply.
 #[derive(Debug)]
@@ -226,6 +226,8 @@ pub fn run(
     configure_now: bool,
 ) {
     let _inference = InferenceThread::enter(settings.inference_threads);
+    // inference_threads 0: as many threads as other processes leave cores free, re-read each second.
+    let mut governor = settings.inference_threads.is_none().then(ThreadGovernor::new);
     let loaded = if configure_now { load_inspector(&settings.model, &settings, &logger).map(Some) } else { Ok(None) };
     let inspector = match loaded {
         Ok(i) => i,
@@ -273,7 +275,12 @@ pub fn run(
         match work {
             Work::Tick => {}
             Work::Command(cmd) => state.handle_command(cmd),
-            Work::Frame(frame) => state.inspect(frame, &results, &mut images),
+            Work::Frame(frame) => {
+                if let Some(threads) = governor.as_mut().and_then(ThreadGovernor::update) {
+                    r2r::log_debug!(&state.logger, "inference threads now {threads} (the cores other processes leave free)");
+                }
+                state.inspect(frame, &results, &mut images)
+            }
         }
     }
     let skipped = images.stop();

@@ -19,7 +19,7 @@ pub struct NodeParams {
     pub model_root: String,
     /// Inference device: auto, cpu or cuda. Read at start-up.
     pub device: String,
-    /// CPU threads libtorch uses for inference; 0 = one per core (libtorch's default). Set it to the cores free for inference when other busy processes share the machine: more threads than free cores makes each frame several times slower. Read at start-up.
+    /// CPU threads libtorch uses for inference; 0 (the default) = the cores other processes leave free, at least one, re-read every second (more threads than free cores makes each frame several times slower). Read at start-up.
     pub inference_threads: i64,
     /// Normalised image-score threshold for is_anomalous (0.5 = the model's calibrated threshold).
     pub threshold: f64,
@@ -270,7 +270,7 @@ pub struct Settings {
     pub model_root: PathBuf,
     /// Inference device.
     pub device: DeviceChoice,
-    /// libtorch CPU threads (None = one per core).
+    /// libtorch CPU threads (None = the cores other processes leave free: [`crate::ThreadGovernor`]).
     pub inference_threads: Option<usize>,
     /// Normalised threshold.
     pub threshold: f32,
@@ -305,7 +305,11 @@ impl NodeParams {
         let inference_threads = match self.inference_threads {
             0 => None,
             n @ 1..=1024 => Some(n as usize),
-            n => return Err(Error::Config(format!("inference_threads {n}: use 1..=1024, or 0 for one per core"))),
+            n => {
+                return Err(Error::Config(format!(
+                    "inference_threads {n}: use 1..=1024, or 0 for the cores other processes leave free"
+                )))
+            }
         };
         if !(0.0..=1.0).contains(&self.threshold) {
             return Err(Error::Config(format!("threshold {}: must be within 0..=1", self.threshold)));
