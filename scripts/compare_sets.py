@@ -63,12 +63,17 @@ def quick_copy(src, dst):
     test/ and ground_truth/ linked whole (eval's --limit-per-type takes the test subset)."""
     images = sorted(p for p in (src / "train" / "good").iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"))
     step = max(1, len(images) // QUICK_TRAIN)
-    chosen = images[::step][:QUICK_TRAIN]
+    return linked_subset(src, images[::step][:QUICK_TRAIN], dst)
+
+
+def linked_subset(src, train, dst):
+    """An MVTec-layout folder at dst (replaced if there): train/good holds links to the images
+    `train`, test/ and ground_truth/ link to src's own."""
     good = dst / "train" / "good"
     if dst.exists():
         subprocess.run(["rm", "-rf", str(dst)], check=True)
     good.mkdir(parents=True)
-    for p in chosen:
+    for p in train:
         (good / p.name).symlink_to(p.resolve())
     for sub in ("test", "ground_truth"):
         if (src / sub).is_dir():

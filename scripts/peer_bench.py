@@ -34,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 
+from compare_sets import linked_subset  # scripts/ is on the path when run as a script
+
 ROOT = Path(__file__).resolve().parent.parent
 CLI = ROOT / "target" / "release" / "anomaly_inspector"
 IMG_EXT = {".png", ".jpg", ".jpeg", ".bmp"}
@@ -59,21 +61,6 @@ def peer_timing_images(root):
     for d in sorted(p for p in (root / "test").iterdir() if p.is_dir()):
         items += list_images(d)
     return items[:WARMUP + TIMED]
-
-
-def linked_subset(root, train, dst):
-    """An MVTec-layout folder at dst: train/good holds links to `train`, test/ and ground_truth/
-    link to the set's own."""
-    if dst.exists():
-        subprocess.run(["rm", "-rf", str(dst)], check=True)
-    good = dst / "train" / "good"
-    good.mkdir(parents=True)
-    for p in train:
-        (good / p.name).symlink_to(p.resolve())
-    for sub in ("test", "ground_truth"):
-        if (root / sub).is_dir():
-            (dst / sub).symlink_to((root / sub).resolve())
-    return dst
 
 
 def run(cmd, log):

@@ -212,11 +212,6 @@ impl ThreadGovernor {
         Self { cores, threads: cores, last: CpuCounters::read().map(|c| (c, std::time::Instant::now())) }
     }
 
-    /// The threads in use now.
-    pub fn threads(&self) -> usize {
-        self.threads
-    }
-
     /// Call between frames: at most once per second it reads the counters and, when the free
     /// cores changed, sets the thread count; returns the new count when it changed.
     pub fn update(&mut self) -> Option<usize> {

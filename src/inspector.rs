@@ -256,7 +256,7 @@ impl Inspector {
         })
     }
 
-    /// The model and its preprocessor, for the stage timings of [`crate::bench`].
+    /// The model and its preprocessor, for the stage timings of [`crate::bench`] and the studies.
     pub fn parts(&self) -> (&model_file::AnomalyModel, &Preprocessor) {
         (&self.loaded.model, &self.preprocessor)
     }

@@ -64,13 +64,22 @@ pub(crate) fn gaussian_kernel(sigma: f64, device: Device) -> Result<Option<Tenso
     Ok(Some(Tensor::f_from_slice(&xs)?.f_to_device(device)?))
 }
 
+/// The padding [`blur`] uses for a radius `r` on an `h x w` map: reflect needs pad < size, so
+/// small maps fall back to replicate.
+fn padding_mode(r: i64, h: i64, w: i64) -> &'static str {
+    if r < h && r < w {
+        "reflect"
+    } else {
+        "replicate"
+    }
+}
+
 /// Separable Gaussian blur of `[N, 1, H, W]` with reflect padding (no dark borders).
 pub(crate) fn blur(maps: &Tensor, kernel: &Tensor) -> Result<Tensor> {
     let k = kernel.size()[0];
     let r = k / 2;
     let (h, w) = (maps.size()[2], maps.size()[3]);
-    // Reflect padding needs pad < size; small maps fall back to replicate.
-    let mode = if r < h && r < w { "reflect" } else { "replicate" };
+    let mode = padding_mode(r, h, w);
     let padded = maps.f_pad([r, r, r, r], mode, None)?;
     let kx = kernel.f_view([1, 1, 1, k])?;
     let ky = kernel.f_view([1, 1, k, 1])?;
@@ -91,10 +100,7 @@ pub(crate) fn upsample_blurred(grid: &Tensor, h: i64, w: i64, kernel: Option<&Te
         return Err(tch::TchError::Shape(format!("maps must be [N, 1, h, w], got {size:?}")).into());
     }
     // The padding blur() would choose for the upsampled map.
-    let mode = match kernel {
-        Some(k) if k.size()[0] / 2 < h && k.size()[0] / 2 < w => "reflect",
-        _ => "replicate",
-    };
+    let mode = padding_mode(kernel.map_or(0, |k| k.size()[0] / 2), h, w);
     let a = axis_operator(size[2], h, kernel, mode, grid.device())?;
     let b = axis_operator(size[3], w, kernel, mode, grid.device())?;
     Ok(a.f_matmul(&grid.f_to_kind(Kind::Float)?)?.f_matmul(&b.f_tr()?)?)

@@ -330,31 +330,22 @@ impl EfficientNetLite0 {
 
     /// Folds every BatchNorm into its convolution (49 fewer ops per forward).
     pub fn fold_batch_norm(&mut self) -> Result<()> {
-        tch::no_grad(|| -> Result<()> {
-            self.stem.fold()?;
-            for block in self.stages.iter_mut().flatten() {
-                for conv in block.convs_mut() {
-                    conv.fold()?;
-                }
-            }
-            self.head.fold()
-        })
+        tch::no_grad(|| self.convs_mut().try_for_each(ConvBn::fold))
     }
 
     /// Lays every weight out channels-last and makes [`Self::forward_stages`] take its input
     /// channels-last, so that libtorch runs NHWC kernels throughout (its outputs keep the layout).
     pub fn use_channels_last(&mut self) -> Result<()> {
-        tch::no_grad(|| -> Result<()> {
-            self.stem.lay_out_channels_last()?;
-            for block in self.stages.iter_mut().flatten() {
-                for conv in block.convs_mut() {
-                    conv.lay_out_channels_last()?;
-                }
-            }
-            self.head.lay_out_channels_last()
-        })?;
+        tch::no_grad(|| self.convs_mut().try_for_each(ConvBn::lay_out_channels_last))?;
         self.channels_last = true;
         Ok(())
+    }
+
+    /// Every convolution of the network: the stem, each block's, the head.
+    fn convs_mut(&mut self) -> impl Iterator<Item = &mut ConvBn> {
+        std::iter::once(&mut self.stem)
+            .chain(self.stages.iter_mut().flatten().flat_map(MbConv::convs_mut))
+            .chain(std::iter::once(&mut self.head))
     }
 
     fn check_input(x: &Tensor) -> Result<()> {
