@@ -1,6 +1,6 @@
 //! Speed levers of the PatchCore engine on this CPU, each against the plain form in one run
-//! (issue 18, point 2): the backbone with BatchNorm explicit / folded / folded + channels-last
-//! (largest difference of the stage outputs from the explicit form), the map's upsampling and
+//! (issue 18, point 2): the backbone with BatchNorm explicit / folded / folded + channels-last /
+//! that in bfloat16 (largest difference of the stage outputs from the explicit form), the map's upsampling and
 //! blur, the preprocessing steps, a plain matmul (the cores' floor), and the kNN's distance
 //! matmul in float32 and bfloat16; with a model and images, bfloat16 candidates re-ranked in
 //! float32 against the exact search on real patches.
@@ -9,7 +9,8 @@
 //!   SPEED_LEVERS_MODEL=<PatchCore model> SPEED_LEVERS_IMAGES=<folder> cargo run ... (as above)
 //!
 //! Medians of 30 runs after 5. Measured on 2 cores (2026-12-06): backbone stages 1-5 at 256x256
-//! 16.1 ms explicit, 9.6 folded + channels-last; blur 1.35 ms; bfloat16 top-4 candidates
+//! 16.1 ms explicit, 9.6 folded + channels-last, 7.0 in bfloat16 (AMX); 1024x417 -> 384x160
+//! resize 1.48 ms on floats, 0.47 on bytes; blur 1.35 ms; bfloat16 top-4 candidates
 //! re-ranked found the exact nearest row for all 51 328 patches of 60 defect images (screws,
 //! Magnetic-Tile) but took as long as the exact search at 3 300 rows (topk eats the saving).
 use std::time::Instant;
@@ -43,13 +44,21 @@ fn main() -> anyhow::Result<()> {
     folded_cl.use_channels_last()?;
     let mut cl = EfficientNetLite0::load(&weights, Device::Cpu)?;
     cl.use_channels_last()?;
+    let mut bf16 = EfficientNetLite0::load(&weights, Device::Cpu)?.into_inference_form()?;
+    bf16.use_bfloat16()?;
     let sizes: Vec<String> = std::env::args().skip(1).collect();
     let sizes = if sizes.is_empty() { vec!["256x256".to_string(), "160x384".into()] } else { sizes };
     for size in sizes {
         let (h, w) = size.split_once('x').ok_or_else(|| anyhow::anyhow!("size HxW"))?;
         let x = Tensor::randn([1, 3, h.parse()?, w.parse()?], (Kind::Float, Device::Cpu));
         let reference = plain.forward_stages(&x, 5)?;
-        for (name, net) in [("explicit", &plain), ("channels-last", &cl), ("folded", &folded), ("folded+cl", &folded_cl)] {
+        for (name, net) in [
+            ("explicit", &plain),
+            ("channels-last", &cl),
+            ("folded", &folded),
+            ("folded+cl", &folded_cl),
+            ("folded+cl bf16", &bf16),
+        ] {
             let out = net.forward_stages(&x, 5)?;
             let diff = [2usize, 4].iter().map(|&i| (&out[i] - &reference[i]).abs().max().double_value(&[])).fold(0.0, f64::max);
             let ms = median_ms(|| {
@@ -96,13 +105,23 @@ fn main() -> anyhow::Result<()> {
         drop(xc.internal_upsample_bilinear2d_aa([160, 384], false, None, None));
         Ok(())
     })?;
+    let chw_planar = chw.contiguous();
     let resize_u8 = median_ms(|| {
-        drop(chw.internal_upsample_bilinear2d_aa([160, 384], false, None, None));
+        drop(chw_planar.internal_upsample_bilinear2d_aa([160, 384], false, None, None).to_kind(Kind::Float));
+        Ok(())
+    })?;
+    let resize_u8_cl = median_ms(|| {
+        drop(chw.internal_upsample_bilinear2d_aa([160, 384], false, None, None).to_kind(Kind::Float));
+        Ok(())
+    })?;
+    let planar = median_ms(|| {
+        drop(chw.contiguous());
         Ok(())
     })?;
     println!(
         "preprocess 1024x417 -> 384x160: to float {to_float:.2} ms, /255 {div:.2} ms, resize (channels-last) {resize:.2} ms, \
-         resize (contiguous) {resize_nchw:.2} ms, resize u8 {resize_u8:.2} ms"
+         resize (contiguous) {resize_nchw:.2} ms, u8 planar {planar:.2} ms, resize u8 + to float {resize_u8:.2} ms \
+         (channels-last {resize_u8_cl:.2} ms)"
     );
     // bfloat16 candidates + float32 re-ranking against the exact search, on real patches:
     // SPEED_LEVERS_MODEL=<PatchCore model dir> SPEED_LEVERS_IMAGES=<dir of test images>.

@@ -9,7 +9,7 @@ use crate::bench::parse_frame_size;
 #[cfg(doc)]
 use crate::config::options::refuse_other_methods_options;
 use crate::config::options::{PatchCoreOptions, SharedModelOptions, TrainingOptions};
-use crate::config::DeviceChoice;
+use crate::config::{DeviceChoice, Precision};
 use crate::evaluation::{CalibrateOptions, EvalOptions};
 use crate::model_file::Method;
 use crate::synthetic::SyntheticConfig;
@@ -22,6 +22,11 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+    /// Number format on the CPU: auto (bfloat16 where the CPU multiplies it natively, about a
+    /// quarter faster at the same AUROC; float32 elsewhere) or float32 (the same scores on every
+    /// machine)
+    #[arg(long, global = true, value_enum, default_value_t = Precision::Auto)]
+    pub precision: Precision,
 }
 
 impl Cli {
@@ -75,7 +80,7 @@ pub struct FitArgs {
     /// Options every method takes.
     #[command(flatten)]
     pub shared: SharedModelOptions,
-    /// Hold out every N-th good image for calibration.
+    /// Hold out every N-th good image for calibration (PatchCore adds them to its bank after).
     #[arg(long, default_value_t = FitOptions::default().holdout_every)]
     pub holdout_every: usize,
     /// Synthetic-defect copies of held-out images to score after the fit, a sanity figure
@@ -237,6 +242,18 @@ mod tests {
             let args = ["anomaly_inspector", "fit", "--data", "d", "--out", "m"].iter().chain(&bad);
             assert!(Cli::try_parse_with_matches(args).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn precision_is_one_option_for_every_subcommand() {
+        let parse =
+            |args: &[&str]| Cli::try_parse_with_matches(["anomaly_inspector"].iter().chain(args)).map(|(c, _)| c.precision);
+        let eval = ["eval", "--model", "m", "--data", "d", "--json", "j"];
+        assert_eq!(parse(&eval).unwrap(), Precision::Auto);
+        let typed = [&eval[..], &["--precision", "float32"]].concat();
+        assert_eq!(parse(&typed).unwrap(), Precision::Float32);
+        assert_eq!(parse(&["--precision", "float32", "synth", "--out", "o"]).unwrap(), Precision::Float32);
+        assert!(parse(&[&eval[..], &["--precision", "half"]].concat()).is_err());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 
 use tch::Device;
 
-use crate::config::DeviceChoice;
+use crate::config::{DeviceChoice, Precision};
 use crate::error::{Error, Result};
 
 static CUDA_BACKEND: OnceLock<std::result::Result<String, String>> = OnceLock::new();
@@ -97,9 +97,42 @@ impl InferenceThread {
     }
 }
 
+/// Set by [`set_precision`]: float32 on the CPU whatever it can do.
+static FLOAT32_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Chooses the number format of the models built from now on (call it at start-up, before any
+/// model is loaded or fitted; a model keeps the format it was built with). Process-wide, like
+/// PyTorch's `set_float32_matmul_precision`: every model of a process computes alike.
+pub fn set_precision(precision: Precision) {
+    FLOAT32_ONLY.store(precision == Precision::Float32, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether this CPU multiplies bfloat16 natively (AVX-512 BF16; every CPU with AMX has it too).
+/// Elsewhere libtorch emulates it, slower than float32.
+pub fn cpu_has_native_bf16() -> bool {
+    static NATIVE: OnceLock<bool> = OnceLock::new();
+    *NATIVE.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx512bf16")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// Whether a model built now on `device` computes in bfloat16: on the CPU, where it is native and
+/// [`set_precision`] did not ask for float32.
+pub fn computes_in_bf16(device: Device) -> bool {
+    device == Device::Cpu && cpu_has_native_bf16() && !FLOAT32_ONLY.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// A one-line description of `device` for start-up logs.
 pub fn describe(device: Device) -> String {
     match device {
+        Device::Cpu if computes_in_bf16(device) => format!("cpu ({} threads, bfloat16)", tch::get_num_threads()),
         Device::Cpu => format!("cpu ({} threads)", tch::get_num_threads()),
         Device::Cuda(i) => format!("cuda:{i} ({} CUDA device(s) visible)", tch::Cuda::device_count()),
         other => format!("{other:?}"),

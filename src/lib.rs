@@ -46,9 +46,9 @@ pub mod ros;
 pub use camera::{PinholeCamera, Plane};
 pub use config::{
     BackboneConfig, BackboneKind, CoresetConfig, DeviceChoice, MapSmoothing, Normalization, PatchCoreConfig, PostprocessConfig,
-    PreprocessConfig, Resize, Search,
+    Precision, PreprocessConfig, Resize, Search,
 };
-pub use device::{load_cuda_backend, InferenceThread, ThreadGovernor};
+pub use device::{load_cuda_backend, set_precision, InferenceThread, ThreadGovernor};
 pub use error::{catch_panic, Error, FrameFault, Result};
 pub use imaging::{PixelEncoding, RawImage};
 pub use inspector::{Inspection, Inspector, InspectorOptions, Roi};

@@ -54,7 +54,8 @@ pub enum FitStage {
 #[derive(Clone, Debug)]
 pub struct FitOptions {
     /// Every `holdout_every`-th good image is held out for calibration instead of fitting
-    /// (deterministic; 0 disables hold-out, which needs at least 2 images otherwise).
+    /// (deterministic; 0 disables hold-out, which needs at least 2 images otherwise). PatchCore
+    /// adds them to its bank once the thresholds are set.
     pub holdout_every: usize,
     /// Images per forward pass.
     pub batch_size: usize,
@@ -173,29 +174,51 @@ pub fn fit_patchcore(
     let batch_size = if pre.fixed_size() { options.batch_size.max(1) } else { 1 };
     // Images loaded so far: with tiles, the fit sees each image as a batch of tiles.
     let loaded = std::cell::Cell::new(0);
-    let batches = fit_set.chunks(batch_size).map(|chunk| {
-        options.cancel.check("feature extraction")?;
-        let imgs = chunk.iter().map(|p| imaging::load(p)).collect::<Result<Vec<_>>>()?;
-        loaded.set(loaded.get() + chunk.len());
-        pre.batch(&imgs)
-    });
-    let total = fit_set.len();
-    let (model, mut summary) = PatchCore::fit(backbone, batches, config, |p| match p {
-        FitProgress::Images(_) => progress(FitStage::Features, loaded.get(), total),
-        FitProgress::Coreset { done, total } => progress(FitStage::Coreset, done, total),
-    })?;
-    summary.n_images = total;
+    let (model, summary) =
+        PatchCore::fit(backbone, image_batches(&fit_set, batch_size, &pre, options, &loaded), config, |p| match p {
+            FitProgress::Images(_) => progress(FitStage::Features, loaded.get(), fit_set.len()),
+            FitProgress::Coreset { done, total } => progress(FitStage::Coreset, done, total),
+        })?;
 
     let forward = |x: &Tensor| model.forward(x);
     let (image_scores, pixel_max) = calibrate(&holdout, &pre, batch_size, &forward, progress)?;
     let calibration = Calibration::from_good_scores(&image_scores, &pixel_max, options.margin)?;
     let self_check = check_on_synthetic_defects(&holdout, &image_scores, config.seed, &pre, &forward, options, progress)?;
 
+    // The held-out images were scored as unseen parts; now they join the bank, so that it learns
+    // from every good image (README, "Thresholds"). The thresholds stay those of the bank without
+    // them: against more images good parts score no higher, so they err towards passing a part.
+    let (model, mut summary) =
+        model.grown(&summary, image_batches(&holdout, batch_size, &pre, options, &loaded), |p| match p {
+            FitProgress::Images(_) => progress(FitStage::Features, loaded.get(), holdout.len()),
+            FitProgress::Coreset { done, total } => progress(FitStage::Coreset, done, total),
+        })?;
+    // With tiles the model counts tiles.
+    summary.n_images = images.len();
+
     let mut training = training_info(data_label);
     training.patchcore = Some(summary.clone());
     training.self_check = self_check.clone();
     model_file::save_patchcore(out, &model, backbone_weights, &calibration, training, &model_name(out, options))?;
     Ok(FitReport { summary, calibration, n_holdout: holdout.len(), self_check })
+}
+
+/// `images` loaded and preprocessed `batch_size` at a time (cancellable between batches);
+/// `loaded` counts the images, from 0.
+fn image_batches<'a>(
+    images: &'a [PathBuf],
+    batch_size: usize,
+    pre: &'a Preprocessor,
+    options: &'a FitOptions,
+    loaded: &'a std::cell::Cell<usize>,
+) -> impl Iterator<Item = Result<Tensor>> + 'a {
+    loaded.set(0);
+    images.chunks(batch_size).map(move |chunk| {
+        options.cancel.check("feature extraction")?;
+        let imgs = chunk.iter().map(|p| imaging::load(p)).collect::<Result<Vec<_>>>()?;
+        loaded.set(loaded.get() + chunk.len());
+        pre.batch(&imgs)
+    })
 }
 
 /// What a teach-in fits: its frames (and the labels it learned from) are kept beside the model
@@ -504,7 +527,8 @@ mod tests {
         assert_eq!(kept.train_defective.len(), 1);
         assert!(kept.train_defective[0].mask.is_some());
         let fitted = model_file::read_manifest(&request.out).unwrap();
-        assert_eq!(fitted.training.patchcore.as_ref().unwrap().n_images, 7 - split_holdout(&kept.train_good, 5).1.len());
+        // The bank learns from every good image, the held-out ones too (after calibrating without them).
+        assert_eq!(fitted.training.patchcore.as_ref().unwrap().n_images, 7);
 
         // A teach-in never overwrites a model.
         let again = teach(&frames, &base, &request, &options, &mut |_, _, _| {}).unwrap_err();

@@ -217,14 +217,15 @@ fn retrieval_model_fits_evaluates_and_refuses_a_bank_without_images() {
     let manifest_path = model.join("model.json");
     let manifest = manifest(&model);
     assert_eq!(manifest["patchcore"]["retrieval_images"].as_u64(), Some(4), "{manifest:#}");
-    // 16 images fitted (every 5th held out), each keeping its own rows, each row tagged.
+    // 20 images (16 fitted, the 4 held out to calibrate added after), each keeping its own rows,
+    // each row tagged.
     let bank_path = model.join("memory_bank.safetensors");
     let tensors = bank_file(&model);
     let get = |k: &str| tensor(&tensors, k).unwrap_or_else(|| panic!("no {k}"));
     let (bank, owners, descriptors) = (get("memory_bank"), get("image_of_row"), get("image_descriptors"));
-    assert_eq!(descriptors.size()[0], 16);
+    assert_eq!(descriptors.size()[0], 20);
     assert_eq!(owners.size(), vec![bank.size()[0]]);
-    assert_eq!(owners.max().int64_value(&[]), 15);
+    assert_eq!(owners.max().int64_value(&[]), 19);
 
     let json = tmp.path().join("eval.json");
     let run_eval = || eval(&model, &data, &json, &[]);

@@ -212,8 +212,8 @@ fn tiled_models_find_a_defect_in_its_tile_of_a_large_frame() {
     );
     let m = common::manifest(&model);
     assert_eq!(m["patchcore"]["preprocess"]["resize"], serde_json::json!({"tiles": {"scale": 1.0, "overlap": 0.25}}), "{m:#}");
-    assert_eq!(m["training"]["patchcore"]["n_images"], 10, "images, not tiles, are counted (2 held out)");
-    assert_eq!(m["training"]["patchcore"]["n_patches"], 10 * 9 * 32 * 32, "9 tiles of 32x32 patches per image");
+    assert_eq!(m["training"]["patchcore"]["n_images"], 12, "images, not tiles, are counted (the 2 held out too)");
+    assert_eq!(m["training"]["patchcore"]["n_patches"], 12 * 9 * 32 * 32, "9 tiles of 32x32 patches per image");
 
     let out = tmp.path().join("pred");
     let lines = json_lines(&run_ok(

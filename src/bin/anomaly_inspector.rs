@@ -22,6 +22,7 @@ use anomaly_inspector::{device, imaging, InferenceThread, Inspector};
 fn main() -> anyhow::Result<()> {
     let _ = device::load_cuda_backend();
     let (cli, matches) = Cli::try_parse_with_matches(std::env::args_os()).unwrap_or_else(|e| e.exit());
+    device::set_precision(cli.precision);
     match cli.command {
         Command::Fit(a) => fit(a, matches.subcommand_matches("fit").context("fit without its arguments")?),
         Command::Predict(a) => predict(a),

@@ -160,7 +160,7 @@ mod tests {
             centres.repeat_interleave_self_int(50, Some(0), None) + Tensor::randn([2000, 24], (Kind::Float, Device::Cpu)) * 0.5;
         let queries =
             centres.repeat_interleave_self_int(5, Some(0), None) + Tensor::randn([200, 24], (Kind::Float, Device::Cpu)) * 0.6;
-        let exact = MemoryBank::new(bank.shallow_clone()).unwrap();
+        let exact = MemoryBank::with_search(bank.shallow_clone(), false).unwrap(); // float32: exact
         let (d_exact, i_exact) = exact.nearest(&queries, 1).unwrap();
 
         let full = BankIndex::new(&bank, usize::MAX, 0).unwrap();

@@ -22,23 +22,25 @@
 /// stays in the L2 cache while it is updated.
 const POINTS_PER_GROUP: usize = 512;
 
-/// Rows of `[n, dim]` row-major `points` chosen by greedy k-center, in selection order, starting
-/// from row `start`. `anchors` are the rows used to group points (any distinct rows; spread-out
-/// ones prune best). `on_step(done, total)` is called every few hundred steps.
+/// Rows of `[n, dim]` row-major `points` chosen by greedy k-center, in selection order. The
+/// selection begins with the distinct rows `first`, in their order: one start row for a fresh
+/// selection, or the rows a selection already holds when it goes on over more points (a bank
+/// grown with more images). `anchors` are the rows used to group points (any distinct rows;
+/// spread-out ones prune best). `on_step(done, total)` is called every few hundred steps.
 ///
-/// Returns `n_select.min(n)` distinct row indices.
+/// Returns `n_select.min(n)` row indices, `first` among them (all of it when `n_select` allows).
 pub fn greedy_k_center(
     points: &[f32],
     dim: usize,
     n_select: usize,
-    start: usize,
+    first: &[usize],
     anchors: &[usize],
     on_step: &mut dyn FnMut(usize, usize),
 ) -> Vec<usize> {
     // Below ~50k points a step takes well under a millisecond and threads cost more than they save.
     let n = points.len() / dim.max(1);
     let threads = if n < 50_000 { 1 } else { std::thread::available_parallelism().map_or(1, |t| t.get()).min(8) };
-    select(points, dim, n_select, start, anchors, threads, on_step)
+    select(points, dim, n_select, first, anchors, threads, on_step)
 }
 
 /// [`greedy_k_center`] on `threads` threads.
@@ -46,7 +48,7 @@ fn select(
     points: &[f32],
     dim: usize,
     n_select: usize,
-    start: usize,
+    first: &[usize],
     anchors: &[usize],
     threads: usize,
     on_step: &mut dyn FnMut(usize, usize),
@@ -57,7 +59,7 @@ fn select(
     if n_select == 0 {
         return Vec::new();
     }
-    assert!(start < n && !anchors.is_empty(), "start row and at least one anchor needed");
+    assert!(!first.is_empty() && first.iter().all(|&r| r < n) && !anchors.is_empty(), "a first row and an anchor needed");
     let groups = Groups::new(points, dim, anchors);
 
     // Per point (in group order): squared distance to the selection so far.
@@ -71,9 +73,12 @@ fn select(
     let blocks = groups.blocks(threads);
 
     let mut selected = Vec::with_capacity(n_select);
-    let mut current = groups.position_of[start];
+    let mut current = 0; // set from `first` at step 0
     let mut centre = vec![0f32; dim];
     for step in 0..n_select {
+        if let Some(&row) = first.get(step) {
+            current = groups.position_of[row];
+        }
         selected.push(groups.original[current]);
         centre.copy_from_slice(groups.row(current));
         if blocks.len() == 1 {
@@ -110,12 +115,15 @@ fn select(
 /// The same selection without pruning: the reference the pruned version is tested against and
 /// what the GPU path computes with tensor ops.
 #[cfg(test)]
-pub fn greedy_k_center_plain(points: &[f32], dim: usize, n_select: usize, start: usize) -> Vec<usize> {
+pub fn greedy_k_center_plain(points: &[f32], dim: usize, n_select: usize, first: &[usize]) -> Vec<usize> {
     let n = points.len() / dim;
     let mut min_d2 = vec![f32::INFINITY; n];
     let mut selected = Vec::with_capacity(n_select.min(n));
-    let mut current = start;
-    for _ in 0..n_select.min(n) {
+    let mut current = first[0];
+    for step in 0..n_select.min(n) {
+        if let Some(&row) = first.get(step) {
+            current = row;
+        }
         selected.push(current);
         let c = &points[current * dim..(current + 1) * dim];
         let mut far = (f32::NEG_INFINITY, 0);
@@ -330,26 +338,44 @@ mod tests {
         for (n, dim, k, groups) in [(3000, 16, 300, 20), (2000, 37, 1999, 7), (500, 8, 50, 1), (800, 128, 120, 64)] {
             let pts = clustered(n, dim, n as u64);
             let anchors: Vec<usize> = (0..groups).map(|g| g * n / groups).collect();
-            let plain = greedy_k_center_plain(&pts, dim, k, 5);
+            let plain = greedy_k_center_plain(&pts, dim, k, &[5]);
             for threads in [1, 2, 3] {
-                let pruned = select(&pts, dim, k, 5, &anchors, threads, &mut |_, _| {});
+                let pruned = select(&pts, dim, k, &[5], &anchors, threads, &mut |_, _| {});
                 assert_eq!(plain, pruned, "n {n} dim {dim} k {k} groups {groups} threads {threads}");
             }
         }
     }
 
     #[test]
+    fn a_selection_goes_on_from_rows_already_chosen() {
+        let (n, dim) = (2000, 12);
+        let pts = clustered(n, dim, 3);
+        let anchors: Vec<usize> = (0..9).map(|g| g * n / 9).collect();
+        let whole = select(&pts, dim, 400, &[7], &anchors, 1, &mut |_, _| {});
+        // Going on from the selection's own first 150 rows ends where the whole selection does.
+        for threads in [1, 2] {
+            let resumed = select(&pts, dim, 400, &whole[..150], &anchors, threads, &mut |_, _| {});
+            assert_eq!(resumed, whole, "threads {threads}");
+        }
+        // Rows chosen elsewhere are kept in their order, and the rest is the plain greedy's choice.
+        let given = [1999, 3, 1000, 42];
+        let resumed = select(&pts, dim, 300, &given, &anchors, 2, &mut |_, _| {});
+        assert_eq!(&resumed[..4], &given);
+        assert_eq!(resumed, greedy_k_center_plain(&pts, dim, 300, &given));
+    }
+
+    #[test]
     fn selection_is_distinct_and_reports_progress() {
         let pts = clustered(1000, 4, 1);
         let mut last = (0, 0);
-        let sel = greedy_k_center(&pts, 4, 600, 0, &[0, 10, 500], &mut |d, t| last = (d, t));
+        let sel = greedy_k_center(&pts, 4, 600, &[0], &[0, 10, 500], &mut |d, t| last = (d, t));
         let mut uniq = sel.clone();
         uniq.sort();
         uniq.dedup();
         assert_eq!(uniq.len(), 600);
         assert_eq!(last, (600, 600));
         // Asking for more than there are returns every point once.
-        assert_eq!(greedy_k_center(&pts, 4, 5000, 0, &[3], &mut |_, _| {}).len(), 1000);
+        assert_eq!(greedy_k_center(&pts, 4, 5000, &[0], &[3], &mut |_, _| {}).len(), 1000);
     }
 
     #[test]

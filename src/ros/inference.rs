@@ -226,6 +226,8 @@ pub fn run(
     configure_now: bool,
 ) {
     let _inference = InferenceThread::enter(settings.inference_threads);
+    // Before the first model is built: each keeps the format it was built with.
+    crate::set_precision(settings.precision);
     // inference_threads 0: as many threads as other processes leave cores free, re-read each second.
     let mut governor = settings.inference_threads.is_none().then(ThreadGovernor::new);
     let loaded = if configure_now { load_inspector(&settings.model, &settings, &logger).map(Some) } else { Ok(None) };

@@ -100,7 +100,11 @@ impl Backbone {
         let indices = parse_layers(cfg.kind, &cfg.layers)?;
         let net = match cfg.kind {
             BackboneKind::EfficientnetLite0 => {
-                Net::EfficientNet(Box::new(EfficientNetLite0::load(weights, device)?.into_inference_form()?))
+                let mut n = EfficientNetLite0::load(weights, device)?.into_inference_form()?;
+                if crate::device::computes_in_bf16(device) {
+                    n.use_bfloat16()?;
+                }
+                Net::EfficientNet(Box::new(n))
             }
             BackboneKind::Torchscript => Net::TorchScript(TorchScriptBackbone::new(weights, device)?),
         };
