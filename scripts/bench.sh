@@ -8,6 +8,8 @@
 #   scripts/bench.sh [--frames N] [--frame WxH] [--no-node] [--soak SECONDS]
 #                    [--only patchcore_256,draem_256] [--busy N] [--node-threads N]
 #
+# With the node, the same peer is also timed against examples/transport_echo (an r2r node that
+# answers each frame at once with an empty result): the transport floor any node pays.
 # --busy N: N busy loops run on the cores throughout (another program on an industrial PC);
 # --node-threads N: the node's inference_threads (default 0: the cores the others leave free).
 #
@@ -66,6 +68,8 @@ ARGS=(); for m in "${ALL[@]}"; do ARGS+=(--model "$m"); done
 "$BIN/anomaly_inspector" bench "${ARGS[@]}" --image "$IMAGE" --frame "256x256,$FRAME" --iterations 30 \
     --json "$OUT/engine.json"
 
+# This run's node figures only (the summary below reads whatever is there).
+rm -f "$OUT"/node_*.json "$OUT"/node_*.overhead "$OUT/transport.json"
 if [ "$NODE" = 1 ]; then
   echo; echo "== node end to end ($FRAMES frames of $FRAME rgb8 per model, lock-step, reliable QoS) =="
   # The node publishes its images as usual; the peer does not take them (on a 2-core machine
@@ -83,6 +87,14 @@ if [ "$NODE" = 1 ]; then
     sed -n 's/.*node overhead (conversion, ROI, messages) median \([0-9.]*\) ms.*/\1/p' "$OUT/node_$name.log" \
         > "$OUT/node_$name.overhead"
   done
+  echo; echo "== transport floor: the same peer against an r2r node that answers each frame at once =="
+  [ -x "$BIN/examples/transport_echo" ] || cargo build --release --example transport_echo
+  "$BIN/examples/transport_echo" > "$OUT/echo.log" 2>&1 &
+  pid=$!
+  python scripts/image_peer.py --images "$IMAGE" --repeat "$FRAMES" --resize "$FRAME" --no-images \
+      --summary "$OUT/transport.json" > "$OUT/peer_echo.log" 2>&1 || echo "peer failed for the echo: see $OUT/peer_echo.log"
+  kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true
+  tail -1 "$OUT/peer_echo.log"
 fi
 
 if [ "$SOAK" != 0 ]; then
@@ -121,7 +133,18 @@ for e in engine["engine"]:
           f"{fmt(node - eng if node else None, 11)} {fmt(node / eng if node else None, 11)} {fmt(own, 9)}")
     rows.append({"model": name, "floor_ms": floor, "engine_ms": eng, "node_ms": node, "in_node_ms": inner,
                  "node_own_ms": own})
-json.dump({"engine": engine, "side_by_side": rows}, open(out / "report.json", "w"), indent=1)
+transport = None
+t = out / "transport.json"
+if t.exists():
+    frames = [x for x in json.load(open(t))["frames"] if x.get("received")]
+    if frames:
+        transport = statistics.median(x["latency_ms"] for x in (frames[2:] or frames))
+        for r in rows:
+            if r["node_ms"] is not None:
+                print(f"{r['model']:<14} node e2e {r['node_ms']:.1f} ms = transport floor {transport:.1f} "
+                      f"+ in node {r['node_ms'] - transport:.1f} (engine {r['engine_ms']:.1f}, node own "
+                      f"{r['node_own_ms'] if r['node_own_ms'] is not None else float('nan'):.1f})")
+json.dump({"engine": engine, "side_by_side": rows, "transport_ms": transport}, open(out / "report.json", "w"), indent=1)
 print("floor = model forward + kNN on a ready tensor; engine = Inspector::inspect on the RGB frame;\n"
       "node e2e = rclpy publish -> AnomalyResult received; in node = frame received -> result built;\n"
       "node own = the node's own work per frame (conversion, ROI, messages), timed inside the node")
