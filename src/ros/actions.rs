@@ -145,6 +145,11 @@ async fn run_teach_goal(
             },
         }
     };
+    // The last stage ("installing") is sent just before the install that sends the outcome,
+    // so both can be ready at once and `select!` may take the outcome first: publish it now.
+    if started.progress.has_changed().unwrap_or(false) {
+        let _ = goal.publish_feedback(teach_feedback(&started.progress.borrow_and_update()));
+    }
     let reply = teach_outcome(outcome, params, node_params);
     if reply.success {
         let _ = goal.succeed(teach_result(reply));

@@ -77,6 +77,9 @@ def main():
         if not done.done():
             obs[name] = {"accepted": True, "finished": False}
             return
+        # Feedback (a topic) and the result (a service reply) travel apart: take in what is
+        # still on its way before reading the feedback list.
+        spin_until(node, lambda: False, 0.5)
         r = done.result()
         obs[name] = {
             "accepted": True, "finished": True, "status": STATUS.get(r.status, r.status),

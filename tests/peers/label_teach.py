@@ -146,6 +146,9 @@ def main():
         if not done.done():
             obs[name] = {"accepted": True, "finished": False}
             return
+        # Feedback (a topic) and the result (a service reply) travel apart: take in what is
+        # still on its way before reading the feedback list.
+        spin_until(node, lambda: False, 0.5)
         r = done.result()
         obs[name] = {
             "status": STATUS.get(r.status, str(r.status)), "success": r.result.success, "message": r.result.message,
