@@ -6,6 +6,8 @@
     python scripts/compare_sets.py --quick                # the same in minutes (subsets, see below)
     python scripts/compare_sets.py --configs default,draem --split validation
     python scripts/compare_sets.py --config 'nodensity=--density-neighbors 0'
+    python scripts/compare_sets.py --update-readme        # every method, README's results section
+    python scripts/compare_sets.py --tables-from target/compare_sets/compare_sets.json --markdown t.md
 
 Why a script and not a subcommand: it only runs the CLI (`fit`, then `eval`) once per data set and
 setting and gathers what they write (eval's JSON report, model.json), so every number in its table
@@ -37,7 +39,7 @@ CLI = ROOT / "target" / "release" / "anomaly_inspector"  # --cli picks another b
 
 # name -> (what it is, fit arguments). "default" is whatever fit does without options.
 CONFIGS = {
-    "default": ("today's defaults", []),
+    "default": ("PatchCore with today's defaults", []),
     "paper": ("PatchCore paper settings: stretched input, plain kNN distance, one-scale map",
               ["--stretch", "--guided-bandwidth", "0", "--density-neighbors", "0", "--coarse-blur-sigma", "0"]),
     "draem": ("DRAEM, cpu-small preset", ["--method", "draem", "--preset", "cpu-small"]),
@@ -206,7 +208,15 @@ def markdown(rows, configs, summary):
         if key in ("bank_size", "ms_per_image", "fit_seconds"):
             return f"{v:,.0f}".replace(",", " ")
         return f"{v:.3f}"
-    out = [f"Made by `python scripts/compare_sets.py {summary['command']}` on {summary['date']}, "
+    # The command as anyone would run it: without where this run kept its files and binary.
+    words, shown = shlex.split(summary["command"]), []
+    while words:
+        w = words.pop(0)
+        if w in ("--out", "--cli", "--json", "--markdown") and words:
+            words.pop(0)
+        elif not w.startswith(("--out=", "--cli=", "--json=", "--markdown=")):
+            shown.append(w)
+    out = [f"Made by `python scripts/compare_sets.py {shlex.join(shown)}` on {summary['date']}, "
            f"{summary['machine']}, {summary['device']}; {summary['split']} half of each set's test images"
            f"{' (quick subsets)' if summary['quick'] else ''}. ms/img: eval's mean inspect time; fit s: wall time of `fit`.", ""]
     head = "| set | images | " + " | ".join(h for _, h in METRICS) + " |"
@@ -224,6 +234,8 @@ def markdown(rows, configs, summary):
     return "\n".join(out)
 
 
+# The README's results section: every method with its defaults, and the paper's PatchCore.
+README_CONFIGS = ["default", "paper", "ssn", "draem"]
 README_BEGIN = "<!-- compare_sets results: begin (regenerate with --update-readme) -->"
 README_END = "<!-- compare_sets results: end -->"
 
@@ -245,7 +257,8 @@ def main():
                                 epilog="settings: " + "; ".join(f"{k} = {v[0]}" for k, v in CONFIGS.items()))
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data", help="folder holding the data sets")
     p.add_argument("--sets", help="comma-separated set names (default: every set found)")
-    p.add_argument("--configs", help="comma-separated settings (default: default,paper; with --quick the same)")
+    p.add_argument("--configs", help="comma-separated settings (default: default,paper; with --update-readme "
+                   + ",".join(README_CONFIGS) + ")")
     p.add_argument("--config", action="append", default=[], metavar="NAME=FIT ARGS",
                    help="an extra setting, e.g. 'nodensity=--density-neighbors 0' (repeatable)")
     p.add_argument("--split", choices=["validation", "evaluation", "all"], default="evaluation")
@@ -254,10 +267,20 @@ def main():
     p.add_argument("--json", type=Path, help="the JSON file (default: <out>/compare_sets.json)")
     p.add_argument("--markdown", type=Path, help="also write the tables as markdown (the README's results section)")
     p.add_argument("--update-readme", action="store_true", help="put the markdown tables into README.md's results section")
+    p.add_argument("--tables-from", type=Path, metavar="JSON",
+                   help="no fits: print (and with --markdown/--update-readme write) the tables of an earlier run's JSON")
     p.add_argument("--cli", type=Path, default=CLI,
                    help="the anomaly_inspector binary (default: this checkout's release build; a copy keeps a long run "
                         "safe from rebuilds)")
     a = p.parse_args()
+    if a.tables_from:
+        summary = json.loads(a.tables_from.read_text())
+        if a.update_readme and (summary["quick"] or summary["split"] != "evaluation"):
+            sys.exit("--update-readme reports full runs on the evaluation half: that JSON is not one")
+        chosen = list(summary["settings"])
+        print(table(summary["rows"], chosen))
+        write_markdown(a, summary["rows"], chosen, summary)
+        return
     CLI = a.cli
     if not CLI.exists():
         sys.exit(f"{CLI} not found: run `bash scripts/setup.sh` (or cargo build --release) first")
@@ -267,7 +290,14 @@ def main():
         if not name or not args:
             sys.exit(f"--config wants NAME=FIT ARGS, got {extra!r}")
         configs[name] = (args, shlex.split(args))
-    chosen = a.configs.split(",") if a.configs else ["default", "paper"] + [e.partition("=")[0] for e in a.config]
+    if a.update_readme and (a.quick or a.split != "evaluation"):
+        sys.exit("--update-readme reports full runs on the evaluation half: drop --quick and --split")
+    if a.configs:
+        chosen = a.configs.split(",")
+    elif a.update_readme:
+        chosen = README_CONFIGS
+    else:
+        chosen = ["default", "paper"] + [e.partition("=")[0] for e in a.config]
     unknown = [c for c in chosen if c not in configs]
     if unknown:
         sys.exit(f"unknown setting(s) {unknown}; known: {', '.join(configs)}")
@@ -309,6 +339,11 @@ def main():
     out_json = a.json or a.out / "compare_sets.json"
     out_json.write_text(json.dumps(summary, indent=1))
     print(f"written: {out_json} ({summary['seconds']:.0f} s)")
+    write_markdown(a, rows, chosen, summary)
+
+
+def write_markdown(a, rows, chosen, summary):
+    """The markdown tables to --markdown's file and/or the README's results section."""
     if a.markdown or a.update_readme:
         md = markdown(rows, chosen, summary)
         if a.markdown:

@@ -73,7 +73,8 @@ pub struct PatchCoreOptions {
     #[arg(long)]
     pub max_bank_size: Option<usize>,
     /// Nearest-neighbour search the model will use: 0 = exact (default), N = approximate over
-    /// the N nearest k-means cells of the bank (faster on large banks; see README "Speed").
+    /// the N nearest k-means cells of the bank (faster on large float32 banks; slower than the
+    /// exact search where that runs in bfloat16, see README "Speed").
     #[arg(long)]
     pub knn_probes: Option<usize>,
     /// Search each frame's patches only among those of the K training images most like it
