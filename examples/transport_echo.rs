@@ -1,7 +1,7 @@
 //! The transport floor under the node's end-to-end time (issue 18, point 4): an r2r node that
 //! answers every `sensor_msgs/Image` on `image` at once with an `AnomalyResult` carrying its
-//! header and nothing else. `scripts/image_peer.py` timed against it (as `scripts/bench.sh
-//! --echo` does) measures what the rclpy peer, DDS and r2r cost for a frame of that size: what
+//! header and nothing else. `scripts/image_peer.py` timed against it (as `scripts/bench.sh` does
+//! after the node) measures what the rclpy peer, DDS and r2r cost for a frame of that size: what
 //! any node, ours too, pays before and after its own work.
 //!
 //!   source scripts/env.sh && cargo run --release --example transport_echo

@@ -6,10 +6,13 @@
 # target/bench/report.json. Numbers, not pass/fail: these machines are shared and noisy.
 #
 #   scripts/bench.sh [--frames N] [--frame WxH] [--no-node] [--soak SECONDS]
-#                    [--only patchcore_256,draem_256] [--busy N] [--node-threads N]
+#                    [--only patchcore_256,draem_256] [--busy N] [--node-threads N] [--peer-udp]
 #
 # With the node, the same peer is also timed against examples/transport_echo (an r2r node that
-# answers each frame at once with an empty result): the transport floor any node pays.
+# answers each frame at once with an empty result): the transport floor any node pays. The peer
+# publishes as a camera on this host should (README, "QoS and large frames"): with
+# config/fastdds_large_frames.xml, so a frame over 512 KB travels through shared memory, not in UDP
+# fragments (640x480 rgb8 floor about 2.5 ms instead of 10-14); --peer-udp times it without.
 # --busy N: N busy loops run on the cores throughout (another program on an industrial PC);
 # --node-threads N: the node's inference_threads (default 0: the cores the others leave free).
 #
@@ -21,7 +24,7 @@ cd "$ROOT"
 export ROS_DOMAIN_ID="${ROS_DOMAIN_ID:-63}"
 source scripts/env.sh          # also sets ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
 
-FRAMES=30; FRAME=640x480; NODE=1; SOAK=0; ONLY=""; BUSY=0; NODE_THREADS=0
+FRAMES=30; FRAME=640x480; NODE=1; SOAK=0; ONLY=""; BUSY=0; NODE_THREADS=0; PEER_UDP=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --frames) FRAMES="$2"; shift 2 ;;
@@ -31,6 +34,7 @@ while [ $# -gt 0 ]; do
     --only) ONLY="$2"; shift 2 ;;
     --busy) BUSY="$2"; shift 2 ;;
     --node-threads) NODE_THREADS="$2"; shift 2 ;;
+    --peer-udp) PEER_UDP=1; shift ;;
     *) echo "unknown option $1 (see the header of $0)" >&2; exit 2 ;;
   esac
 done
@@ -70,15 +74,22 @@ ARGS=(); for m in "${ALL[@]}"; do ARGS+=(--model "$m"); done
 
 # This run's node figures only (the summary below reads whatever is there).
 rm -f "$OUT"/node_*.json "$OUT"/node_*.overhead "$OUT/transport.json"
+# The peer's own Fast DDS profile: a camera's process is where a large frame's transport is chosen.
+if [ "$PEER_UDP" = 1 ]; then
+  PEER_PROFILE=(env -u FASTDDS_DEFAULT_PROFILES_FILE -u FASTRTPS_DEFAULT_PROFILES_FILE); PEER_HOW="default transports"
+else
+  PEER_PROFILE=(env FASTDDS_DEFAULT_PROFILES_FILE="${FASTDDS_DEFAULT_PROFILES_FILE:-$ROOT/config/fastdds_large_frames.xml}")
+  PEER_HOW="peer with ${FASTDDS_DEFAULT_PROFILES_FILE:-config/fastdds_large_frames.xml}"
+fi
 if [ "$NODE" = 1 ]; then
-  echo; echo "== node end to end ($FRAMES frames of $FRAME rgb8 per model, lock-step, reliable QoS) =="
+  echo; echo "== node end to end ($FRAMES frames of $FRAME rgb8 per model, lock-step, reliable QoS, $PEER_HOW) =="
   # The node publishes its images as usual; the peer does not take them (on a 2-core machine
   # their decoding in Python would compete with the node for the CPU).
   for m in "${ALL[@]}"; do
     name="$(basename "$m")"
     "$BIN/anomaly_inspector_node" --ros-args -p model:="$m" -p input_qos:=reliable -p inference_threads:="$NODE_THREADS" > "$OUT/node_$name.log" 2>&1 &
     pid=$!
-    python scripts/image_peer.py --images "$IMAGE" --repeat "$FRAMES" --resize "$FRAME" --no-images \
+    "${PEER_PROFILE[@]}" python scripts/image_peer.py --images "$IMAGE" --repeat "$FRAMES" --resize "$FRAME" --no-images \
         --summary "$OUT/node_$name.json" > "$OUT/peer_$name.log" 2>&1 || echo "peer failed for $name: see $OUT/peer_$name.log"
     kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true
     tail -1 "$OUT/peer_$name.log"
@@ -91,7 +102,7 @@ if [ "$NODE" = 1 ]; then
   [ -x "$BIN/examples/transport_echo" ] || cargo build --release --example transport_echo
   "$BIN/examples/transport_echo" > "$OUT/echo.log" 2>&1 &
   pid=$!
-  python scripts/image_peer.py --images "$IMAGE" --repeat "$FRAMES" --resize "$FRAME" --no-images \
+  "${PEER_PROFILE[@]}" python scripts/image_peer.py --images "$IMAGE" --repeat "$FRAMES" --resize "$FRAME" --no-images \
       --summary "$OUT/transport.json" > "$OUT/peer_echo.log" 2>&1 || echo "peer failed for the echo: see $OUT/peer_echo.log"
   kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true
   tail -1 "$OUT/peer_echo.log"

@@ -7,7 +7,8 @@
 #   bash scripts/label_curve.sh ../shared/data/magnetic_tile /tmp/curve 0 5 10 20 50
 #
 # Needs the release binary (cargo build --release); BIN overrides it, LABELS="masks" (or
-# "verdicts") runs one kind of label only, FIT_ARGS adds options to the SuperSimpleNet fits. Hours of CPU: every run
+# "verdicts") runs one kind of label only, FIT_ARGS adds options to the SuperSimpleNet fits,
+# PATCHCORE_KS="0 50" fits the PatchCore reference at those K only (default: every K). Hours of CPU: every run
 # is a full fit. The splits are symbolic links (scripts/split_labels.py); the data is never changed.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -54,7 +55,9 @@ for k in "${ks[@]}"; do
     fi
     run supersimplenet "$labels" "$k" "$split"
     # PatchCore learns from good images only: one run per set of test images is enough.
-    [ "$labels" = masks ] && run patchcore none "$k" "$split"
+    if [ "$labels" = masks ] && [[ " ${PATCHCORE_KS:-${ks[*]}} " == *" $k "* ]]; then
+      run patchcore none "$k" "$split"
+    fi
   done
 done
 column -t -s$'\t' "$tsv"

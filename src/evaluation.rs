@@ -13,7 +13,7 @@ use crate::dataset::{load_mask, MvtecDataset, TestSample};
 use crate::metrics::{self, PixelScores, AUPRO_FPR_LIMIT};
 use crate::model_file::{Calibration, Method};
 use crate::DefectRegion;
-use crate::{imaging, Inspector};
+use crate::{imaging, Inspector, PictureSet};
 use crate::{Error, Result};
 
 /// What the reports' `notes` say about how the numbers were made.
@@ -329,9 +329,12 @@ pub fn predict_image(inspector: &Inspector, path: &Path, out: &Path) -> Result<I
     let hm = out.join(format!("{stem}_heatmap.png"));
     let ov = out.join(format!("{stem}_overlay.png"));
     let save_err = |path: &Path, e: image::ImageError| Error::io(path, std::io::Error::other(e));
-    let (_, heatmap, overlay) = insp.pictures(&image);
-    heatmap.save(&hm).map_err(|e| save_err(&hm, e))?;
-    overlay.save(&ov).map_err(|e| save_err(&ov, e))?;
+    let pictures = insp.pictures(&image, PictureSet { heatmap: true, overlay: true, map: false });
+    for (picture, path) in [(pictures.heatmap, &hm), (pictures.overlay, &ov)] {
+        if let Some(picture) = picture {
+            picture.save(path).map_err(|e| save_err(path, e))?;
+        }
+    }
     Ok(ImagePrediction {
         image: path.to_path_buf(),
         score: insp.score,

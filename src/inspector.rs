@@ -111,13 +111,46 @@ impl Inspection {
         overlay(frame, &self.map(), NORMALISED_RANGE.0, NORMALISED_RANGE.1, PIXEL_THRESHOLD, &self.regions)
     }
 
-    /// The map, the heatmap and the overlay on `frame` together, from one resize of the map.
-    pub fn pictures(&self, frame: &RgbImage) -> (AnomalyMap, RgbImage, RgbImage) {
+    /// The pictures `wanted` names (the map, the heatmap, the overlay on `frame`), from one
+    /// resize of the map; nothing is computed when none is wanted.
+    pub fn pictures(&self, frame: &RgbImage, wanted: PictureSet) -> Pictures {
+        if !(wanted.map || wanted.heatmap || wanted.overlay) {
+            return Pictures::default();
+        }
         let map = self.map();
-        let colours = heatmap(&map, NORMALISED_RANGE.0, NORMALISED_RANGE.1);
-        let blended = overlay(frame, &map, NORMALISED_RANGE.0, NORMALISED_RANGE.1, PIXEL_THRESHOLD, &self.regions);
-        (map, colours, blended)
+        let colours = wanted.heatmap.then(|| heatmap(&map, NORMALISED_RANGE.0, NORMALISED_RANGE.1));
+        let blended =
+            wanted.overlay.then(|| overlay(frame, &map, NORMALISED_RANGE.0, NORMALISED_RANGE.1, PIXEL_THRESHOLD, &self.regions));
+        Pictures { map: wanted.map.then_some(map), heatmap: colours, overlay: blended }
     }
+}
+
+/// Which of a frame's pictures to draw: at 5 MP each costs milliseconds, so a node draws only
+/// those someone subscribes to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PictureSet {
+    /// The normalised map at the frame's size.
+    pub map: bool,
+    /// The map in colour.
+    pub heatmap: bool,
+    /// The frame with the map blended in and the regions outlined.
+    pub overlay: bool,
+}
+
+impl PictureSet {
+    /// All three pictures.
+    pub const ALL: Self = Self { map: true, heatmap: true, overlay: true };
+}
+
+/// A frame's pictures, those a [`PictureSet`] asked for.
+#[derive(Clone, Debug, Default)]
+pub struct Pictures {
+    /// Normalised per-pixel scores at the frame's size.
+    pub map: Option<AnomalyMap>,
+    /// The map in colour (turbo).
+    pub heatmap: Option<RgbImage>,
+    /// The frame with the map blended in and the regions outlined.
+    pub overlay: Option<RgbImage>,
 }
 
 /// A loaded model with its preprocessing and post-processing.
@@ -355,7 +388,13 @@ mod tests {
             (Some(1.0), Some(1.0), Some(0.0), Some(0.0))
         );
         let frame = RgbImage::new(8, 6);
-        let (map, heatmap, overlay) = inspection(part.clone(), (8, 6), Roi { x: 0, y: 0, width: 8, height: 6 }).pictures(&frame);
-        assert_eq!((map, heatmap.dimensions(), overlay.dimensions()), (part, (8, 6), (8, 6)));
+        let whole = inspection(part.clone(), (8, 6), Roi { x: 0, y: 0, width: 8, height: 6 });
+        let all = whole.pictures(&frame, PictureSet::ALL);
+        let sizes = (all.heatmap.map(|h| h.dimensions()), all.overlay.map(|o| o.dimensions()));
+        assert_eq!((all.map, sizes), (Some(part), (Some((8, 6)), Some((8, 6)))));
+        let heatmap_only = whole.pictures(&frame, PictureSet { heatmap: true, ..PictureSet::default() });
+        assert!(heatmap_only.heatmap.is_some() && heatmap_only.map.is_none() && heatmap_only.overlay.is_none());
+        let none = whole.pictures(&frame, PictureSet::default());
+        assert!(none.map.is_none() && none.heatmap.is_none() && none.overlay.is_none());
     }
 }

@@ -51,7 +51,7 @@ pub use config::{
 pub use device::{load_cuda_backend, set_precision, InferenceThread, ThreadGovernor};
 pub use error::{catch_panic, Error, FrameFault, Result};
 pub use imaging::{PixelEncoding, RawImage};
-pub use inspector::{Inspection, Inspector, InspectorOptions, Roi};
+pub use inspector::{Inspection, Inspector, InspectorOptions, PictureSet, Pictures, Roi};
 pub use labels::{DefectArea, LabelCounts, LabelStore, StoredLabel, Verdict, DEFAULT_DEFECT_TYPE};
 pub use model_file::Method;
 pub use models::patchcore::{MemoryBank, PatchCore};
