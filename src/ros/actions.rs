@@ -124,13 +124,18 @@ async fn run_teach_goal(
         }
     };
     let mut cancelled = false;
+    // Once the fitting thread has ended its progress channel is closed: stop polling it (it
+    // would answer at once, every time, until the outcome comes).
+    let mut progress_open = true;
     let outcome = loop {
         tokio::select! {
             outcome = &mut started.reply => break outcome.map_err(|_| "node shutting down".to_string()),
-            changed = started.progress.changed() => {
+            changed = started.progress.changed(), if progress_open => {
                 if changed.is_ok() {
                     let feedback = teach_feedback(&started.progress.borrow_and_update());
                     let _ = goal.publish_feedback(feedback);
+                } else {
+                    progress_open = false;
                 }
             }
             cancel = cancels.next(), if !cancelled => match cancel {
@@ -147,8 +152,14 @@ async fn run_teach_goal(
     };
     // The last stage ("installing") is sent just before the install that sends the outcome,
     // so both can be ready at once and `select!` may take the outcome first: publish it now.
-    if started.progress.has_changed().unwrap_or(false) {
-        let _ = goal.publish_feedback(teach_feedback(&started.progress.borrow_and_update()));
+    // Asked of the value, not the channel: the fitting thread has ended and dropped its sender
+    // by then, and the channel's `has_changed` answers a closed channel with an error.
+    let pending = {
+        let last = started.progress.borrow_and_update();
+        last.has_changed().then(|| teach_feedback(&last))
+    };
+    if let Some(feedback) = pending {
+        let _ = goal.publish_feedback(feedback);
     }
     let reply = teach_outcome(outcome, params, node_params);
     if reply.success {
