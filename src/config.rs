@@ -520,6 +520,12 @@ pub struct SuperSimpleNetConfig {
     /// with 20 labelled defects (README). Models written before it existed read 0.
     #[serde(default)]
     pub defect_share: f64,
+    /// Largest change of brightness a good training image gets before its features are cached:
+    /// each is scaled by a gain drawn from `1 ± brightness_jitter` (seeded), so that a cell's
+    /// lighting drift is not taken for a defect (README, "Lighting drift"). Models written
+    /// before it existed read 0.
+    #[serde(default)]
+    pub brightness_jitter: f64,
     /// AdamW learning rate of the feature adaptor (paper: 1e-4).
     pub adaptor_lr: f64,
     /// AdamW learning rate of the two heads (paper: 2e-4).
@@ -567,6 +573,7 @@ impl SuperSimpleNetConfig {
             epochs: 300,
             batch_size: 32,
             defect_share: 0.25,
+            brightness_jitter: 0.0,
             adaptor_lr: 1e-4,
             head_lr: 2e-4,
             weight_decay: [1e-2, 1e-5],
@@ -581,9 +588,10 @@ impl SuperSimpleNetConfig {
     }
 
     /// Minutes on 2 CPU cores: the paper's feature grid without the upscaling, smaller heads and
-    /// fewer epochs (chosen by measurement: README, "SuperSimpleNet").
+    /// fewer epochs, and good images seen at up to ±10 % brightness (chosen by measurement:
+    /// README, "SuperSimpleNet" and "Lighting drift").
     pub fn cpu_small() -> Self {
-        Self { upscale: 1, seg_hidden: 256, cls_channels: 32, cls_kernel: 3, epochs: 40, ..Self::paper() }
+        Self { upscale: 1, seg_hidden: 256, cls_channels: 32, cls_kernel: 3, epochs: 40, brightness_jitter: 0.1, ..Self::paper() }
     }
 
     /// Checks ranges; call at the boundary (CLI, model file).
@@ -618,6 +626,9 @@ impl SuperSimpleNetConfig {
         }
         if self.epochs == 0 || self.batch_size == 0 {
             return Err(Error::Config("epochs and batch_size must be at least 1".into()));
+        }
+        if !(0.0..0.5).contains(&self.brightness_jitter) {
+            return Err(Error::Config(format!("brightness_jitter {}: must be within 0..0.5", self.brightness_jitter)));
         }
         if !(0.0..=0.9).contains(&self.defect_share) {
             return Err(Error::Config(format!("defect_share {}: must be 0..=0.9", self.defect_share)));
@@ -675,6 +686,12 @@ pub struct DraemConfig {
     pub perlin_scale_log2: [u32; 2],
     /// Perlin noise above this value is anomalous (paper: 0.5).
     pub perlin_threshold: f64,
+    /// Largest change of brightness of a training image: each image of each step is scaled by a
+    /// gain drawn from `1 ± brightness_jitter` (seeded) before anomalies are simulated, so that a
+    /// cell's lighting drift is not taken for a defect (README, "Lighting drift"). Models written
+    /// before it existed read 0.
+    #[serde(default)]
+    pub brightness_jitter: f64,
     /// Side of the window the anomaly map is averaged over before its maximum is taken as the
     /// image score (paper: 21 at 256 px); odd.
     pub score_pool: i64,
@@ -708,13 +725,15 @@ impl DraemConfig {
             max_beta: 0.8,
             perlin_scale_log2: [0, 5],
             perlin_threshold: 0.5,
+            brightness_jitter: 0.0,
             score_pool: 21,
         }
     }
 
     /// A setting that trains on 2 CPU cores in a few minutes: 128 px, base width 16 (about
     /// 1.5 M parameters), batch 4, 600 steps, a higher learning rate to make the short run
-    /// count, and the score window scaled with the image.
+    /// count, the score window scaled with the image, and training images at up to ±10 %
+    /// brightness (README, "Lighting drift").
     pub fn cpu_small() -> Self {
         Self {
             preprocess: PreprocessConfig { image_size: [128, 128], ..Default::default() },
@@ -723,6 +742,7 @@ impl DraemConfig {
             batch_size: 4,
             lr: 5e-4,
             perlin_scale_log2: [0, 4],
+            brightness_jitter: 0.1,
             score_pool: 11,
             ..Self::paper()
         }
@@ -756,6 +776,9 @@ impl DraemConfig {
         }
         if self.lr_milestones.iter().any(|m| !(*m > 0.0 && *m <= 1.0)) || !(self.lr_decay > 0.0 && self.lr_decay <= 1.0) {
             return Err(Error::Config("lr_milestones must be fractions in (0, 1] and lr_decay in (0, 1]".into()));
+        }
+        if !(0.0..0.5).contains(&self.brightness_jitter) {
+            return Err(Error::Config(format!("brightness_jitter {}: must be within 0..0.5", self.brightness_jitter)));
         }
         if !(0.0..=1.0).contains(&self.anomaly_probability) {
             return Err(Error::Config(format!("anomaly_probability {}: must be within 0..=1", self.anomaly_probability)));
@@ -816,6 +839,25 @@ mod tests {
         let json = serde_json::to_string(&DraemConfig::cpu_small()).unwrap();
         assert_eq!(serde_json::from_str::<DraemConfig>(&json).unwrap(), DraemConfig::cpu_small());
         assert!(serde_json::from_str::<DraemConfig>(r#"{"base_widht": 8}"#).is_err(), "typos are refused");
+        // A model written before the brightness jitter existed was trained without it.
+        assert_eq!(partial.brightness_jitter, 0.0);
+    }
+
+    #[test]
+    fn supersimplenet_presets_are_valid_and_old_models_read_no_brightness_jitter() {
+        for cfg in [SuperSimpleNetConfig::paper(), SuperSimpleNetConfig::cpu_small()] {
+            cfg.validate().unwrap();
+        }
+        // The CPU presets learn lighting drift (README, "Lighting drift"); the paper's stay the paper's.
+        assert_eq!(SuperSimpleNetConfig::cpu_small().brightness_jitter, 0.1);
+        assert_eq!(DraemConfig::cpu_small().brightness_jitter, 0.1);
+        assert_eq!((SuperSimpleNetConfig::paper().brightness_jitter, DraemConfig::paper().brightness_jitter), (0.0, 0.0));
+        let old: SuperSimpleNetConfig = serde_json::from_str(r#"{"epochs": 3}"#).unwrap();
+        assert_eq!((old.epochs, old.brightness_jitter, old.defect_share), (3, 0.0, 0.0));
+        for jitter in [0.5, -0.1, f64::NAN] {
+            let c = SuperSimpleNetConfig { brightness_jitter: jitter, ..SuperSimpleNetConfig::cpu_small() };
+            assert!(c.validate().unwrap_err().to_string().contains("brightness_jitter"), "{jitter}");
+        }
     }
 
     #[test]
@@ -901,6 +943,8 @@ mod tests {
         assert!(bad(|c| c.max_beta = 1.0));
         assert!(bad(|c| c.perlin_scale_log2 = [3, 2]));
         assert!(bad(|c| c.lr_milestones = vec![1.5]));
+        assert!(bad(|c| c.brightness_jitter = 0.5));
+        assert!(bad(|c| c.brightness_jitter = f64::NAN));
         assert_eq!("procedural".parse::<AnomalySource>().unwrap(), AnomalySource::Procedural);
         assert_eq!("training_images".parse::<AnomalySource>().unwrap(), AnomalySource::TrainingImages);
         let dir = std::env::temp_dir();

@@ -227,6 +227,10 @@ pub struct TrainingOptions {
     /// train/<type>/ when there are any (0 = one shuffle over all images).
     #[arg(long)]
     pub defect_share: Option<f64>,
+    /// Largest relative change of brightness each good training image gets (a gain drawn from
+    /// 1 ± this, seeded), so that lighting drift in the cell is not taken for a defect.
+    #[arg(long)]
+    pub brightness_jitter: Option<f64>,
     /// DRAEM: where simulated anomalies take their texture from: training_images (default),
     /// procedural, or a folder of images.
     #[arg(long)]
@@ -259,6 +263,7 @@ impl TrainingOptions {
         set(&mut cfg.batch_size, self.batch_size);
         set(&mut cfg.lr, self.lr);
         set(&mut cfg.anomaly_source, self.anomaly_source.clone());
+        set(&mut cfg.brightness_jitter, self.brightness_jitter);
         if let Some(s) = self.steps {
             cfg.steps = s;
         } else if let Some(e) = self.epochs {
@@ -286,6 +291,7 @@ impl TrainingOptions {
         set(&mut cfg.batch_size, self.batch_size);
         set(&mut cfg.noise_std, self.noise_std);
         set(&mut cfg.defect_share, self.defect_share);
+        set(&mut cfg.brightness_jitter, self.brightness_jitter);
         if let Some(lr) = self.lr {
             (cfg.head_lr, cfg.adaptor_lr) = (lr, lr / 2.0);
         }

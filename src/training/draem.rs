@@ -17,7 +17,7 @@ use tch::{nn, Device, Kind, Reduction, Tensor};
 use super::adam::Adam;
 use super::checkpoint;
 use super::losses::{focal_loss, ssim};
-use super::schedule::{batch_indices, step_rng};
+use super::schedule::{batch_indices, brightness_gains, step_rng};
 use super::{calibrate, check_on_synthetic_defects, model_name, split_holdout_checked, training_info, FitOptions, FitStage};
 use crate::config::{AnomalySource, DraemConfig};
 use crate::error::{Error, Result};
@@ -164,6 +164,16 @@ pub fn learning_rate(config: &DraemConfig, step: usize) -> f64 {
     config.lr * config.lr_decay.powi(passed as i32)
 }
 
+/// `images` `[B, 3, H, W]` in 0..1, each scaled by its gain (`gains`: B values) and clipped to
+/// 0..1; unchanged when every gain is 1.
+fn with_brightness(images: Tensor, gains: &[f32]) -> Result<Tensor> {
+    if gains.iter().all(|&g| g == 1.0) {
+        return Ok(images);
+    }
+    let g = Tensor::f_from_slice(gains)?.f_view([-1, 1, 1, 1])?.f_to_device(images.device())?;
+    Ok(images.f_mul(&g)?.f_clamp(0.0, 1.0)?)
+}
+
 /// DRAEM's loss on one batch: returns (total, its parts). `clean` and `augmented` are 0..1
 /// images `[B, 3, H, W]`, `mask` `[B, 1, H, W]`.
 fn step_loss(net: &DraemNet, unit: &UnitSpace, clean: &Tensor, augmented: &Tensor, mask: &Tensor) -> Result<(Tensor, Losses)> {
@@ -280,6 +290,8 @@ pub fn fit_draem(
         let idx = Tensor::f_from_slice(&batch_indices(config.seed, step, config.batch_size, n, &mut order_cache))?
             .f_to_device(device)?;
         let clean = store.f_index_select(0, &idx)?.f_to_kind(Kind::Float)?.f_div_scalar(255.0)?;
+        let clean =
+            with_brightness(clean, &brightness_gains(config.seed, step as u64, config.batch_size, config.brightness_jitter))?;
         let (augmented, mask) = synthesizer.synthesize(&clean, &mut step_rng(config.seed, step))?;
         let lr = learning_rate(config, step);
         adam.zero_grad()?;
@@ -355,6 +367,16 @@ mod tests {
         assert_eq!(learning_rate(&cfg, 79), 1.0);
         assert!((learning_rate(&cfg, 80) - 0.2).abs() < 1e-12);
         assert!((learning_rate(&cfg, 95) - 0.04).abs() < 1e-12);
+    }
+
+    #[test]
+    fn brightness_scales_each_image_and_clips() {
+        let images = Tensor::full([2, 3, 2, 2], 0.6, (Kind::Float, Device::Cpu));
+        let out = with_brightness(images.shallow_clone(), &[0.5, 2.0]).unwrap();
+        assert!((out.double_value(&[0, 1, 1, 1]) - 0.3).abs() < 1e-6);
+        assert_eq!(out.double_value(&[1, 0, 0, 0]), 1.0, "clipped to 0..1");
+        let same = with_brightness(images.shallow_clone(), &[1.0, 1.0]).unwrap();
+        assert!(same.equal(&images));
     }
 
     fn tiny(steps: usize) -> DraemConfig {

@@ -2,12 +2,14 @@
 //! generator of its random draws. Both are functions of (seed, step) alone, so a run resumed
 //! from a checkpoint at step s continues exactly as the uninterrupted run would.
 use rand::seq::SliceRandom;
+use rand::Rng as _;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 const PURPOSE_SHUFFLE: u64 = 0x5348_5546;
 const PURPOSE_ANOMALY: u64 = 0x414E_4F4D;
 const PURPOSE_DEFECTS: u64 = 0x4445_4645;
+const PURPOSE_LIGHT: u64 = 0x4C49_4748;
 
 /// The seeded order of the training samples in `epoch`.
 fn epoch_order(seed: u64, epoch: usize, n: usize) -> Vec<i64> {
@@ -86,6 +88,18 @@ pub(crate) fn step_rng(seed: u64, step: usize) -> ChaCha8Rng {
     rng
 }
 
+/// Brightness gains for `n` images, each drawn uniformly from `1 ± jitter`, a function of
+/// (seed, stream) alone: one per image of a step (DRAEM, stream = step) or of the feature cache
+/// (SuperSimpleNet). All 1 when `jitter` is 0.
+pub(crate) fn brightness_gains(seed: u64, stream: u64, n: usize, jitter: f64) -> Vec<f32> {
+    if jitter <= 0.0 {
+        return vec![1.0; n];
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ PURPOSE_LIGHT);
+    rng.set_stream(stream);
+    (0..n).map(|_| (1.0 + rng.gen_range(-jitter..=jitter)) as f32).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,6 +118,16 @@ mod tests {
         assert_ne!(&all[..7], &all[7..], "epochs should be shuffled differently");
         let mut fresh = None;
         assert_eq!(batch_indices(3, 5, 2, n, &mut fresh), all[10..12].to_vec());
+    }
+
+    #[test]
+    fn brightness_gains_stay_in_range_and_repeat_per_stream() {
+        let g = brightness_gains(4, 7, 200, 0.1);
+        assert!(g.iter().all(|&x| (0.9..=1.1).contains(&x)), "{g:?}");
+        assert!(g.iter().any(|&x| x < 0.95) && g.iter().any(|&x| x > 1.05), "not spread: {g:?}");
+        assert_eq!(brightness_gains(4, 7, 200, 0.1), g);
+        assert_ne!(brightness_gains(4, 8, 200, 0.1), g);
+        assert_eq!(brightness_gains(4, 7, 3, 0.0), vec![1.0; 3]);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use tch::{nn, Device, Kind, Tensor};
 use super::adam::Adam;
 use super::checkpoint;
 use super::losses::{sigmoid_focal_loss, truncated_l1};
-use super::schedule::{step_rng, SampleOrder};
+use super::schedule::{brightness_gains, step_rng, SampleOrder};
 use super::{calibrate, check_on_synthetic_defects, model_name, split_holdout_checked, training_info, FitOptions, FitStage};
 use crate::config::SuperSimpleNetConfig;
 use crate::dataset::{load_mask, Supervision, TestSample};
@@ -127,6 +127,15 @@ fn grid_mask(path: &Path, input: (i64, i64), grid: (i64, i64), device: Device) -
     Ok(small.f_ge(0.5)?.f_to_kind(Kind::Float)?.f_to_device(device)?)
 }
 
+/// Multiplies every channel of every pixel by `gain`, clipped to 0..=255.
+fn scale_brightness(image: &mut image::RgbImage, gain: f32) {
+    if gain != 1.0 {
+        for v in image.iter_mut() {
+            *v = (f32::from(*v) * gain).round().clamp(0.0, 255.0) as u8;
+        }
+    }
+}
+
 /// Extracts and caches the patch features of `good` and `defective` images, in batches of
 /// `options.batch_size`, reporting `FitStage::Features` per batch (cancellable between them).
 fn cache_features(
@@ -141,10 +150,17 @@ fn cache_features(
     let batch_size = options.batch_size.max(1);
     let paths: Vec<&Path> = good.iter().map(PathBuf::as_path).chain(defective.iter().map(|s| s.path.as_path())).collect();
     let total = paths.len();
+    // The good images only: a labelled defect's brightness may be what makes it one.
+    let gains = brightness_gains(config.seed, 0, good.len(), config.brightness_jitter);
     let mut chunks = Vec::new();
     for (i, chunk) in paths.chunks(batch_size).enumerate() {
         options.cancel.check("feature extraction")?;
-        let imgs = chunk.iter().map(|p| imaging::load(p)).collect::<Result<Vec<_>>>()?;
+        let mut imgs = chunk.iter().map(|p| imaging::load(p)).collect::<Result<Vec<_>>>()?;
+        for (j, img) in imgs.iter_mut().enumerate() {
+            if let Some(&gain) = gains.get(i * batch_size + j) {
+                scale_brightness(img, gain);
+            }
+        }
         chunks.push(extract_features(backbone, &pre.batch(&imgs)?, config)?);
         progress(FitStage::Features, (i * batch_size + chunk.len()).min(total), total);
     }
@@ -393,6 +409,15 @@ mod tests {
     use crate::config::PreprocessConfig;
     use crate::models::backbone::lite0_weights_for_tests;
     use crate::synthetic::{generate_dataset, SyntheticConfig};
+
+    #[test]
+    fn brightness_scales_every_channel_and_saturates() {
+        let mut img = image::RgbImage::from_pixel(2, 1, image::Rgb([100, 200, 0]));
+        scale_brightness(&mut img, 1.1);
+        assert_eq!(img.get_pixel(1, 0).0, [110, 220, 0]);
+        scale_brightness(&mut img, 2.0);
+        assert_eq!(img.get_pixel(0, 0).0, [220, 255, 0]);
+    }
 
     fn tiny(epochs: usize) -> SuperSimpleNetConfig {
         SuperSimpleNetConfig {
