@@ -101,16 +101,6 @@ impl Inspection {
         }
     }
 
-    /// The map as a colour picture (turbo: blue = normal, red = at least twice the threshold).
-    pub fn heatmap(&self) -> RgbImage {
-        heatmap(&self.map(), NORMALISED_RANGE.0, NORMALISED_RANGE.1)
-    }
-
-    /// `frame` (the inspected image) with the map blended in and the regions outlined.
-    pub fn overlay(&self, frame: &RgbImage) -> RgbImage {
-        overlay(frame, &self.map(), NORMALISED_RANGE.0, NORMALISED_RANGE.1, PIXEL_THRESHOLD, &self.regions)
-    }
-
     /// The pictures `wanted` names (the map, the heatmap, the overlay on `frame`), from one
     /// resize of the map; nothing is computed when none is wanted.
     pub fn pictures(&self, frame: &RgbImage, wanted: PictureSet) -> Pictures {
