@@ -127,7 +127,8 @@ fn grid_mask(path: &Path, input: (i64, i64), grid: (i64, i64), device: Device) -
     Ok(small.f_ge(0.5)?.f_to_kind(Kind::Float)?.f_to_device(device)?)
 }
 
-/// Multiplies every channel of every pixel by `gain`, clipped to 0..=255.
+/// Multiplies every channel of every pixel by `gain`, clipped to 0..=255. By hand: the image
+/// crate's `brighten` adds a constant, while a change of exposure or lamp scales the light.
 fn scale_brightness(image: &mut image::RgbImage, gain: f32) {
     if gain != 1.0 {
         for v in image.iter_mut() {
