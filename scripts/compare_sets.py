@@ -240,6 +240,24 @@ README_BEGIN = "<!-- compare_sets results: begin (regenerate with --update-readm
 README_END = "<!-- compare_sets results: end -->"
 
 
+def machine_description():
+    """Cores, CPU model and its widest vector extension: ms and fit s depend on all three (the
+    engine computes in bfloat16 only where the CPU multiplies it natively)."""
+    model, flags = "", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not model:
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    isa = next((name for flag, name in [("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16"), ("avx512f", "AVX-512"),
+                                         ("avx2", "AVX2")] if flag in flags), "")
+    return ", ".join(v for v in [f"{os.cpu_count()} CPU cores", model, isa] if v)
+
+
 def update_readme(text):
     """Replaces the README's section between the two markers with `text`."""
     readme = ROOT / "README.md"
@@ -329,7 +347,7 @@ def main():
         print(agreement_table(agree))
         print()
     summary = {
-        "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": f"{os.cpu_count()} CPU cores ({os.uname().nodename})",
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": machine_description(),
         "device": rows[0]["device"] if rows else "?", "command": " ".join(shlex.quote(v) for v in sys.argv[1:]),
         "split": a.split, "quick": a.quick, "seconds": time.monotonic() - t0,
         "settings": {k: {"about": configs[k][0], "fit_args": configs[k][1]} for k in chosen},

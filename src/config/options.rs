@@ -22,7 +22,7 @@ pub struct SharedModelOptions {
     #[arg(long)]
     pub image_size: Option<u32>,
     /// Seed for every random choice.
-    #[arg(long)]
+    #[arg(long, hide_short_help = true)]
     pub seed: Option<u64>,
 }
 
@@ -41,23 +41,23 @@ impl SharedModelOptions {
 pub struct PatchCoreOptions {
     /// PatchCore, SuperSimpleNet: feature extractor, efficientnet_lite0 (built in) or torchscript
     /// (give --backbone-weights).
-    #[arg(long, value_enum, default_value_t = BackboneKind::EfficientnetLite0)]
+    #[arg(long, value_enum, default_value_t = BackboneKind::EfficientnetLite0, hide_short_help = true)]
     pub backbone: BackboneKind,
     /// PatchCore, SuperSimpleNet: backbone weights, safetensors for efficientnet_lite0, a
     /// TorchScript .pt for torchscript.
-    #[arg(long)]
+    #[arg(long, hide_short_help = true)]
     pub backbone_weights: Option<PathBuf>,
     /// PatchCore, SuperSimpleNet: backbone layers, comma separated (efficientnet_lite0:
     /// stage1..stage7; torchscript: 0,1,..).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', hide_short_help = true)]
     pub layers: Option<Vec<String>>,
     /// PatchCore: keep each image's aspect ratio, scaled down to at most the input's area (the
     /// default; the flag stays for scripts that name it).
-    #[arg(long, conflicts_with = "stretch")]
+    #[arg(long, conflicts_with = "stretch", hide_short_help = true)]
     pub keep_aspect: bool,
     /// PatchCore: stretch each image to the square input instead (the paper's and anomalib's
     /// input; the default before December 2026).
-    #[arg(long, conflicts_with = "keep_aspect")]
+    #[arg(long, conflicts_with = "keep_aspect", hide_short_help = true)]
     pub stretch: bool,
     /// PatchCore: cut each frame into overlapping tiles of the input size after scaling it by
     /// SCALE (1 = the camera's own pixels, 0.5 = half), instead of resizing the whole frame:
@@ -66,16 +66,16 @@ pub struct PatchCoreOptions {
     #[arg(long, value_name = "SCALE", conflicts_with_all = ["keep_aspect", "stretch"])]
     pub tiles: Option<f64>,
     /// Fraction of patches kept in the memory bank.
-    #[arg(long)]
+    #[arg(long, hide_short_help = true)]
     pub coreset_ratio: Option<f64>,
     /// Upper bound on memory-bank rows, whatever the ratio gives (default 40000; bounds memory
     /// and the search's cost).
-    #[arg(long)]
+    #[arg(long, hide_short_help = true)]
     pub max_bank_size: Option<usize>,
     /// Nearest-neighbour search the model will use: 0 = exact (default), N = approximate over
     /// the N nearest k-means cells of the bank (faster on large float32 banks; slower than the
     /// exact search where that runs in bfloat16, see README "Speed").
-    #[arg(long)]
+    #[arg(long, hide_short_help = true)]
     pub knn_probes: Option<usize>,
     /// Search each frame's patches only among those of the K training images most like it
     /// (SPADE's image retrieval; each training image keeps its own coreset). 0 = the whole bank
@@ -84,34 +84,34 @@ pub struct PatchCoreOptions {
     pub retrieval_images: Option<usize>,
     /// Dimension of the random projection the coreset is chosen in (at least the feature
     /// dimension: no projection, exact greedy k-center).
-    #[arg(long)]
+    #[arg(long, hide_short_help = true)]
     pub coreset_dim: Option<i64>,
     /// Side of the square of neighbouring patches averaged into each patch feature (odd; the
     /// paper's 3). Larger sees more context per patch.
-    #[arg(long)]
+    #[arg(long, hide_short_help = true)]
     pub neighbourhood: Option<i64>,
     /// Gaussian smoothing of the anomaly map, in network-input pixels (the paper's 4). Larger
     /// favours large, low-contrast defects over small sharp ones.
-    #[arg(long)]
+    #[arg(long, hide_short_help = true)]
     pub blur_sigma: Option<f64>,
     /// PatchCore: a second, wide smoothing in network-input pixels (off by default; 32 helped
     /// large low-contrast defects on Magnetic-Tile; 0 = off): each
     /// pixel scores at least the smoothed mean around it, so large low-contrast defects fill in
     /// while small sharp ones keep their peaks.
-    #[arg(long)]
+    #[arg(long, hide_short_help = true)]
     pub coarse_blur_sigma: Option<f64>,
     /// PatchCore: divide each patch distance by the bank's local spacing at its nearest row, the
     /// distance from that row to its K-th nearest other row (off by default: the paper's raw
     /// distances; 5 helped Magnetic-Tile; 0 = off).
-    #[arg(long, value_name = "K")]
+    #[arg(long, value_name = "K", hide_short_help = true)]
     pub density_neighbors: Option<i64>,
     /// PatchCore: smooth each frame's patch scores among the patches that look alike (off by
     /// default; 0.45 helped Magnetic-Tile: the feature bandwidth relative to the frame's median
     /// feature distance; 0 = off), so that a defect region of one texture scores as a whole.
-    #[arg(long, value_name = "B")]
+    #[arg(long, value_name = "B", hide_short_help = true)]
     pub guided_bandwidth: Option<f64>,
     /// PatchCore: spatial reach of that smoothing, in network-input pixels (default 48).
-    #[arg(long, value_name = "PX")]
+    #[arg(long, value_name = "PX", hide_short_help = true)]
     pub guided_sigma: Option<f64>,
 }
 
@@ -210,34 +210,34 @@ pub struct TrainingOptions {
     pub epochs: Option<f64>,
     /// DRAEM: channels of the first reconstructive block (paper 128); the discriminative
     /// U-Net uses half.
-    #[arg(long)]
+    #[arg(long, hide_short_help = true)]
     pub base_width: Option<i64>,
     /// Training images per step.
-    #[arg(long)]
+    #[arg(long, hide_short_help = true)]
     pub batch_size: Option<usize>,
     /// Learning rate (DRAEM: Adam's; SuperSimpleNet: the heads', the adaptor's is half of it,
     /// as in the paper).
-    #[arg(long)]
+    #[arg(long, hide_short_help = true)]
     pub lr: Option<f64>,
     /// SuperSimpleNet: standard deviation of the noise that simulates anomalies in the
     /// (standardised) features.
-    #[arg(long)]
+    #[arg(long, hide_short_help = true)]
     pub noise_std: Option<f64>,
     /// SuperSimpleNet: share of each batch taken from the labelled defective images in
     /// train/<type>/ when there are any (0 = one shuffle over all images).
-    #[arg(long)]
+    #[arg(long, hide_short_help = true)]
     pub defect_share: Option<f64>,
     /// Largest relative change of brightness each good training image gets (a gain drawn from
     /// 1 ± this, seeded), so that lighting drift in the cell is not taken for a defect.
-    #[arg(long)]
+    #[arg(long, hide_short_help = true)]
     pub brightness_jitter: Option<f64>,
     /// DRAEM: where simulated anomalies take their texture from: training_images (default),
     /// procedural, or a folder of images.
-    #[arg(long)]
+    #[arg(long, hide_short_help = true)]
     pub anomaly_source: Option<AnomalySource>,
     /// Write a checkpoint into <out>/checkpoint every N steps (SuperSimpleNet: at the end of the
     /// epoch that reaches them; 0: only at the end).
-    #[arg(long, default_value_t = DraemTrainOptions::default().checkpoint_every)]
+    #[arg(long, default_value_t = DraemTrainOptions::default().checkpoint_every, hide_short_help = true)]
     pub checkpoint_every: usize,
     /// Continue the training in <out>/checkpoint with its settings; --steps or --epochs may
     /// extend it.
