@@ -26,7 +26,8 @@
 #      depend on its training). Target: PatchCore 256 px under 10 ms per frame.
 #   4. PatchCore tiled (--tiles 1) on the last set: eval beside the default, and in the bench
 #      (the GPU's batch of tiles).
-# The learned method of issue 17 is timed here once it exists.
+#   5. SuperSimpleNet (cpu-small preset, its 40 epochs) fitted on the first set on the device,
+#      evaluated there and timed in the bench beside the others.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -36,7 +37,7 @@ TCH_VERSION=0.24.0     # the tch release built for it (torch-sys 0.24's TORCH_VE
 SETS=(magnetic_tile mvtec_screw bsdata_pitting)
 # ONLY_SETS=a,b runs only those sets; BENCH_IMAGE=good times a defect-free frame.
 # The dry run shortens what only the GPU makes quick (DRAEM's paper preset is minutes a step here).
-DRAEM_PRESET="${DRAEM_PRESET:-paper}"; DRAEM_STEPS="${DRAEM_STEPS:-20}"; FRAMES="${FRAMES:-256x256,640x480,2448x2048}"
+DRAEM_PRESET="${DRAEM_PRESET:-paper}"; DRAEM_STEPS="${DRAEM_STEPS:-20}"; SSN_EPOCHS="${SSN_EPOCHS:-40}"; FRAMES="${FRAMES:-256x256,640x480,2448x2048}"
 [ -z "${ONLY_SETS:-}" ] || read -r -a SETS <<< "${ONLY_SETS//,/ }"
 
 prepare() {
@@ -158,6 +159,12 @@ PY
   "$bin" fit --method draem --preset "$DRAEM_PRESET" --data "$STAGE/data/${SETS[0]}" --out "$work/draem" \
       --device "$device" --steps "$DRAEM_STEPS" --checkpoint-every 0 2>&1 | tail -2
   echo "draem fit seconds (training and calibration): $(secs "$t0" "$(date +%s.%N)")"
+  echo; echo "== SuperSimpleNet cpu-small preset: $SSN_EPOCHS epochs on $device =="
+  t0=$(date +%s.%N)
+  "$bin" fit --method supersimplenet --data "$STAGE/data/${SETS[0]}" --out "$work/ssn" \
+      --device "$device" --epochs "$SSN_EPOCHS" --checkpoint-every 0 2>&1 | tail -3
+  echo "supersimplenet fit seconds: $(secs "$t0" "$(date +%s.%N)")"
+  "$bin" eval --model "$work/ssn" --data "$STAGE/data/${SETS[0]}" --device "$device" --json "$out/ssn.eval.json" 2>&1 | tail -n 6
   # Tiled inference (fit --tiles 1: the frame cut into 256 px tiles at its own scale, one
   # forward per batch of tiles): the set with the smallest defects, eval and bench beside the
   # default. TILED=0 leaves it out (the dry run on 2 CPU cores: a 5 MP frame is ~140 tiles).
@@ -167,8 +174,10 @@ PY
     t0=$(date +%s.%N)
     "$bin" fit --data "$STAGE/data/${SETS[-1]}" --out "$work/tiled" --device "$device" --tiles 1 2>&1 | tail -2
     echo "tiled fit seconds: $(secs "$t0" "$(date +%s.%N)")"
-    "$bin" eval --model "$work/tiled" --data "$STAGE/data/${SETS[-1]}" --device "$device" --pixel-max-side 1024 2>&1 | tail -n 6
-    "$bin" eval --model "$work/${SETS[-1]}.dev" --data "$STAGE/data/${SETS[-1]}" --device "$device" --pixel-max-side 1024 2>&1 | tail -n 6
+    "$bin" eval --model "$work/tiled" --data "$STAGE/data/${SETS[-1]}" --device "$device" --pixel-max-side 1024 \
+        --json "$out/tiled.eval.json" 2>&1 | tail -n 6
+    "$bin" eval --model "$work/${SETS[-1]}.dev" --data "$STAGE/data/${SETS[-1]}" --device "$device" --pixel-max-side 1024 \
+        --json "$out/untiled.eval.json" 2>&1 | tail -n 6
     tiled=(--model "$work/tiled")
   fi
   echo; echo "== engine stages on $device (anomaly_inspector bench) =="
@@ -180,7 +189,7 @@ PY
     image="$(find "$STAGE/data/${SETS[-1]}/test" -type f | sort | tail -1)"
   fi
   for s in "${SETS[@]}"; do models+=(--model "$work/$s.dev"); done
-  "$bin" bench "${models[@]}" "${tiled[@]}" --model "$work/draem" --image "$image" --frame "$FRAMES" --iterations 30 \
+  "$bin" bench "${models[@]}" "${tiled[@]}" --model "$work/draem" --model "$work/ssn" --image "$image" --frame "$FRAMES" --iterations 30 \
       --bank-rows 1000,40000,100000 --device "$device" --json "$out/bench.json"
   echo "}" >> "$json"
   rm -rf "$work"
@@ -190,7 +199,7 @@ case "${1:-}" in
   prepare) prepare ;;
   dry-run)
     torch="$ROOT/target/gpu_check/torch$TORCH_VERSION/torch"
-    TILED="${TILED:-0}" DRAEM_PRESET=cpu-small DRAEM_STEPS=2 LIBTORCH="$torch" check cpu "$ROOT/target/gpu_check/dry_run" 2>&1 | tee "$ROOT/target/gpu_check/dry_run.log" ;;
+    TILED="${TILED:-0}" DRAEM_PRESET=cpu-small DRAEM_STEPS=2 SSN_EPOCHS=1 LIBTORCH="$torch" check cpu "$ROOT/target/gpu_check/dry_run" 2>&1 | tee "$ROOT/target/gpu_check/dry_run.log" ;;
   device)
     # The device's own libtorch (with CUDA): the python3 there is the one that holds torch.
     torch="$(python3 -c 'import os, torch; print(os.path.dirname(torch.__file__))')"
