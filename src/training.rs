@@ -283,7 +283,12 @@ impl TeachBase {
         let own = |kind| self.model_dir.join(model_file::backbone_file(kind));
         match (method, &self.config) {
             (Method::Patchcore, MethodConfig::Patchcore(c)) => (self.config.clone(), own(c.backbone.kind)),
-            (Method::Supersimplenet, MethodConfig::SuperSimpleNet(c)) => (self.config.clone(), own(c.backbone.kind)),
+            // The image score is chosen again by the labels this teach-in finds (the model's
+            // was chosen by those of its own fit).
+            (Method::Supersimplenet, MethodConfig::SuperSimpleNet(c)) => {
+                let c = crate::config::SuperSimpleNetConfig { image_score: crate::config::ImageScore::Auto, ..c.clone() };
+                (MethodConfig::SuperSimpleNet(c.clone()), own(c.backbone.kind))
+            }
             (Method::Draem, MethodConfig::Draem(_)) => (self.config.clone(), PathBuf::new()),
             (Method::Patchcore, _) => (MethodConfig::Patchcore(PatchCoreConfig::default()), self.lite0_weights()),
             (Method::Supersimplenet, _) => {

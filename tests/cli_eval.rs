@@ -361,6 +361,9 @@ fn labelled_defects_in_train_are_reported_never_evaluated_and_fit_checks_itself(
         check(&out, "fit --method supersimplenet");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains("training supersimplenet") && !stderr.contains("are not used"), "{stderr}");
+        // With labels, `auto` scores images with the classification head, and says so.
+        assert!(stderr.contains("image score from the classification head"), "{stderr}");
+        assert_eq!(manifest(&ssn)["supersimplenet"]["image_score"], "classifier");
         let summary = &manifest(&ssn)["training"]["supersimplenet"];
         assert_eq!(
             (summary["n_defective"].as_u64(), summary["supervision"].as_str()),

@@ -139,6 +139,7 @@ fn operator_labels_frames_and_teaches_a_model_from_them() {
     assert_eq!(Path::new(t["model_path"].as_str().unwrap()), taught);
     let manifest: Value = serde_json::from_str(&std::fs::read_to_string(taught.join("model.json")).unwrap()).unwrap();
     assert_eq!(manifest["method"], "supersimplenet");
+    assert_eq!(manifest["supersimplenet"]["image_score"], "classifier", "taught with defective labels");
     let kept = MvtecDataset::open(&models.join("taught_ssn.frames")).unwrap();
     assert_eq!((kept.train_good.len(), kept.train_defective.len()), (7, 4), "frames and labels kept beside the model");
     assert_eq!(obs["after_teach"]["model_id"], "taught_ssn");

@@ -170,7 +170,7 @@ fn fit_supersimplenet_model(
     let weights = a.patchcore.backbone_weights()?;
     let [h, w] = cfg.preprocess.image_size;
     eprintln!(
-        "training supersimplenet on {} ({h}x{w} px, {}, upscale {}, heads {}/{}, {} epochs of batches of {}; device {}){}",
+        "training supersimplenet on {} ({h}x{w} px, {}, upscale {}, heads {}/{}, {} epochs of batches of {}, image score from {}; device {}){}",
         a.data.display(),
         cfg.backbone.layers.join("+"),
         cfg.upscale,
@@ -178,6 +178,7 @@ fn fit_supersimplenet_model(
         cfg.cls_channels,
         cfg.epochs,
         cfg.batch_size,
+        cfg.image_score.for_supervision(data.supervision()).describe(),
         device::describe(device),
         if a.training.resume { "; resuming" } else { "" }
     );

@@ -8,8 +8,8 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, ValueEnum};
 
 use crate::config::{
-    default_backbone_weights, AnomalySource, BackboneConfig, BackboneKind, DraemConfig, PatchCoreConfig, Resize, Search,
-    SuperSimpleNetConfig,
+    default_backbone_weights, AnomalySource, BackboneConfig, BackboneKind, DraemConfig, ImageScore, PatchCoreConfig, Resize,
+    Search, SuperSimpleNetConfig,
 };
 use crate::model_file::Method;
 use crate::training::{read_checkpoint_state, read_supersimplenet_checkpoint, DraemTrainOptions, SuperSimpleNetTrainOptions};
@@ -231,6 +231,10 @@ pub struct TrainingOptions {
     /// 1 ± this, seeded), so that lighting drift in the cell is not taken for a defect.
     #[arg(long, hide_short_help = true)]
     pub brightness_jitter: Option<f64>,
+    /// SuperSimpleNet: where the image score comes from: auto (the map's maximum on good images
+    /// only, the classification head with labelled defects), classifier or map-max.
+    #[arg(long, value_enum, hide_short_help = true)]
+    pub image_score: Option<ImageScore>,
     /// DRAEM: where simulated anomalies take their texture from: training_images (default),
     /// procedural, or a folder of images.
     #[arg(long, hide_short_help = true)]
@@ -292,6 +296,7 @@ impl TrainingOptions {
         set(&mut cfg.noise_std, self.noise_std);
         set(&mut cfg.defect_share, self.defect_share);
         set(&mut cfg.brightness_jitter, self.brightness_jitter);
+        set(&mut cfg.image_score, self.image_score);
         if let Some(lr) = self.lr {
             (cfg.head_lr, cfg.adaptor_lr) = (lr, lr / 2.0);
         }
@@ -309,7 +314,7 @@ impl TrainingOptions {
 /// The PatchCore options SuperSimpleNet takes too (it stands on the same backbone).
 const SUPERSIMPLENET_FROM_PATCHCORE: [&str; 3] = ["--backbone", "--backbone-weights", "--layers"];
 /// The training options only SuperSimpleNet takes.
-const SUPERSIMPLENET_ONLY: [&str; 2] = ["--noise-std", "--defect-share"];
+const SUPERSIMPLENET_ONLY: [&str; 3] = ["--noise-std", "--defect-share", "--image-score"];
 /// The training options only DRAEM takes.
 const DRAEM_ONLY: [&str; 3] = ["--steps", "--base-width", "--anomaly-source"];
 
@@ -442,7 +447,20 @@ mod tests {
         refuse_other_methods_options(Method::Patchcore, &m).unwrap();
 
         // SuperSimpleNet shares the backbone with PatchCore and the training options with DRAEM.
-        let ok = ["--method", "supersimplenet", "--layers", "stage3", "--epochs", "3", "--preset", "paper", "--lr", "0.01"];
+        let ok = [
+            "--method",
+            "supersimplenet",
+            "--layers",
+            "stage3",
+            "--epochs",
+            "3",
+            "--preset",
+            "paper",
+            "--lr",
+            "0.01",
+            "--image-score",
+            "map-max",
+        ];
         let (fit, m) = parse(&ok);
         refuse_other_methods_options(Method::Supersimplenet, &m).unwrap();
         let mut cfg = fit.training.starting_supersimplenet(Path::new("/nonexistent")).unwrap();
@@ -452,6 +470,7 @@ mod tests {
             epochs: 3,
             head_lr: 0.01,
             adaptor_lr: 0.005,
+            image_score: ImageScore::MapMax,
             backbone: BackboneConfig { layers: vec!["stage3".into()], ..BackboneConfig::default() },
             ..SuperSimpleNetConfig::paper()
         };
@@ -459,5 +478,8 @@ mod tests {
         let (_, m) = parse(&["--method", "supersimplenet", "--coreset-ratio", "0.2", "--steps", "5", "--base-width", "8"]);
         let msg = refuse_other_methods_options(Method::Supersimplenet, &m).unwrap_err().to_string();
         assert!(msg.ends_with("--coreset-ratio, --steps, --base-width"), "{msg}");
+        let (_, m) = parse(&["--method", "draem", "--image-score", "classifier"]);
+        let msg = refuse_other_methods_options(Method::Draem, &m).unwrap_err().to_string();
+        assert!(msg.ends_with("--image-score"), "{msg}");
     }
 }

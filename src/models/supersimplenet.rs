@@ -374,6 +374,8 @@ pub struct SuperSimpleNet {
     config: SuperSimpleNetConfig,
     /// The map's smoothing kernel (None for blur_sigma 0).
     blur: Option<Tensor>,
+    /// The image score is the map's maximum (else the classification head's).
+    score_from_map: bool,
 }
 
 impl fmt::Debug for SuperSimpleNet {
@@ -412,7 +414,8 @@ impl SuperSimpleNet {
         config: &SuperSimpleNetConfig,
     ) -> Result<Self> {
         let blur = gaussian_kernel(config.blur_sigma, vars.device())?;
-        Ok(Self { vars, backbone, net, config: config.clone(), blur })
+        let score_from_map = score_from_map(config.image_score)?;
+        Ok(Self { vars, backbone, net, config: config.clone(), blur, score_from_map })
     }
 
     /// Writes the adaptor's and the heads' variables (BatchNorm statistics included).
@@ -429,9 +432,10 @@ impl SuperSimpleNet {
         let out = self.net.forward(&extract_features(&self.backbone, x, &self.config)?)?;
         let maps = upsample_blurred(&out.map, h, w, self.blur.as_ref())?;
         let anomaly_maps = maps.f_sigmoid()?;
-        let image_scores = match self.config.image_score {
-            ImageScore::Classifier => out.score.f_sigmoid()?,
-            ImageScore::MapMax => anomaly_maps.f_flatten(1, 3)?.f_amax([1i64].as_slice(), false)?,
+        let image_scores = if self.score_from_map {
+            anomaly_maps.f_flatten(1, 3)?.f_amax([1i64].as_slice(), false)?
+        } else {
+            out.score.f_sigmoid()?
         };
         Ok(ModelOutput { image_scores, anomaly_maps })
     }
@@ -447,6 +451,18 @@ impl SuperSimpleNet {
     }
 }
 
+/// Whether a trained model scores images by the map's maximum; `auto` is `fit`'s to resolve
+/// (by the labels it trains on), so a model holding it was not written by `fit`.
+fn score_from_map(image_score: ImageScore) -> Result<bool> {
+    match image_score {
+        ImageScore::MapMax => Ok(true),
+        ImageScore::Classifier => Ok(false),
+        ImageScore::Auto => Err(Error::Config(
+            "image_score auto in a trained model: fit chooses it from the labels; set classifier or map_max in model.json".into(),
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -455,6 +471,13 @@ mod tests {
 
     fn small() -> SuperSimpleNetConfig {
         SuperSimpleNetConfig { seg_hidden: 16, cls_channels: 8, cls_kernel: 3, ..SuperSimpleNetConfig::paper() }
+    }
+
+    #[test]
+    fn a_trained_model_names_its_image_score() {
+        assert!(score_from_map(ImageScore::MapMax).unwrap());
+        assert!(!score_from_map(ImageScore::Classifier).unwrap());
+        assert!(score_from_map(ImageScore::Auto).unwrap_err().to_string().contains("classifier or map_max"));
     }
 
     #[test]

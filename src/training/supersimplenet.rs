@@ -263,6 +263,8 @@ pub fn fit_supersimplenet(
     config.validate()?;
     let (fit_good, holdout) = split_holdout_checked(good, options.holdout_every)?;
     let supervision = Supervision::of(defective);
+    // The model file says which image score it uses, not `auto`.
+    let config = &SuperSimpleNetConfig { image_score: config.image_score.for_supervision(supervision), ..config.clone() };
     let backbone = Backbone::new(&config.backbone, backbone_weights, device)?;
     let pre = Preprocessor::new(&config.preprocess, device)?;
 
@@ -492,16 +494,62 @@ mod tests {
         assert!((0.0..=1.0).contains(&r.raw_score) && r.score.is_finite());
         assert_eq!((r.map().width(), r.map().height()), (80, 80));
 
-        // image_score map_max (SimpleNet's): the score is the map's maximum.
+        // With labelled defects `auto` chose the classification head, and the file says so;
+        // `auto` itself is refused in a trained model.
         let path = out.join("model.json");
         let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(json["supersimplenet"]["image_score"], "classifier");
+        let x = Tensor::randn([2, 3, 64, 64], (Kind::Float, Device::Cpu));
+        let head = model_file::load(&out, Device::Cpu).unwrap().model.forward(&x).unwrap();
+        json["supersimplenet"]["image_score"] = "auto".into();
+        std::fs::write(&path, json.to_string()).unwrap();
+        let err = model_file::load(&out, Device::Cpu).unwrap_err().to_string();
+        assert!(err.contains("image_score auto"), "{err}");
+
+        // image_score map_max (SimpleNet's): the score is the map's maximum; the maps stay.
         json["supersimplenet"]["image_score"] = "map_max".into();
         std::fs::write(&path, json.to_string()).unwrap();
+        let o = model_file::load(&out, Device::Cpu).unwrap().model.forward(&x).unwrap();
+        let maxima = o.anomaly_maps.flatten(1, 3).amax([1i64].as_slice(), false);
+        assert!(o.image_scores.allclose(&maxima, 1e-6, 1e-7, false));
+        assert!(!head.image_scores.allclose(&maxima, 1e-3, 1e-3, false));
+        assert!(o.anomaly_maps.allclose(&head.anomaly_maps, 1e-6, 1e-7, false));
+    }
+
+    #[test]
+    fn good_only_fit_scores_by_the_map_maximum_and_calibrates_on_it() {
+        let Some(weights) = lite0_weights_for_tests() else { return };
+        let tmp = tempfile::tempdir().unwrap();
+        let (good, _) = tiny_data(&tmp.path().join("data"));
+        let out = tmp.path().join("model");
+        let options = FitOptions { self_check_images: 2, ..FitOptions::default() };
+        let train = SuperSimpleNetTrainOptions { checkpoint_every: 0, resume: false };
+        let report = fit_supersimplenet(
+            &good,
+            &[],
+            "tiny",
+            &tiny(1),
+            &weights,
+            Device::Cpu,
+            &out,
+            &options,
+            &train,
+            &mut |_, _, _| {},
+            &mut |_| {},
+        )
+        .unwrap();
+        assert_eq!(report.summary.supervision, Supervision::GoodOnly);
         let loaded = model_file::load(&out, Device::Cpu).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("model.json")).unwrap()).unwrap();
+        assert_eq!(json["supersimplenet"]["image_score"], "map_max");
         let x = Tensor::randn([2, 3, 64, 64], (Kind::Float, Device::Cpu));
         let o = loaded.model.forward(&x).unwrap();
         let maxima = o.anomaly_maps.flatten(1, 3).amax([1i64].as_slice(), false);
         assert!(o.image_scores.allclose(&maxima, 1e-6, 1e-7, false));
+        // Calibrated on the held-out images' map maxima: the image threshold is the pixel one,
+        // so an image is anomalous exactly when it has a defect region.
+        let c = &report.calibration;
+        assert!(c.image_threshold > 0.0 && c.image_threshold == c.pixel_threshold, "{c:?}");
     }
 
     #[test]
