@@ -242,6 +242,16 @@ impl MemoryBank {
         Ok(blocks)
     }
 
+    /// The squared distances less `|q|^2` between queries (given as `-2 q`, `[Q, D]`) and the bank
+    /// rows `start..start + len`: `[Q, len]`. |q - c|^2 = |q|^2 + (|c|^2 - 2 q.c): the bracket in
+    /// one fused matmul-add; |q|^2 is the same along a row, so the callers add it after their
+    /// reduction (one pass less over the block) and clamp the tiny negatives of cancellation.
+    /// One function for both float32 searches, so that they find the very same minimum.
+    fn partial_sq_distances(&self, q_m2: &Tensor, start: i64, len: i64) -> Result<Tensor> {
+        let rows = self.features.f_narrow(0, start, len)?;
+        Ok(self.sq_norms.f_narrow(0, start, len)?.f_unsqueeze(0)?.f_addmm(q_m2, &rows.f_tr()?)?)
+    }
+
     /// [`MemoryBank::nearest_distances`] for one block of queries `[Q, D]`: `[Q, 1]`.
     fn distance_block(&self, queries: &Tensor) -> Result<Tensor> {
         let q_sq = queries.f_pow_tensor_scalar(2)?.f_sum_dim_intlist(1, true, Kind::Float)?;
@@ -250,10 +260,7 @@ impl MemoryBank {
         let mut start = 0;
         while start < self.len() {
             let len = DISTANCE_CHUNK.min(self.len() - start);
-            let chunk = self.features.f_narrow(0, start, len)?;
-            // |c|^2 - 2 q.c as in `nearest_block`, so the minimum is the same number.
-            let partial = self.sq_norms.f_narrow(0, start, len)?.f_unsqueeze(0)?.f_addmm(&q_m2, &chunk.f_tr()?)?;
-            mins.push(partial.f_amin([1].as_slice(), true)?);
+            mins.push(self.partial_sq_distances(&q_m2, start, len)?.f_amin([1].as_slice(), true)?);
             start += len;
         }
         let nearest = Tensor::f_cat(&mins, 1)?.f_amin([1].as_slice(), true)?;
@@ -302,12 +309,7 @@ impl MemoryBank {
         let mut start = 0;
         while start < self.len() {
             let len = KNN_CHUNK.min(self.len() - start);
-            let chunk = self.features.f_narrow(0, start, len)?;
-            let c_sq = self.sq_norms.f_narrow(0, start, len)?;
-            // |q - c|^2 = |q|^2 + (|c|^2 - 2 q.c): the bracket in one fused matmul-add; |q|^2 is the
-            // same along a row, so it is added after the reduction (one pass less over the block),
-            // and the clamp guards the tiny negatives of cancellation.
-            let partial = c_sq.f_unsqueeze(0)?.f_addmm(&q_m2, &chunk.f_tr()?)?;
+            let partial = self.partial_sq_distances(&q_m2, start, len)?;
             let (d, i) = if k == 1 {
                 // min is a plain reduction; topk would sort.
                 partial.f_min_dim(1, true)?
