@@ -610,32 +610,34 @@ impl PatchCore {
 
     /// Nearest bank row of each patch feature of `n_frames` frames, `[n_frames*P, D]`, as
     /// configured ([`Search`]): exact, approximate or among each frame's most similar training
-    /// images: (`[Q, 1]` distances, `[Q, 1]` int64 bank indices).
-    pub fn nearest_patches(&self, patches: &Tensor, n_frames: i64) -> Result<(Tensor, Tensor)> {
-        match (self.config.search, &self.retrieval, &self.index) {
+    /// images: (`[Q, 1]` distances, `[Q, 1]` int64 bank indices). The indices come back when
+    /// `with_rows` asks for them, or where the search finds them anyway (retrieval, the index);
+    /// an exact search of the whole bank without them takes [`MemoryBank::nearest_distances`]
+    /// (the same distances, faster).
+    pub fn nearest_patches(&self, patches: &Tensor, n_frames: i64, with_rows: bool) -> Result<(Tensor, Option<Tensor>)> {
+        let (dist, idx) = match (self.config.search, &self.retrieval, &self.index) {
             (Search::Retrieval { images }, Some(retrieval), _) => {
-                self.nearest_in_similar_images(retrieval, images, patches, n_frames.max(1))
+                self.nearest_in_similar_images(retrieval, images, patches, n_frames.max(1))?
             }
-            (_, _, Some(index)) => index.nearest(patches),
-            _ => self.bank.nearest(patches, 1),
-        }
+            (_, _, Some(index)) => index.nearest(patches)?,
+            _ if with_rows => self.bank.nearest(patches, 1)?,
+            _ => return Ok((self.bank.nearest_distances(patches)?, None)),
+        };
+        Ok((dist, Some(idx)))
     }
 
     /// Anomaly scores of patch features `[n_frames*P, D]`: the distance to the nearest bank row
     /// ([`Self::nearest_patches`]), divided by the bank's spacing there with `density_neighbors`:
-    /// `[Q, 1]` scores, and the `[Q, 1]` int64 bank indices where the search needed them. An
-    /// exact search of the whole bank without density skips the indices
-    /// ([`MemoryBank::nearest_distances`]: the same scores, faster).
+    /// `[Q, 1]` scores, and the `[Q, 1]` int64 bank indices where the search found them.
     pub fn patch_scores(&self, patches: &Tensor, n_frames: i64) -> Result<(Tensor, Option<Tensor>)> {
-        let whole_bank =
-            self.index.is_none() && !matches!((self.config.search, &self.retrieval), (Search::Retrieval { .. }, Some(_)));
-        if whole_bank && self.bank.spacing.is_none() {
-            return Ok((self.bank.nearest_distances(patches)?, None));
-        }
-        let (dist, idx) = self.nearest_patches(patches, n_frames)?;
-        match &self.bank.spacing {
-            Some((_, spacing)) => Ok((dist.f_div(&spacing.f_index_select(0, &idx.f_view([-1])?)?.f_view([-1, 1])?)?, Some(idx))),
-            None => Ok((dist, Some(idx))),
+        let spacing = self.bank.spacing.as_ref().map(|(_, spacing)| spacing);
+        let (dist, idx) = self.nearest_patches(patches, n_frames, spacing.is_some())?;
+        match (spacing, &idx) {
+            (Some(spacing), Some(rows)) => {
+                Ok((dist.f_div(&spacing.f_index_select(0, &rows.f_view([-1])?)?.f_view([-1, 1])?)?, idx))
+            }
+            // Without density the distance is the score (rows are only asked for with it).
+            _ => Ok((dist, idx)),
         }
     }
 
@@ -1277,7 +1279,8 @@ mod tests {
         let model = PatchCore::new(&config, backbone, bank, None).unwrap();
         let step = Tensor::full([1, dim], 3.0 / (dim as f64).sqrt(), (Kind::Float, Device::Cpu));
         let queries = Tensor::cat(&[step.shallow_clone(), step + 50.0], 0);
-        let (raw, idx) = model.nearest_patches(&queries, 1).unwrap();
+        let (raw, idx) = model.nearest_patches(&queries, 1, true).unwrap();
+        let idx = idx.expect("rows asked for");
         let (scores, same_idx) = model.patch_scores(&queries, 1).unwrap();
         assert!(idx.equal(&same_idx.expect("density needs the rows")));
         let spacing = model.memory_bank().spacing(2).unwrap().index_select(0, &idx.view([-1])).view([-1, 1]);
