@@ -7,6 +7,7 @@
 #
 #   scripts/bench.sh [--frames N] [--frame WxH] [--no-node] [--soak SECONDS]
 #                    [--only patchcore_256,draem_256] [--busy N] [--node-threads N] [--peer-udp]
+#                    [--rounds R]
 #
 # With the node, the same peer is also timed against examples/transport_echo (an r2r node that
 # answers each frame at once with an empty result): the transport floor any node pays. The peer
@@ -15,6 +16,9 @@
 # fragments (640x480 rgb8 floor about 2.5 ms instead of 10-14); --peer-udp times it without.
 # --busy N: N busy loops run on the cores throughout (another program on an industrial PC);
 # --node-threads N: the node's inference_threads (default 0: the cores the others leave free).
+# --rounds R: afterwards, R more rounds of the engine (at --frame only) and the node alternating,
+# model by model: on a machine whose speed drifts between minutes, the ratio node / engine is
+# only meaningful between neighbours, so it is taken per round and its median printed.
 #
 # The models are fitted on the built-in synthetic data (DRAEM for 2 steps only: its speed does
 # not depend on its training). Nothing leaves the machine: ROS stays on loopback.
@@ -24,7 +28,7 @@ cd "$ROOT"
 export ROS_DOMAIN_ID="${ROS_DOMAIN_ID:-63}"
 source scripts/env.sh          # also sets ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
 
-FRAMES=30; FRAME=640x480; NODE=1; SOAK=0; ONLY=""; BUSY=0; NODE_THREADS=0; PEER_UDP=0
+FRAMES=30; FRAME=640x480; NODE=1; SOAK=0; ONLY=""; BUSY=0; NODE_THREADS=0; PEER_UDP=0; ROUNDS=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --frames) FRAMES="$2"; shift 2 ;;
@@ -35,6 +39,7 @@ while [ $# -gt 0 ]; do
     --busy) BUSY="$2"; shift 2 ;;
     --node-threads) NODE_THREADS="$2"; shift 2 ;;
     --peer-udp) PEER_UDP=1; shift ;;
+    --rounds) ROUNDS="$2"; shift 2 ;;
     *) echo "unknown option $1 (see the header of $0)" >&2; exit 2 ;;
   esac
 done
@@ -81,22 +86,27 @@ else
   PEER_PROFILE=(env FASTDDS_DEFAULT_PROFILES_FILE="${FASTDDS_DEFAULT_PROFILES_FILE:-$ROOT/config/fastdds_large_frames.xml}")
   PEER_HOW="peer with ${FASTDDS_DEFAULT_PROFILES_FILE:-config/fastdds_large_frames.xml}"
 fi
+# One node run: the node on model $1, the peer publishing $FRAMES frames; the peer's summary goes
+# to $2.json, the logs beside it, and the node's own median work per frame to $2.overhead.
+run_node() {
+  local model="$1" base="$2" pid
+  "$BIN/anomaly_inspector_node" --ros-args -p model:="$model" -p input_qos:=reliable -p inference_threads:="$NODE_THREADS" > "$base.node.log" 2>&1 &
+  pid=$!
+  "${PEER_PROFILE[@]}" python scripts/image_peer.py --images "$IMAGE" --repeat "$FRAMES" --resize "$FRAME" --no-images \
+      --summary "$base.json" > "$base.peer.log" 2>&1 || echo "peer failed for $model: see $base.peer.log"
+  kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true
+  # The node's own work (conversion, ROI, messages), timed inside the node on the same frames
+  # as the inspection it adds to: immune to the machine being busier in one run.
+  sed -n 's/.*node overhead (conversion, ROI, messages) median \([0-9.]*\) ms.*/\1/p' "$base.node.log" > "$base.overhead"
+}
 if [ "$NODE" = 1 ]; then
   echo; echo "== node end to end ($FRAMES frames of $FRAME rgb8 per model, lock-step, reliable QoS, $PEER_HOW) =="
   # The node publishes its images as usual; the peer does not take them (on a 2-core machine
   # their decoding in Python would compete with the node for the CPU).
   for m in "${ALL[@]}"; do
     name="$(basename "$m")"
-    "$BIN/anomaly_inspector_node" --ros-args -p model:="$m" -p input_qos:=reliable -p inference_threads:="$NODE_THREADS" > "$OUT/node_$name.log" 2>&1 &
-    pid=$!
-    "${PEER_PROFILE[@]}" python scripts/image_peer.py --images "$IMAGE" --repeat "$FRAMES" --resize "$FRAME" --no-images \
-        --summary "$OUT/node_$name.json" > "$OUT/peer_$name.log" 2>&1 || echo "peer failed for $name: see $OUT/peer_$name.log"
-    kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true
-    tail -1 "$OUT/peer_$name.log"
-    # The node's own work (conversion, ROI, messages), timed inside the node on the same frames
-    # as the inspection it adds to: immune to the machine being busier in one run.
-    sed -n 's/.*node overhead (conversion, ROI, messages) median \([0-9.]*\) ms.*/\1/p' "$OUT/node_$name.log" \
-        > "$OUT/node_$name.overhead"
+    run_node "$m" "$OUT/node_$name"
+    tail -1 "$OUT/node_$name.peer.log"
   done
   echo; echo "== transport floor: the same peer against an r2r node that answers each frame at once =="
   [ -x "$BIN/examples/transport_echo" ] || cargo build --release --example transport_echo
@@ -161,3 +171,75 @@ print("floor = model forward + kNN on a ready tensor; engine = Inspector::inspec
       "node own = the node's own work per frame (conversion, ROI, messages), timed inside the node")
 print(f"\n(report: {out / 'report.json'}; device: {engine['device']})")
 PY
+
+if [ "$ROUNDS" -gt 0 ] && [ "$NODE" = 1 ]; then
+  echo; echo "== engine and node alternating at $FRAME, $ROUNDS rounds of $FRAMES frames each =="
+  ALT="$OUT/alternating"; rm -rf "$ALT"; mkdir -p "$ALT"
+  [ -x "$BIN/examples/transport_echo" ] || cargo build --release --example transport_echo
+  for r in $(seq 1 "$ROUNDS"); do
+    "$BIN/examples/transport_echo" > "$ALT/echo_$r.log" 2>&1 &
+    pid=$!
+    "${PEER_PROFILE[@]}" python scripts/image_peer.py --images "$IMAGE" --repeat "$FRAMES" --resize "$FRAME" --no-images \
+        --summary "$ALT/transport_$r.json" > "$ALT/peer_echo_$r.log" 2>&1 || echo "peer failed for the echo: see $ALT/peer_echo_$r.log"
+    kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true
+    for m in "${ALL[@]}"; do
+      name="$(basename "$m")"
+      "$BIN/anomaly_inspector" bench --model "$m" --image "$IMAGE" --frame "$FRAME" --iterations "$FRAMES" \
+          --json "$ALT/engine_${name}_$r.json" > "$ALT/engine_${name}_$r.log" 2>&1 \
+          || echo "engine bench failed for $name: see $ALT/engine_${name}_$r.log"
+      run_node "$m" "$ALT/node_${name}_$r"
+    done
+  done
+  python - "$ALT" "$ROUNDS" <<'PY'
+import json, statistics, sys
+from pathlib import Path
+alt, rounds = Path(sys.argv[1]), int(sys.argv[2])
+names = sorted({p.name[len("engine_"):].rsplit("_", 1)[0] for p in alt.glob("engine_*.json")})
+
+
+def steady_median(path, key):
+    """Median of `key` over a peer summary's received frames but the first two (warm-up)."""
+    frames = [x for x in json.load(open(path))["frames"] if x.get("received")]
+    return statistics.median(x[key] for x in (frames[2:] or frames)) if frames else None
+
+
+summary = {}
+for name in names:
+    print(f"{name}, per round (ms): engine, node e2e, in node, node own, transport floor | "
+          "node e2e / engine, (node e2e - floor) / engine")
+    ratios, beyond_floor = [], []
+    for r in range(1, rounds + 1):
+        try:
+            eng = json.load(open(alt / f"engine_{name}_{r}.json"))["engine"][0]["stages"]["engine_ms"]
+            node = steady_median(alt / f"node_{name}_{r}.json", "latency_ms")
+            inner = steady_median(alt / f"node_{name}_{r}.json", "inference_ms")
+        except (OSError, KeyError, IndexError, ValueError) as e:
+            print(f"  {r}: missing ({e})")
+            continue
+        if node is None:
+            print(f"  {r}: no result received")
+            continue
+        try:
+            floor = steady_median(alt / f"transport_{r}.json", "latency_ms")
+        except (OSError, ValueError):
+            floor = None
+        own = (alt / f"node_{name}_{r}.overhead").read_text().split()
+        ratios.append(node / eng)
+        line = f"  {r}: {eng:7.1f} {node:7.1f} {inner:7.1f} {own[0] if own else '-':>6}"
+        if floor is not None:
+            beyond_floor.append((node - floor) / eng)
+            line += f" {floor:6.1f} | {node / eng:5.2f}x {(node - floor) / eng:5.2f}x"
+        else:
+            line += f" {'-':>6} | {node / eng:5.2f}x"
+        print(line)
+    if ratios:
+        print(f"  node e2e / engine: median {statistics.median(ratios):.2f}x, "
+              f"range {min(ratios):.2f}-{max(ratios):.2f}x over {len(ratios)} rounds")
+        summary[name] = {"ratios": ratios, "median_ratio": statistics.median(ratios)}
+    if beyond_floor:
+        print(f"  (node e2e - transport floor) / engine: median {statistics.median(beyond_floor):.2f}x, "
+              f"range {min(beyond_floor):.2f}-{max(beyond_floor):.2f}x")
+        summary[name]["beyond_floor_ratios"] = beyond_floor
+json.dump(summary, open(alt / "summary.json", "w"), indent=1)
+PY
+fi
