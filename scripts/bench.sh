@@ -86,18 +86,25 @@ else
   PEER_PROFILE=(env FASTDDS_DEFAULT_PROFILES_FILE="${FASTDDS_DEFAULT_PROFILES_FILE:-$ROOT/config/fastdds_large_frames.xml}")
   PEER_HOW="peer with ${FASTDDS_DEFAULT_PROFILES_FILE:-config/fastdds_large_frames.xml}"
 fi
-# One node run: the node on model $1, the peer publishing $FRAMES frames; the peer's summary goes
-# to $2.json, the logs beside it, and the node's own median work per frame to $2.overhead.
-run_node() {
-  local model="$1" base="$2" pid
-  "$BIN/anomaly_inspector_node" --ros-args -p model:="$model" -p input_qos:=reliable -p inference_threads:="$NODE_THREADS" > "$base.node.log" 2>&1 &
+# One timed run of the peer ($FRAMES frames, lock-step) against the ROS process started by the
+# command after $1: the peer's summary goes to $1.json, the logs to $1.server.log and $1.peer.log.
+time_peer_against() {
+  local base="$1" pid; shift
+  "$@" > "$base.server.log" 2>&1 &
   pid=$!
   "${PEER_PROFILE[@]}" python scripts/image_peer.py --images "$IMAGE" --repeat "$FRAMES" --resize "$FRAME" --no-images \
-      --summary "$base.json" > "$base.peer.log" 2>&1 || echo "peer failed for $model: see $base.peer.log"
+      --summary "$base.json" > "$base.peer.log" 2>&1 || echo "peer failed against $1: see $base.peer.log"
   kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true
+}
+# The node on model $1, timed by the peer (time_peer_against $2), and the node's own median
+# work per frame in $2.overhead.
+run_node() {
+  local model="$1" base="$2"
+  time_peer_against "$base" "$BIN/anomaly_inspector_node" --ros-args -p model:="$model" -p input_qos:=reliable \
+      -p inference_threads:="$NODE_THREADS"
   # The node's own work (conversion, ROI, messages), timed inside the node on the same frames
   # as the inspection it adds to: immune to the machine being busier in one run.
-  sed -n 's/.*node overhead (conversion, ROI, messages) median \([0-9.]*\) ms.*/\1/p' "$base.node.log" > "$base.overhead"
+  sed -n 's/.*node overhead (conversion, ROI, messages) median \([0-9.]*\) ms.*/\1/p' "$base.server.log" > "$base.overhead"
 }
 if [ "$NODE" = 1 ]; then
   echo; echo "== node end to end ($FRAMES frames of $FRAME rgb8 per model, lock-step, reliable QoS, $PEER_HOW) =="
@@ -110,12 +117,8 @@ if [ "$NODE" = 1 ]; then
   done
   echo; echo "== transport floor: the same peer against an r2r node that answers each frame at once =="
   [ -x "$BIN/examples/transport_echo" ] || cargo build --release --example transport_echo
-  "$BIN/examples/transport_echo" > "$OUT/echo.log" 2>&1 &
-  pid=$!
-  "${PEER_PROFILE[@]}" python scripts/image_peer.py --images "$IMAGE" --repeat "$FRAMES" --resize "$FRAME" --no-images \
-      --summary "$OUT/transport.json" > "$OUT/peer_echo.log" 2>&1 || echo "peer failed for the echo: see $OUT/peer_echo.log"
-  kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true
-  tail -1 "$OUT/peer_echo.log"
+  time_peer_against "$OUT/transport" "$BIN/examples/transport_echo"
+  tail -1 "$OUT/transport.peer.log"
 fi
 
 if [ "$SOAK" != 0 ]; then
@@ -177,11 +180,7 @@ if [ "$ROUNDS" -gt 0 ] && [ "$NODE" = 1 ]; then
   ALT="$OUT/alternating"; rm -rf "$ALT"; mkdir -p "$ALT"
   [ -x "$BIN/examples/transport_echo" ] || cargo build --release --example transport_echo
   for r in $(seq 1 "$ROUNDS"); do
-    "$BIN/examples/transport_echo" > "$ALT/echo_$r.log" 2>&1 &
-    pid=$!
-    "${PEER_PROFILE[@]}" python scripts/image_peer.py --images "$IMAGE" --repeat "$FRAMES" --resize "$FRAME" --no-images \
-        --summary "$ALT/transport_$r.json" > "$ALT/peer_echo_$r.log" 2>&1 || echo "peer failed for the echo: see $ALT/peer_echo_$r.log"
-    kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true
+    time_peer_against "$ALT/transport_$r" "$BIN/examples/transport_echo"
     for m in "${ALL[@]}"; do
       name="$(basename "$m")"
       "$BIN/anomaly_inspector" bench --model "$m" --image "$IMAGE" --frame "$FRAME" --iterations "$FRAMES" \
